@@ -1,0 +1,191 @@
+"""The public Python surface, shaped like TensorRT-LLM's: LLM, LoraConfig, LoRARequest, SamplingParams.
+
+    from edgelora import LLM, LoraConfig, LoRARequest, SamplingParams
+    llm = LLM("llm_onnx", lora_config=LoraConfig(max_lora_rank=64, max_loras=8, max_cpu_loras=16))
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=64),
+                           lora_request=[LoRARequest("french", 1, "llm_onnx/lora_weights/french"), None])
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgelora import contract
+from edgelora.errors import UserInputError
+from edgelora.runtime.engine import BatchTimings, Engine, EngineConfig, RowRequest
+from edgelora.runtime.scheduler import plan_batches
+from edgelora.runtime.tokenizer import ChatTokenizer
+
+# A prompt is raw text, a chat (list of {"role", "content"}), or token ids.
+Prompt = str | list[dict] | list[int]
+
+
+@dataclass
+class LoraConfig:
+    """Adapter capacity of an LLM: rank limit, slots ready for a batch, adapters known by name."""
+
+    lora_dir: list[str] = field(default_factory=list)  # processed adapters registered at start (name = folder name)
+    max_lora_rank: int = contract.MAX_LORA_RANK
+    max_loras: int = 8
+    max_cpu_loras: int = 16
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """Which adapter a prompt uses: a name, a numeric id, and the processed adapter's folder or file."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+    @property
+    def name(self) -> str:
+        return self.lora_name
+
+    @property
+    def path(self) -> str:
+        return self.lora_path
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. temperature 0 or top_k 1 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self, where: str = "sampling") -> None:
+        problems = []
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            problems.append(f"max tokens {self.max_tokens!r} (>= 1)")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            problems.append(f"temperature {self.temperature!r} (>= 0)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k {self.top_k!r} (>= 0)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            problems.append(f"top_p {self.top_p!r} (0 < top_p <= 1)")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            problems.append(f"seed {self.seed!r} (a non-negative integer)")
+        if problems:
+            raise UserInputError(f"{where}: invalid " + "; ".join(problems))
+
+
+@dataclass
+class CompletionOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    lora_name: str | None
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str:
+        return self.outputs[0].finish_reason
+
+
+@dataclass
+class GenerationStats:
+    """Figures of the last ``generate`` call."""
+
+    total_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    batches: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.total_s if self.total_s else 0.0
+
+
+class LLM:
+    """One base model in ONNX Runtime serving any number of LoRA adapters, mixed per batch."""
+
+    def __init__(self, model: str | Path, lora_config: LoraConfig | None = None, max_batch_size: int = 8,
+                 device: str = "cpu", num_threads: int | None = None):
+        lora_config = lora_config or LoraConfig()
+        self.engine = Engine(Path(model), EngineConfig(
+            max_lora_rank=lora_config.max_lora_rank, max_loras=lora_config.max_loras,
+            max_cpu_loras=lora_config.max_cpu_loras, max_batch_size=max_batch_size, device=device,
+            num_threads=num_threads))
+        self.tokenizer = ChatTokenizer(Path(model))
+        self.stats = GenerationStats()
+        for path in lora_config.lora_dir:
+            self.engine.adapters.add(Path(path).name, Path(path))
+
+    def add_lora(self, request: LoRARequest) -> None:
+        """Register (validate) an adapter ahead of use."""
+        self.engine.adapters.add(request.lora_name, Path(request.lora_path))
+
+    def _prompt_ids(self, prompt: Prompt, index: int) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self.tokenizer.prompt_ids(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise UserInputError(f"prompt {index}: expected text, a non-empty list of messages, or token ids")
+        if not ids:
+            raise UserInputError(f"prompt {index}: encodes to no tokens")
+        if max(ids) >= self.engine.spec.vocab_size or min(ids) < 0:
+            raise UserInputError(f"prompt {index}: token id out of the vocabulary")
+        return ids
+
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; ``lora_request`` gives one adapter (or None) per prompt."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], (dict, int))):
+            prompts = [prompts]
+        count = len(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * count
+        requests = lora_request if isinstance(lora_request, list) else [lora_request] * count
+        if len(params) != count or len(requests) != count:
+            raise UserInputError(f"{count} prompts but {len(params)} sampling params and {len(requests)} LoRA requests")
+        rows = []
+        for index, (prompt, param, request) in enumerate(zip(prompts, params, requests)):
+            param.validate(f"prompt {index}")
+            if request is not None:
+                self.add_lora(request)
+            rows.append(RowRequest(self._prompt_ids(prompt, index), request.lora_name if request else None,
+                                   param.max_tokens, float(param.temperature), int(param.top_k), float(param.top_p),
+                                   param.seed))
+        return self._run(rows, requests)
+
+    def _run(self, rows: list[RowRequest], requests: list[LoRARequest | None]) -> list[RequestOutput]:
+        started = time.perf_counter()
+        timings = BatchTimings()
+        results: list[RequestOutput | None] = [None] * len(rows)
+        batches = plan_batches(rows, self.engine.config.max_batch_size, self.engine.config.max_loras)
+        for batch in batches:
+            outcomes = self.engine.generate([rows[i] for i in batch], timings)
+            for index, outcome in zip(batch, outcomes):
+                text_ids = [t for t in outcome.output_ids if t not in self.engine.spec.eos_token_ids]
+                completion = CompletionOutput(self.tokenizer.decode(text_ids), outcome.output_ids, outcome.finish_reason)
+                request = requests[index]
+                results[index] = RequestOutput(index, rows[index].prompt_ids, [completion],
+                                               request.lora_name if request else None)
+        self.stats = GenerationStats(time.perf_counter() - started, timings.prefill_s, timings.decode_s,
+                                     timings.prompt_tokens, timings.generated_tokens, len(batches))
+        return results

@@ -1,0 +1,146 @@
+"""The ``edgelora`` command: argparse subcommands over library functions.
+
+This is the only place that turns exceptions into exit codes and one-line messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from edgelora.errors import EdgeLoraError
+
+log = logging.getLogger("edgelora")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from edgelora.export import ExportOptions, export_model
+
+    export_model(args.model_dir, args.output_dir, ExportOptions(dtype=args.dtype, progress=not args.quiet))
+
+
+def _insert_lora(args: argparse.Namespace) -> None:
+    from edgelora.graph import insert_lora
+
+    insert_lora(args.onnx_dir, args.target_modules)
+
+
+def _process_lora(args: argparse.Namespace) -> None:
+    from edgelora.adapters import process_adapter
+
+    process_adapter(args.input_dir, args.output_dir, args.onnx_dir, dtype=args.dtype)
+
+
+def _merge_lora(args: argparse.Namespace) -> None:
+    from edgelora.adapters.merge import merge_lora
+
+    merge_lora(args.model_dir, args.lora_dir, args.output_dir, overwrite=args.overwrite)
+
+
+def _infer(args: argparse.Namespace) -> None:
+    from edgelora.infer_file import InferOptions, run_infer
+
+    result = run_infer(InferOptions(args.onnxDir, args.inputFile, args.outputFile, args.maxLoraRank,
+                                    args.maxBatchSize, args.device, args.threads))
+    stats = result["stats"]
+    log.info("%d responses in %.2f s (%s decode tokens/s) -> %s", stats["requests"], stats["total_s"],
+             stats["decode_tokens_per_s"], args.outputFile)
+
+
+def _add(subparsers, name: str, handler: Callable[[argparse.Namespace], None], help_text: str,
+         description: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help_text, description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.set_defaults(handler=handler)
+    parser.add_argument("--quiet", action="store_true", help="print only warnings and errors, no progress bars")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgelora",
+        description="Multi-LoRA toolchain and runtime on ONNX Runtime: export a Hugging Face decoder once, "
+                    "insert LoRA inputs once, then serve any number of adapters, mixed in one batch.",
+        epilog="Pipeline: export -> insert-lora -> process-lora (per adapter) -> infer. "
+               "Run 'edgelora COMMAND --help' for each command's flags.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    export = _add(subparsers, "export", _export, "HF model folder -> model.onnx + config.json",
+                  "Export a Hugging Face decoder (Qwen2/2.5, Llama, Mistral, Qwen3) to ONNX with an in-place "
+                  "GroupQueryAttention KV cache. Writes model.onnx, model.onnx.data (weights), config.json "
+                  "(edgelora's model description) and copies the tokenizer and chat template files.")
+    export.add_argument("--model_dir", required=True, type=Path, help="Hugging Face model folder (config.json + weights)")
+    export.add_argument("--output_dir", required=True, type=Path, help="folder to write the ONNX model into")
+    export.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="weight and activation dtype")
+
+    insert = _add(subparsers, "insert-lora", _insert_lora, "model.onnx -> lora_model.onnx with LoRA inputs",
+                  "Add LoRA branches beside the targeted projections of model.onnx and write lora_model.onnx "
+                  "(sharing model.onnx.data) plus lora_manifest.json. One graph serves base rows, single-adapter "
+                  "and mixed-adapter batches, with any rank up to the maximum.")
+    insert.add_argument("--onnx_dir", required=True, type=Path, help="folder written by 'edgelora export'")
+    insert.add_argument("--target_modules", nargs="+", metavar="MODULE",
+                        help="projections that get LoRA inputs: q k v o gate up down (or q_proj ...); default: all seven")
+
+    process = _add(subparsers, "process-lora", _process_lora, "PEFT adapter -> processed_adapter_model.safetensors",
+                   "Convert a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) for the runtime: "
+                   "scaling folded into B (alpha/r, or alpha/sqrt(r) with use_rslora), tensors transposed to the "
+                   "graph's layout, stored as float16; norm / lm_head / embedding tensors are dropped with a warning.")
+    process.add_argument("--input_dir", required=True, type=Path, help="PEFT adapter folder")
+    process.add_argument("--output_dir", required=True, type=Path, help="folder for processed_adapter_model.safetensors + config.json")
+    process.add_argument("--onnx_dir", type=Path, help="exported model folder: check every tensor against its module sizes")
+    process.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype of the processed weights")
+
+    merge = _add(subparsers, "merge-lora", _merge_lora, "merge one adapter into the base model (HF folder out)",
+                 "Merge a PEFT LoRA adapter into the base weights and write a Hugging Face model folder that "
+                 "AutoModelForCausalLM loads; the tokenizer files are copied along.")
+    merge.add_argument("--model_dir", required=True, type=Path, help="base Hugging Face model folder")
+    merge.add_argument("--lora_dir", required=True, type=Path, help="PEFT LoRA adapter folder")
+    merge.add_argument("--output_dir", required=True, type=Path, help="folder for the merged model (must be empty)")
+    merge.add_argument("--overwrite", action="store_true", help="allow a non-empty --output_dir (its files are replaced, none deleted)")
+
+    infer = _add(subparsers, "infer", _infer, "run requests from a JSON file (adapters mixed per batch)",
+                 "Generate for every request of an input file in TensorRT Edge-LLM's format "
+                 "({available_lora_weights: {name: path}, requests: [{messages, lora_name}]}); requests are batched "
+                 "up to --maxBatchSize whatever their adapters. Sampling fields temperature, top_p, top_k, "
+                 "max_generate_length, seed are read at the top level and per request (per request wins); "
+                 "defaults: temperature 1.0, top_p 1.0, top_k 50, max_generate_length 256. temperature 0 or "
+                 "top_k 1 is greedy.")
+    infer.add_argument("--onnxDir", required=True, type=Path, help="folder with lora_model.onnx (export + insert-lora)")
+    infer.add_argument("--inputFile", required=True, type=Path, help="input JSON (Edge-LLM format)")
+    infer.add_argument("--outputFile", required=True, type=Path, help="where to write {responses, stats} (atomically)")
+    infer.add_argument("--maxLoraRank", type=int, default=64, help="largest adapter rank accepted (1..64)")
+    infer.add_argument("--maxBatchSize", type=int, default=8, help="most requests run together in one batch")
+    infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider (cuda needs onnxruntime-gpu)")
+    infer.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="edgelora: %(message)s")
+    try:
+        args.handler(args)
+    except EdgeLoraError as exc:
+        print(f"edgelora {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"edgelora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the edge: never show a traceback unless asked
+        if os.environ.get("EDGELORA_DEBUG"):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"edgelora {args.command}: internal error: {type(exc).__name__}: {message} "
+              "(set EDGELORA_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

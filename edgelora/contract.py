@@ -1,0 +1,112 @@
+"""The written contract between stages: file names, graph input/output names, LoRA naming.
+
+Every stage (export, insert-lora, process-lora, the runtime) imports its names from here, so a
+naming rule exists exactly once.
+
+LoRA inputs of ``lora_model.onnx`` (one pair per targeted projection and layer)::
+
+    lora.layers.{L}.{m}.A   [n_stack, in_features, rank]    float (model dtype)
+    lora.layers.{L}.{m}.B   [n_stack, rank, out_features]   float, scaling folded in
+    lora_index              [batch]                          int64
+
+``n_stack`` adapters are bound at once (the same n_stack and rank for every LoRA input of one
+run). Row ``b`` of the batch uses stack entry ``lora_index[b] - 1``; ``lora_index[b] == 0`` means
+no adapter. Smaller ranks and untargeted modules are zero-padded. A processed adapter file
+stores the same names, without the stack axis: ``A`` is ``[in, r]`` and ``B`` is ``[r, out]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Files between stages.
+MODEL_ONNX = "model.onnx"
+MODEL_ONNX_DATA = "model.onnx.data"
+LORA_MODEL_ONNX = "lora_model.onnx"
+MODEL_CONFIG = "config.json"
+LORA_MANIFEST = "lora_manifest.json"
+PROCESSED_ADAPTER = "processed_adapter_model.safetensors"
+PROCESSED_CONFIG = "config.json"
+
+# PEFT folder files we read.
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_WEIGHTS_BIN = "adapter_model.bin"
+
+# Largest LoRA rank the toolchain accepts.
+MAX_LORA_RANK = 64
+
+
+@dataclass(frozen=True)
+class ProjectionModule:
+    """One LoRA-targetable projection of a decoder layer."""
+
+    short: str  # our name: q, k, v, o, gate, up, down
+    hf_name: str  # attribute name in HF / PEFT: q_proj, ...
+    block: str  # parent module in HF: self_attn or mlp
+
+
+MODULES: tuple[ProjectionModule, ...] = (
+    ProjectionModule("q", "q_proj", "self_attn"),
+    ProjectionModule("k", "k_proj", "self_attn"),
+    ProjectionModule("v", "v_proj", "self_attn"),
+    ProjectionModule("o", "o_proj", "self_attn"),
+    ProjectionModule("gate", "gate_proj", "mlp"),
+    ProjectionModule("up", "up_proj", "mlp"),
+    ProjectionModule("down", "down_proj", "mlp"),
+)
+MODULE_NAMES: tuple[str, ...] = tuple(m.short for m in MODULES)
+MODULES_BY_SHORT = {m.short: m for m in MODULES}
+MODULES_BY_HF_NAME = {m.hf_name: m for m in MODULES}
+
+# Graph interface of model.onnx / lora_model.onnx.
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+LORA_INDEX = "lora_index"
+
+
+def past_key_name(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value_name(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key_name(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value_name(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+def projection_node_name(layer: int, module: str) -> str:
+    """Name of the base MatMul of a projection in model.onnx (the node LoRA attaches to)."""
+    info = MODULES_BY_SHORT[module]
+    return f"/model/layers.{layer}/{info.block}/{info.hf_name}/MatMul"
+
+
+def lora_a_name(layer: int, module: str) -> str:
+    """Graph input (stacked) and processed-adapter tensor (single) holding LoRA A."""
+    return f"lora.layers.{layer}.{module}.A"
+
+
+def lora_b_name(layer: int, module: str) -> str:
+    """Graph input (stacked) and processed-adapter tensor (single) holding LoRA B (scaled)."""
+    return f"lora.layers.{layer}.{module}.B"
+
+
+def normalize_module_names(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Accept our short names or HF names (q or q_proj); return short names in canonical order."""
+    wanted = set()
+    for name in names:
+        if name in MODULES_BY_SHORT:
+            wanted.add(name)
+        elif name in MODULES_BY_HF_NAME:
+            wanted.add(MODULES_BY_HF_NAME[name].short)
+        else:
+            raise ValueError(name)
+    return tuple(m for m in MODULE_NAMES if m in wanted)

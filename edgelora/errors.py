@@ -1,0 +1,21 @@
+"""Our exception types. Library code raises these; only the CLI turns them into exit codes."""
+
+
+class EdgeLoraError(Exception):
+    """Base of every error edgelora raises on purpose."""
+
+    exit_code = 1
+
+
+class UserInputError(EdgeLoraError):
+    """The user's input (a folder, a file, a flag, a request) is wrong: exit code 2."""
+
+    exit_code = 2
+
+
+class UnsupportedModelError(UserInputError):
+    """The model's architecture or a feature it uses is not supported."""
+
+
+class AdapterError(UserInputError):
+    """A LoRA adapter is malformed, unsupported, or does not fit the base model."""

@@ -1,0 +1,174 @@
+"""``edgelora infer``: TensorRT Edge-LLM's input file in, a responses file out.
+
+Everything in the input is checked before any model work starts; the output is written through
+a temporary file and a rename, so a failed run leaves no output file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgelora import contract
+from edgelora.adapters.process import ProcessedAdapterConfig
+from edgelora.api import LLM, LoraConfig, LoRARequest, SamplingParams
+from edgelora.errors import AdapterError, UserInputError
+from edgelora.fileio import write_text_atomic
+from edgelora.lora_manifest import LoraManifest
+from edgelora.model_spec import ModelSpec
+from edgelora.runtime.adapter_cache import resolve_adapter_path
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_generate_length", "seed")
+DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "max_generate_length": 256, "seed": None}
+
+
+@dataclass
+class InferOptions:
+    onnx_dir: Path
+    input_file: Path
+    output_file: Path
+    max_lora_rank: int = contract.MAX_LORA_RANK
+    max_batch_size: int = 8
+    device: str = "cpu"
+    num_threads: int | None = None
+
+
+@dataclass
+class JobRequest:
+    messages: list[dict]
+    lora_name: str | None
+    sampling: SamplingParams
+
+
+@dataclass
+class InferJob:
+    adapters: dict[str, Path]
+    requests: list[JobRequest]
+
+
+def _sampling(source: dict, defaults: dict, where: str) -> SamplingParams:
+    values = {key: source.get(key, defaults[key]) for key in SAMPLING_FIELDS}
+    for key in ("top_k", "max_generate_length", "seed"):
+        if isinstance(values[key], bool) or (values[key] is not None and not isinstance(values[key], int)):
+            raise UserInputError(f"{where}: {key} must be an integer, got {values[key]!r}")
+    for key in ("temperature", "top_p"):
+        if isinstance(values[key], bool) or not isinstance(values[key], (int, float)):
+            raise UserInputError(f"{where}: {key} must be a number, got {values[key]!r}")
+    params = SamplingParams(max_tokens=values["max_generate_length"], temperature=float(values["temperature"]),
+                            top_k=values["top_k"], top_p=float(values["top_p"]), seed=values["seed"])
+    params.validate(where)
+    return params
+
+
+def _messages(raw, where: str) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise UserInputError(f"{where}: 'messages' must be a non-empty list")
+    for position, message in enumerate(raw):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+            raise UserInputError(f"{where}: messages[{position}] needs a 'role' and a 'content'")
+    return raw
+
+
+def read_input_file(path: Path) -> InferJob:
+    """Parse and check the structure of an input file (adapters are checked against the model later)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"--inputFile {path}: no such file")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"--inputFile {path}: malformed JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise UserInputError(f"--inputFile {path}: expected a JSON object with 'requests'")
+    adapters_raw = raw.get("available_lora_weights") or {}
+    if not isinstance(adapters_raw, dict) or not all(isinstance(v, str) for v in adapters_raw.values()):
+        raise UserInputError(f"--inputFile {path}: 'available_lora_weights' must map names to paths")
+    adapters = {}
+    for name, adapter_path in adapters_raw.items():
+        candidate = Path(adapter_path)
+        adapters[name] = candidate if candidate.is_absolute() else (path.parent / candidate)
+    requests_raw = raw.get("requests")
+    if not isinstance(requests_raw, list) or not requests_raw:
+        raise UserInputError(f"--inputFile {path}: 'requests' must be a non-empty list")
+    defaults = _sampling(raw, DEFAULTS, "top level")
+    defaults_dict = {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
+                     "max_generate_length": defaults.max_tokens, "seed": defaults.seed}
+    requests = []
+    for index, request in enumerate(requests_raw):
+        where = f"requests[{index}]"
+        if not isinstance(request, dict):
+            raise UserInputError(f"{where}: expected an object with 'messages'")
+        lora_name = request.get("lora_name") or None
+        if lora_name is not None and (not isinstance(lora_name, str) or lora_name not in adapters):
+            known = ", ".join(sorted(adapters)) or "none"
+            raise UserInputError(f"{where}: unknown lora_name {lora_name!r} (available_lora_weights: {known})")
+        requests.append(JobRequest(_messages(request.get("messages"), where), lora_name,
+                                   _sampling(request, defaults_dict, where)))
+    return InferJob(adapters, requests)
+
+
+def check_adapters(job: InferJob, onnx_dir: Path, max_lora_rank: int) -> None:
+    """Every adapter a request names exists, fits the base model and the rank limit."""
+    spec = ModelSpec.load(onnx_dir)
+    manifest = LoraManifest.load(onnx_dir)
+    used = {request.lora_name for request in job.requests if request.lora_name}
+    for name in sorted(used):
+        try:
+            folder, _ = resolve_adapter_path(job.adapters[name])
+            ProcessedAdapterConfig.load(folder).check_fits(spec, manifest, str(job.adapters[name]), max_lora_rank)
+        except UserInputError as exc:
+            first = next(i for i, r in enumerate(job.requests) if r.lora_name == name)
+            raise type(exc)(f"requests[{first}] (lora_name {name!r}): {exc}") from exc
+
+
+def run_infer(options: InferOptions) -> dict:
+    """Validate, generate, and write the responses file; return what was written."""
+    if options.max_lora_rank < 1 or options.max_lora_rank > contract.MAX_LORA_RANK:
+        raise UserInputError(f"--maxLoraRank {options.max_lora_rank}: expected 1..{contract.MAX_LORA_RANK}")
+    if options.max_batch_size < 1:
+        raise UserInputError(f"--maxBatchSize {options.max_batch_size}: expected >= 1")
+    output_dir = Path(options.output_file).resolve().parent
+    if not output_dir.is_dir():
+        raise UserInputError(f"--outputFile {options.output_file}: folder {output_dir} does not exist")
+    job = read_input_file(options.input_file)
+    check_adapters(job, Path(options.onnx_dir), options.max_lora_rank)
+    started = time.perf_counter()
+    used = list(dict.fromkeys(r.lora_name for r in job.requests if r.lora_name))
+    llm = LLM(options.onnx_dir, LoraConfig(max_lora_rank=options.max_lora_rank,
+                                           max_loras=max(1, min(len(used), options.max_batch_size)),
+                                           max_cpu_loras=max(1, len(used))),
+              max_batch_size=options.max_batch_size, device=options.device, num_threads=options.num_threads)
+    ids = {name: number for number, name in enumerate(used, start=1)}
+    lora_requests = [LoRARequest(r.lora_name, ids[r.lora_name], str(job.adapters[r.lora_name])) if r.lora_name else None
+                     for r in job.requests]
+    outputs = llm.generate([r.messages for r in job.requests], [r.sampling for r in job.requests], lora_requests)
+    stats = llm.stats
+    result = {
+        "responses": [
+            {
+                "output_text": output.text,
+                "output_ids": output.token_ids,
+                "lora_name": output.lora_name,
+                "finish_reason": output.finish_reason,
+                "prompt_tokens": len(output.prompt_token_ids),
+                "completion_tokens": len(output.token_ids),
+            }
+            for output in outputs
+        ],
+        "stats": {
+            "requests": len(outputs),
+            "batches": stats.batches,
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.generated_tokens,
+            "prefill_s": round(stats.prefill_s, 4),
+            "decode_s": round(stats.decode_s, 4),
+            "generate_s": round(stats.total_s, 4),
+            "total_s": round(time.perf_counter() - started, 4),
+            "tokens_per_s": round(stats.decode_tokens_per_s, 2),
+            "decode_tokens_per_s": round((stats.generated_tokens - len(outputs)) / stats.decode_s, 2) if stats.decode_s else None,
+        },
+    }
+    write_text_atomic(Path(options.output_file), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result

@@ -1,0 +1,67 @@
+"""The manifest insert-lora writes beside lora_model.onnx: which LoRA inputs exist and their sizes.
+
+process-lora validates adapters against it and the runtime binds its slot buffers from it, so
+neither re-derives the graph's LoRA inputs on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgelora import contract
+from edgelora.errors import UserInputError
+
+MANIFEST_FORMAT = "edgelora-lora-manifest"
+
+
+@dataclass(frozen=True)
+class LoraSite:
+    """One projection of one layer that carries a LoRA branch."""
+
+    layer: int
+    module: str
+    a_name: str
+    b_name: str
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class LoraManifest:
+    target_modules: list[str]
+    num_layers: int
+    dtype: str
+    sites: list[LoraSite] = field(default_factory=list)
+    index_input: str = contract.LORA_INDEX
+    format: str = MANIFEST_FORMAT
+    version: int = 1
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / contract.LORA_MANIFEST
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> "LoraManifest":
+        path = Path(directory) / contract.LORA_MANIFEST
+        if not path.is_file():
+            raise UserInputError(f"{directory}: no {contract.LORA_MANIFEST}; run 'edgelora insert-lora --onnx_dir {directory}' first")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != MANIFEST_FORMAT:
+                raise ValueError("not an edgelora LoRA manifest")
+            sites = [LoraSite(**site) for site in raw.pop("sites")]
+            raw.pop("format")
+            return cls(sites=sites, **raw)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise UserInputError(f"{path}: malformed LoRA manifest: {exc}") from exc
+
+    def sites_by_name(self) -> dict[str, LoraSite]:
+        """Every tensor name (A and B) a processed adapter may hold, mapped to its site."""
+        table = {}
+        for site in self.sites:
+            table[site.a_name] = site
+            table[site.b_name] = site
+        return table

@@ -1,0 +1,34 @@
+"""Prompts as transformers builds them: the model's own tokenizer and chat template, without torch."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from edgelora.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+class ChatTokenizer:
+    """``apply_chat_template(messages, add_generation_prompt=True)`` then encode, exactly as HF does."""
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoTokenizer
+
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        except (OSError, ValueError, TypeError) as exc:
+            raise UserInputError(f"{model_dir}: cannot load the tokenizer: {str(exc).splitlines()[0]}") from exc
+        if not self._tokenizer.chat_template:
+            raise UserInputError(f"{model_dir}: the tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)

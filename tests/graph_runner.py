@@ -1,0 +1,74 @@
+"""Plain ONNX Runtime calls of model.onnx / lora_model.onnx for the graph-level tests.
+
+Binding adapters here is a small numpy stand-in for the runtime's slot pool: stack the processed
+tensors of the batch's adapters, zero-padded to the largest rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from safetensors.numpy import load_file
+
+from edgelora import contract
+from edgelora.lora_manifest import LoraManifest
+from edgelora.model_spec import ModelSpec
+
+NUMPY = {"float32": np.float32, "float16": np.float16}
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def empty_past(spec: ModelSpec, batch: int) -> dict[str, np.ndarray]:
+    shape = (batch, spec.num_kv_heads, 0, spec.head_dim)
+    feeds = {}
+    for layer in range(spec.num_layers):
+        feeds[contract.past_key_name(layer)] = np.zeros(shape, NUMPY[spec.dtype])
+        feeds[contract.past_value_name(layer)] = np.zeros(shape, NUMPY[spec.dtype])
+    return feeds
+
+
+def past_from_outputs(spec: ModelSpec, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of a run (logits first, then present key/value per layer) as the next run's past."""
+    feeds = {}
+    for layer in range(spec.num_layers):
+        feeds[contract.past_key_name(layer)] = outputs[1 + 2 * layer]
+        feeds[contract.past_value_name(layer)] = outputs[2 + 2 * layer]
+    return feeds
+
+
+def token_feeds(input_ids: np.ndarray, past_len: int = 0) -> dict[str, np.ndarray]:
+    batch, seq = input_ids.shape
+    return {
+        contract.INPUT_IDS: input_ids.astype(np.int64),
+        contract.ATTENTION_MASK: np.ones((batch, past_len + seq), np.int64),
+        contract.POSITION_IDS: np.tile(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, 1)),
+    }
+
+
+def lora_feeds(manifest: LoraManifest, processed_dirs: list[Path | None], dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Stack the distinct adapters of a batch; row b uses ``processed_dirs[b]`` (None: no adapter)."""
+    distinct = []
+    for directory in processed_dirs:
+        if directory is not None and directory not in distinct:
+            distinct.append(directory)
+    tensors = [load_file(str(Path(d) / contract.PROCESSED_ADAPTER)) for d in distinct]
+    rank = max((t.shape[1] for adapter in tensors for name, t in adapter.items() if name.endswith(".A")), default=0)
+    feeds = {contract.LORA_INDEX: np.array([0 if d is None else distinct.index(d) + 1 for d in processed_dirs], np.int64)}
+    stack = max(len(distinct), 1)
+    for site in manifest.sites:
+        a = np.zeros((stack, site.in_features, rank), NUMPY[dtype])
+        b = np.zeros((stack, rank, site.out_features), NUMPY[dtype])
+        for entry, adapter in enumerate(tensors):
+            if site.a_name in adapter:
+                r = adapter[site.a_name].shape[1]
+                a[entry, :, :r] = adapter[site.a_name]
+                b[entry, :r, :] = adapter[site.b_name]
+        feeds[site.a_name], feeds[site.b_name] = a, b
+    return feeds

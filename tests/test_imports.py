@@ -1,0 +1,47 @@
+"""Imports flow one way: contract <- export <- graph <- adapters <- runtime <- api <- cli."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "edgelora"
+# Stage -> stages it must never import.
+FORBIDDEN = {
+    "contract": {"export", "graph", "adapters", "runtime", "api", "cli", "server"},
+    "model_spec": {"export", "graph", "adapters", "runtime", "api", "cli", "server"},
+    "export": {"graph", "adapters", "runtime", "api", "cli", "server"},
+    "graph": {"adapters", "runtime", "api", "cli", "server"},
+    "adapters": {"runtime", "api", "cli", "server"},
+    "runtime": {"export", "api", "cli", "server"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("edgelora."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("edgelora."))
+    return found
+
+
+def test_stages_import_only_earlier_stages():
+    problems = []
+    for path in PACKAGE.rglob("*.py"):
+        stage = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        bad = _imports(path) & FORBIDDEN.get(stage, set())
+        if bad:
+            problems.append(f"{path.relative_to(PACKAGE)} imports {sorted(bad)}")
+    assert not problems
+
+
+def test_nothing_imports_the_cli():
+    users = [p for p in PACKAGE.rglob("*.py") if p.name not in ("cli.py", "__main__.py") and "cli" in _imports(p)]
+    assert not users
+
+
+def test_naming_rule_for_lora_inputs_lives_only_in_contract():
+    offenders = [p for p in PACKAGE.rglob("*.py") if p.name != "contract.py" and 'f"lora.layers' in p.read_text()]
+    assert not offenders

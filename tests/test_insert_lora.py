@@ -1,0 +1,96 @@
+"""insert-lora: lora_model.onnx + processed adapters reproduce PEFT, alone and mixed in one batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from edgelora import contract
+from edgelora.errors import UserInputError
+from edgelora.graph import insert_lora
+from edgelora.lora_manifest import LoraManifest
+from graph_runner import empty_past, lora_feeds, session, token_feeds
+
+TOLERANCE = 1e-4
+ADAPTERS = ("a1", "a2", "a3")
+
+
+def _ids(spec, batch, seq, seed=0):
+    return np.random.default_rng(seed).integers(0, spec.vocab_size, size=(batch, seq), dtype=np.int64)
+
+
+def _lora_logits(exported, ids, processed_dirs):
+    feeds = {**token_feeds(ids), **empty_past(exported.spec, ids.shape[0]),
+             **lora_feeds(exported.manifest, processed_dirs)}
+    return session(exported.onnx_dir / contract.LORA_MODEL_ONNX).run([contract.LOGITS], feeds)[0]
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_single_adapter_matches_peft(exported, reference, adapter):
+    ids = _ids(exported.spec, 2, 6)
+    logits = _lora_logits(exported, ids, [exported.processed[adapter]] * 2)
+    expected = reference.logits(exported.model_dir, exported.adapters[adapter], ids)
+    base = reference.logits(exported.model_dir, None, ids)
+    assert np.abs(expected - base).max() > 1e-2, "the adapter changes the logits (the test can fail)"
+    np.testing.assert_allclose(logits, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_mixed_batch_matches_peft_row_by_row(exported, reference):
+    ids = _ids(exported.spec, 4, 6, seed=3)
+    rows = ["a1", "a2", "a3", None]
+    logits = _lora_logits(exported, ids, [exported.processed[r] if r else None for r in rows])
+    for row, adapter in enumerate(rows):
+        adapter_dir = exported.adapters[adapter] if adapter else None
+        expected = reference.logits(exported.model_dir, adapter_dir, ids[row:row + 1])
+        np.testing.assert_allclose(logits[row:row + 1], expected, atol=TOLERANCE, rtol=0, err_msg=f"row {row} ({adapter})")
+
+
+def test_no_adapter_equals_model_onnx(exported):
+    ids = _ids(exported.spec, 3, 5, seed=4)
+    base = session(exported.onnx_dir / contract.MODEL_ONNX).run(
+        [contract.LOGITS], {**token_feeds(ids), **empty_past(exported.spec, 3)})[0]
+    empty_stack = _lora_logits(exported, ids, [None, None, None])
+    np.testing.assert_array_equal(empty_stack, base)
+    # Adapters bound but index 0 on every row: still exactly the base model.
+    feeds = {**token_feeds(ids), **empty_past(exported.spec, 3),
+             **lora_feeds(exported.manifest, [exported.processed["a2"], None, None])}
+    feeds[contract.LORA_INDEX] = np.zeros(3, np.int64)
+    unrouted = session(exported.onnx_dir / contract.LORA_MODEL_ONNX).run([contract.LOGITS], feeds)[0]
+    np.testing.assert_array_equal(unrouted, base)
+
+
+def test_lora_graph_shares_the_weight_file(exported):
+    model = onnx.load(str(exported.onnx_dir / contract.LORA_MODEL_ONNX), load_external_data=False)
+    locations = {entry.value for init in model.graph.initializer for entry in init.external_data if entry.key == "location"}
+    assert locations == {contract.MODEL_ONNX_DATA}
+
+
+def test_manifest_lists_every_lora_input(exported):
+    model = onnx.load(str(exported.onnx_dir / contract.LORA_MODEL_ONNX), load_external_data=False)
+    inputs = {i.name for i in model.graph.input}
+    manifest = LoraManifest.load(exported.onnx_dir)
+    assert len(manifest.sites) == exported.spec.num_layers * len(contract.MODULE_NAMES)
+    for site in manifest.sites:
+        assert site.a_name in inputs and site.b_name in inputs
+    assert contract.LORA_INDEX in inputs
+
+
+def test_subset_of_target_modules(tmp_path, exported):
+    import shutil
+
+    onnx_dir = tmp_path / "subset"
+    shutil.copytree(exported.onnx_dir, onnx_dir, ignore=shutil.ignore_patterns("lora_*"))
+    manifest = insert_lora(onnx_dir, ["q_proj", "v"])
+    assert manifest.target_modules == ["q", "v"]
+    assert {site.module for site in manifest.sites} == {"q", "v"}
+
+
+def test_unknown_target_module_is_refused(tmp_path, exported):
+    with pytest.raises(UserInputError, match="unknown module 'lm_head'"):
+        insert_lora(exported.onnx_dir, ["q", "lm_head"])
+
+
+def test_missing_model_onnx_is_refused(tmp_path):
+    with pytest.raises(UserInputError, match="no model.onnx"):
+        insert_lora(tmp_path)
