@@ -38,6 +38,10 @@ def _process_lora(args: argparse.Namespace) -> None:
 def _merge_lora(args: argparse.Namespace) -> None:
     from edgelora.adapters.merge import merge_lora
 
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     merge_lora(args.model_dir, args.lora_dir, args.output_dir, overwrite=args.overwrite)
 
 
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="edgelora: %(message)s")
+    # torch's C++ side prints shape-inference chatter for our custom attention op; keep stderr for errors.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     try:
         args.handler(args)
     except EdgeLoraError as exc:

@@ -22,7 +22,7 @@ class ModelSpec:
     """Shapes and ids the later stages need, without reading the graph or the HF config."""
 
     architecture: str
-    model_type: str
+    family: str  # HF model_type; not named so, or AutoTokenizer would take this file for a HF config
     num_layers: int
     num_heads: int
     num_kv_heads: int

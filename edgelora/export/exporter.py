@@ -105,7 +105,7 @@ def _spec_from_model(model: torch.nn.Module, config: dict, model_dir: Path, dtyp
     head_dim = int(getattr(hf, "head_dim", None) or hf.hidden_size // num_heads)
     return ModelSpec(
         architecture=(config.get("architectures") or [type(model).__name__])[0],
-        model_type=config["model_type"],
+        family=config["model_type"],
         num_layers=len(layers),
         num_heads=num_heads,
         num_kv_heads=int(getattr(hf, "num_key_value_heads", None) or num_heads),

@@ -1,0 +1,45 @@
+"""Session fixtures: the local samples (tiny Qwen2 and tiny Llama + three adapters each), built once."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "samples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_sample import Sample, make_sample  # noqa: E402
+from pipeline_fixtures import exported, exported_samples, reference  # noqa: E402,F401
+
+
+def _sample(tmp_path_factory, family: str) -> Sample:
+    return make_sample(tmp_path_factory.mktemp(f"{family}_sample"), family)
+
+
+@pytest.fixture(scope="session")
+def qwen2_sample(tmp_path_factory) -> Sample:
+    return _sample(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def llama_sample(tmp_path_factory) -> Sample:
+    return _sample(tmp_path_factory, "llama")
+
+
+def pytest_collection_modifyitems(config, items):
+    """CUDA-marked tests skip cleanly where onnxruntime has no CUDA provider or no GPU answers."""
+    try:
+        import onnxruntime as ort
+
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and onnxruntime-gpu")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,39 @@
+"""The local samples look like what users have: standard HF and PEFT folders with real templates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.numpy import load_file
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_tokenizer_applies_its_chat_template(family, request):
+    from transformers import AutoTokenizer
+
+    sample = request.getfixturevalue(f"{family}_sample")
+    tokenizer = AutoTokenizer.from_pretrained(sample.model_dir)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                         tokenize=False)
+    assert "hello" in text and "assistant" in text
+    assert tokenizer.decode(tokenizer.encode("The quick brown fox")) == "The quick brown fox"
+
+
+def test_llama_keeps_its_template_in_a_jinja_file(llama_sample, qwen2_sample):
+    assert (llama_sample.model_dir / "chat_template.jinja").is_file()
+    assert "chat_template" in json.loads((qwen2_sample.model_dir / "tokenizer_config.json").read_text())
+
+
+def test_adapters_have_nonzero_lora_b(qwen2_sample):
+    for path in qwen2_sample.adapters.values():
+        tensors = load_file(path / "adapter_model.safetensors")
+        b_tensors = [t for name, t in tensors.items() if "lora_B" in name]
+        assert b_tensors and all(abs(t).max() > 0 for t in b_tensors)
+
+
+def test_adapters_differ_in_rank_and_targets(qwen2_sample):
+    configs = {name: json.loads((p / "adapter_config.json").read_text()) for name, p in qwen2_sample.adapters.items()}
+    assert len({c["r"] for c in configs.values()}) == 3
+    assert len({tuple(sorted(c["target_modules"])) for c in configs.values()}) == 3
+    assert any(c["use_rslora"] for c in configs.values())
