@@ -17,9 +17,18 @@ from edgelora.errors import EdgeLoraError
 log = logging.getLogger("edgelora")
 
 
+def _quiet_transformers() -> None:
+    """--quiet: no 'Loading weights' progress bars from transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _export(args: argparse.Namespace) -> None:
     from edgelora.export import ExportOptions, export_model
 
+    if args.quiet:
+        _quiet_transformers()
     export_model(args.model_dir, args.output_dir, ExportOptions(dtype=args.dtype, progress=not args.quiet))
 
 
@@ -39,9 +48,7 @@ def _merge_lora(args: argparse.Namespace) -> None:
     from edgelora.adapters.merge import merge_lora
 
     if args.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        _quiet_transformers()
     merge_lora(args.model_dir, args.lora_dir, args.output_dir, overwrite=args.overwrite)
 
 
@@ -53,6 +60,20 @@ def _infer(args: argparse.Namespace) -> None:
     stats = result["stats"]
     log.info("%d responses in %.2f s (%s decode tokens/s) -> %s", stats["requests"], stats["total_s"],
              stats["decode_tokens_per_s"], args.outputFile)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from edgelora.bench import BenchOptions, run_bench
+
+    run_bench(BenchOptions(args.onnxDir, args.adapters, args.batch, args.prompt_len, args.new_tokens, args.repeats,
+                           args.contexts, args.context_batch, args.context_steps, args.threads, args.device, args.json))
 
 
 def _add(subparsers, name: str, handler: Callable[[argparse.Namespace], None], help_text: str,
@@ -121,6 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--maxBatchSize", type=int, default=8, help="most requests run together in one batch")
     infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider (cuda needs onnxruntime-gpu)")
     infer.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores)")
+
+    bench = _add(subparsers, "bench", _bench, "measure base / one-adapter / mixed-adapter speed",
+                 "Measure prefill ms and decode tokens/s for the base model, one adapter on every row, and a mixed "
+                 "batch (a different adapter per row), plus switching to a cached adapter, a cold adapter load, "
+                 "decode at a short and a long context, and memory read bandwidth vs the bytes of weights. "
+                 "Configurations are interleaved and medians reported.")
+    bench.add_argument("--onnxDir", required=True, type=Path, help="folder with lora_model.onnx")
+    bench.add_argument("--adapters", required=True, type=Path, nargs="+", metavar="DIR",
+                       help="processed adapter folders; the first is 'one adapter', all of them rotate in the mixed batch")
+    bench.add_argument("--batch", type=_int_list, default=[1, 4, 8], help="batch sizes, comma-separated")
+    bench.add_argument("--prompt-len", dest="prompt_len", type=int, default=32, help="prompt tokens per row")
+    bench.add_argument("--new-tokens", dest="new_tokens", type=int, default=64, help="tokens generated per row")
+    bench.add_argument("--repeats", type=int, default=3, help="interleaved rounds per configuration (medians reported)")
+    bench.add_argument("--contexts", type=_int_list, default=[128, 2048], help="context lengths for the long-context decode check")
+    bench.add_argument("--context-batch", dest="context_batch", type=int, default=4, help="rows in the long-context check")
+    bench.add_argument("--context-steps", dest="context_steps", type=int, default=16, help="decode steps timed per context")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores)")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider")
+    bench.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     return parser
 
 

@@ -5,10 +5,12 @@ naming rule exists exactly once.
 
 LoRA inputs of ``lora_model.onnx`` (one pair per targeted projection and layer)::
 
-    lora.layers.{L}.{m}.A   [n_stack, in_features, rank]    float (model dtype)
-    lora.layers.{L}.{m}.B   [n_stack, rank, out_features]   float, scaling folded in
-    lora_index              [batch]                          int64
+    lora.layers.{L}.{m}.A   [n_stack, 1, in_features, rank]    float (model dtype)
+    lora.layers.{L}.{m}.B   [n_stack, 1, rank, out_features]   float, scaling folded in
+    lora_index              [batch]                             int64
 
+(The axis of size 1 broadcasts over the batch rows inside the graph; memory is the same as
+``[n_stack, in, rank]``.)
 ``n_stack`` adapters are bound at once (the same n_stack and rank for every LoRA input of one
 run). Row ``b`` of the batch uses stack entry ``lora_index[b] - 1``; ``lora_index[b] == 0`` means
 no adapter. Smaller ranks and untargeted modules are zero-padded. A processed adapter file
@@ -97,6 +99,16 @@ def lora_a_name(layer: int, module: str) -> str:
 def lora_b_name(layer: int, module: str) -> str:
     """Graph input (stacked) and processed-adapter tensor (single) holding LoRA B (scaled)."""
     return f"lora.layers.{layer}.{module}.B"
+
+
+def lora_a_shape(n_stack: int | str, in_features: int, rank: int | str) -> tuple:
+    """Shape of a stacked LoRA A graph input (symbolic names allowed for the graph's declaration)."""
+    return (n_stack, 1, in_features, rank)
+
+
+def lora_b_shape(n_stack: int | str, rank: int | str, out_features: int) -> tuple:
+    """Shape of a stacked LoRA B graph input."""
+    return (n_stack, 1, rank, out_features)
 
 
 def normalize_module_names(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:

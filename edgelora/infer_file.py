@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgelora import contract
-from edgelora.adapters.process import ProcessedAdapterConfig
+from edgelora.adapters.process import ProcessedAdapterConfig, check_processed_weights
 from edgelora.api import LLM, LoraConfig, LoRARequest, SamplingParams
 from edgelora.errors import AdapterError, UserInputError
 from edgelora.fileio import write_text_atomic
@@ -116,8 +116,10 @@ def check_adapters(job: InferJob, onnx_dir: Path, max_lora_rank: int) -> None:
     used = {request.lora_name for request in job.requests if request.lora_name}
     for name in sorted(used):
         try:
-            folder, _ = resolve_adapter_path(job.adapters[name])
-            ProcessedAdapterConfig.load(folder).check_fits(spec, manifest, str(job.adapters[name]), max_lora_rank)
+            folder, weights = resolve_adapter_path(job.adapters[name])
+            config = ProcessedAdapterConfig.load(folder)
+            config.check_fits(spec, manifest, str(job.adapters[name]), max_lora_rank)
+            check_processed_weights(weights, config, manifest, str(job.adapters[name]))
         except UserInputError as exc:
             first = next(i for i, r in enumerate(job.requests) if r.lora_name == name)
             raise type(exc)(f"requests[{first}] (lora_name {name!r}): {exc}") from exc

@@ -110,6 +110,12 @@ ADAPTERS = {
 }
 
 
+# Benchmark adapters (issue: "one adapter (r=16, all modules)" and four different ones for a mixed batch).
+BENCH_ADAPTERS = {f"b{index}": AdapterRecipe(16, 32, ADAPTERS["a2"].targets) for index in range(1, 5)}
+# FACTS.md measured peers on a 0.5B shape with this vocabulary; the same size keeps figures comparable.
+BENCH_VOCAB = 2717
+
+
 @dataclass
 class Sample:
     family: str
@@ -157,9 +163,10 @@ def make_model(family: str, out_dir: Path, size: str = "tiny", seed: int = 0, vo
     train_tokenizer(recipe, out_dir, vocab_size)
     tokenizer = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
     ids = {token: tokenizer.token_to_id(token) for token in recipe.special_tokens}
+    vocab = tokenizer.get_vocab_size() if size != "bench" else max(tokenizer.get_vocab_size(), BENCH_VOCAB)
     config = AutoConfig.for_model(
         recipe.model_type,
-        vocab_size=tokenizer.get_vocab_size(),
+        vocab_size=vocab,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         # Larger than the usual 0.02 so tiny random models have clear greedy margins.
@@ -205,12 +212,12 @@ def make_adapter(model_dir: Path, out_dir: Path, recipe: AdapterRecipe, seed: in
 
 
 def make_sample(out_dir: Path, family: str = "qwen2", size: str = "tiny", adapters: bool = True) -> Sample:
-    """Model in OUT/model, adapters in OUT/adapters/{a1,a2,a3}."""
+    """Model in OUT/model, adapters in OUT/adapters/{a1,a2,a3} (bench size: b1..b4, r16 on all seven)."""
     out_dir = Path(out_dir)
     model_dir = make_model(family, out_dir / "model", size)
     made = {}
     if adapters:
-        for index, (name, recipe) in enumerate(ADAPTERS.items()):
+        for index, (name, recipe) in enumerate((BENCH_ADAPTERS if size == "bench" else ADAPTERS).items()):
             made[name] = make_adapter(model_dir, out_dir / "adapters" / name, recipe, seed=100 + index)
     return Sample(family, model_dir, made)
 

@@ -70,5 +70,6 @@ def lora_feeds(manifest: LoraManifest, processed_dirs: list[Path | None], dtype:
                 r = adapter[site.a_name].shape[1]
                 a[entry, :, :r] = adapter[site.a_name]
                 b[entry, :r, :] = adapter[site.b_name]
-        feeds[site.a_name], feeds[site.b_name] = a, b
+        feeds[site.a_name] = a.reshape(contract.lora_a_shape(stack, site.in_features, rank))
+        feeds[site.b_name] = b.reshape(contract.lora_b_shape(stack, rank, site.out_features))
     return feeds

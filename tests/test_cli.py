@@ -14,6 +14,8 @@ COMMANDS = {
     "insert-lora": ["--onnx_dir", "--target_modules"],
     "process-lora": ["--input_dir", "--output_dir", "--onnx_dir", "--dtype"],
     "merge-lora": ["--model_dir", "--lora_dir", "--output_dir", "--overwrite"],
+    "infer": ["--onnxDir", "--inputFile", "--outputFile", "--maxLoraRank", "--maxBatchSize", "--device"],
+    "bench": ["--onnxDir", "--adapters", "--batch", "--prompt-len", "--new-tokens", "--json"],
 }
 
 

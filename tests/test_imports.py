@@ -45,3 +45,15 @@ def test_nothing_imports_the_cli():
 def test_naming_rule_for_lora_inputs_lives_only_in_contract():
     offenders = [p for p in PACKAGE.rglob("*.py") if p.name != "contract.py" and 'f"lora.layers' in p.read_text()]
     assert not offenders
+
+
+def test_inference_side_runs_without_torch():
+    """A deployment box carries onnxruntime, the tokenizer and our runtime: infer must not import torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, edgelora.infer_file, edgelora.api, edgelora.runtime.engine, edgelora.runtime.native; "
+            "from edgelora import LLM; "
+            "bad = [m for m in ('torch', 'peft') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -93,19 +93,44 @@ def _module_shapes(adapter: PeftAdapter) -> dict[str, list[int]]:
 
 
 def _convert(adapter: PeftAdapter, dtype: str) -> dict[str, np.ndarray]:
+    """Graph layout, scaling folded in; modules of a smaller rank (rank_pattern) zero-padded to one rank."""
     storage = STORAGE_DTYPES[dtype]
+    rank = adapter.max_rank
     tensors = {}
     for pair in adapter.pairs:
         scaling = adapter.config.scaling(pair.module_path, pair.rank)
         # x @ A.T @ B.T * s == x @ (A.T) @ (s * B).T ; A: [r, in] -> [in, r], B: [out, r] -> [r, out]
-        a = np.ascontiguousarray(pair.lora_a.T).astype(storage)
-        b = np.ascontiguousarray((pair.lora_b.astype(np.float32) * np.float32(scaling)).T).astype(storage)
+        a = np.zeros((pair.lora_a.shape[1], rank), storage)
+        b = np.zeros((rank, pair.lora_b.shape[0]), storage)
+        a[:, : pair.rank] = pair.lora_a.T
+        b[: pair.rank] = (pair.lora_b.astype(np.float32) * np.float32(scaling)).T
         if not (np.isfinite(a).all() and np.isfinite(b).all()):
             raise AdapterError(f"{adapter.path}: {pair.module_path} has values that do not fit {dtype}"
                                + ("; try --dtype float32" if dtype == "float16" else ""))
         tensors[contract.lora_a_name(pair.layer, pair.module)] = a
         tensors[contract.lora_b_name(pair.layer, pair.module)] = b
     return tensors
+
+
+def check_processed_weights(weights: Path, config: ProcessedAdapterConfig, manifest: LoraManifest, where: str) -> None:
+    """Read the safetensors header (no data) and check every tensor against the LoRA graph's inputs."""
+    from safetensors import SafetensorError, safe_open
+
+    sites = manifest.sites_by_name()
+    try:
+        with safe_open(str(weights), framework="numpy") as handle:
+            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise AdapterError(f"{where}: unreadable {contract.PROCESSED_ADAPTER} ({exc})") from exc
+    if not shapes:
+        raise AdapterError(f"{where}: {contract.PROCESSED_ADAPTER} holds no tensors")
+    for name, shape in shapes.items():
+        site = sites.get(name)
+        if site is None:
+            raise AdapterError(f"{where}: tensor {name} has no LoRA input in lora_model.onnx")
+        expected = [site.in_features, config.rank] if name == site.a_name else [config.rank, site.out_features]
+        if shape != expected:
+            raise AdapterError(f"{where}: tensor {name} is {shape}, expected {expected}")
 
 
 def process_adapter(input_dir: Path, output_dir: Path, onnx_dir: Path | None = None,

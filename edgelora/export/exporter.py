@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +138,10 @@ def _trace(model: torch.nn.Module, spec: ModelSpec, path: Path) -> None:
     past = [torch.zeros((batch, spec.num_kv_heads, max_len, spec.head_dim), dtype=dtype)
             for _ in range(2 * spec.num_layers)]
     inputs, outputs = _io_names(spec.num_layers)
-    with torch.no_grad():
+    # The tracer's warnings are about shapes it freezes (head counts), which is what we want.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             wrapper,
             (input_ids, attention_mask, position_ids, *past),

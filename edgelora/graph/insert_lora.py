@@ -38,18 +38,18 @@ def _const(name: str, values: list[int]) -> gs.Constant:
     return gs.Constant(name, np.asarray(values, dtype=np.int64))
 
 
-def _add_row_mask(graph: gs.Graph, first_a: gs.Variable, lora_index: gs.Variable, input_ids: gs.Tensor,
-                  dtype: str) -> gs.Variable:
-    """Build the [n_stack, batch*seq, 1] mask that routes each row to its stack entry, once per graph.
+def _add_row_mask(graph: gs.Graph, first_a: gs.Variable, lora_index: gs.Variable, dtype: str) -> gs.Variable:
+    """Build the [n_stack, batch, 1, 1] mask that routes each row to its stack entry, once per graph.
 
     ::
 
         Shape(A)[0:1] = n ──Range(1, n+1)──> [n] ──Unsqueeze(1)──> [n,1] ─┐
         lora_index [b] ─────────────────────Unsqueeze(0)──> [1,b] ─────── Equal ──> [n,b] bool
-            ──Cast──> ──Unsqueeze(2)──> [n,b,1] ──Expand([n,b,s])──> ──Reshape([n,-1,1])──> mask
+            ──Cast(float)──> ──Unsqueeze(2,3)──> mask [n,b,1,1]
     """
     prefix = "/lora/row_mask"
     int64 = np.int64
+    float_type = NUMPY_DTYPES[dtype]
     n_stack = _node(graph, "Shape", f"{prefix}/StackSize", [first_a], {"start": 0, "end": 1}, int64, [1])
     n_plus_one = _node(graph, "Add", f"{prefix}/StackEnd", [n_stack, _const(f"{prefix}/one", [1])], dtype=int64)
     start = gs.Constant(f"{prefix}/start", np.asarray(1, dtype=np.int64))
@@ -59,41 +59,45 @@ def _add_row_mask(graph: gs.Graph, first_a: gs.Variable, lora_index: gs.Variable
     entries_col = _node(graph, "Unsqueeze", f"{prefix}/EntriesColumn", [entries, _const(f"{prefix}/axis1", [1])], dtype=int64)
     index_row = _node(graph, "Unsqueeze", f"{prefix}/IndexRow", [lora_index, _const(f"{prefix}/axis0b", [0])], dtype=int64)
     hits = _node(graph, "Equal", f"{prefix}/Equal", [entries_col, index_row], dtype=np.bool_)
-    hits_float = _node(graph, "Cast", f"{prefix}/Cast", [hits], {"to": ONNX_DTYPES[dtype]}, NUMPY_DTYPES[dtype])
-    hits_3d = _node(graph, "Unsqueeze", f"{prefix}/Unsqueeze", [hits_float, _const(f"{prefix}/axis2", [2])],
-                    dtype=NUMPY_DTYPES[dtype])
-    ids_shape = _node(graph, "Shape", f"{prefix}/TokensShape", [input_ids], dtype=int64, shape=[2])
-    target = _node(graph, "Concat", f"{prefix}/ExpandShape", [n_stack, ids_shape], {"axis": 0}, int64, [3])
-    expanded = _node(graph, "Expand", f"{prefix}/Expand", [hits_3d, target], dtype=NUMPY_DTYPES[dtype])
-    return _node(graph, "Reshape", f"{prefix}/Reshape", [expanded, _const(f"{prefix}/flat", [0, -1, 1])],
-                 dtype=NUMPY_DTYPES[dtype])
+    hits_float = _node(graph, "Cast", f"{prefix}/Cast", [hits], {"to": ONNX_DTYPES[dtype]}, float_type)
+    return _node(graph, "Unsqueeze", f"{prefix}/Unsqueeze", [hits_float, _const(f"{prefix}/axes23", [2, 3])],
+                 dtype=float_type)
 
 
-def _attach_branch(graph: gs.Graph, matmul: gs.Node, a: gs.Variable, b: gs.Variable, mask: gs.Variable,
+def _routed_input(graph: gs.Graph, x: gs.Tensor, mask: gs.Variable, dtype: str, cache: dict) -> gs.Variable:
+    """Each row of ``x`` copied into its adapter's stack entry (zeros elsewhere), once per distinct ``x``.
+
+    Projections that read the same activation (q/k/v, gate/up) share this::
+
+        x [b,s,in] ──Unsqueeze(0)──> [1,b,s,in] ──Mul(mask [n,b,1,1])──> x_routed [n,b,s,in]
+    """
+    if x.name not in cache:
+        prefix = f"/lora/route/{len(cache)}"
+        float_type = NUMPY_DTYPES[dtype]
+        x_4d = _node(graph, "Unsqueeze", f"{prefix}/Unsqueeze", [x, _const(f"{prefix}/axis0", [0])], dtype=float_type)
+        cache[x.name] = _node(graph, "Mul", f"{prefix}/RowMask", [x_4d, mask], dtype=float_type)
+    return cache[x.name]
+
+
+def _attach_branch(graph: gs.Graph, matmul: gs.Node, a: gs.Variable, b: gs.Variable, x_routed: gs.Variable,
                    site: LoraSite, dtype: str) -> None:
-    """Add ``x @ A @ B`` (per row, its own stack entry) to a projection's output.
+    """Add ``x @ A @ B`` (per row, its own stack entry) to a projection's output: four nodes.
 
     ::
 
-        x [b,s,in] ──MatMul(W)──────────────────────────────────────────────> y_base ──Add──> y
-           └─Reshape([1,-1,in])─> MatMul(A [n,in,r]) ─> [n,bs,r] ─Mul(mask)─> MatMul(B [n,r,out])   │
-                 ─> [n,bs,out] ─ReduceSum(axis 0)─> [bs,out] ─Reshape(Shape(y_base))─> delta ─────┘
+        x [b,s,in] ──MatMul(W)─────────────────────────────────────────────────> y_base ──Add──> y
+        x_routed [n,b,s,in] ─MatMul(A [n,1,in,r])─> [n,b,s,r] ─MatMul(B [n,1,r,out])─>     │
+            [n,b,s,out] ─ReduceSum(axis 0)─> delta [b,s,out] ──────────────────────────────┘
     """
     prefix = f"/lora/layers.{site.layer}/{site.module}"
     float_type = NUMPY_DTYPES[dtype]
-    x = matmul.inputs[0]
     y = matmul.outputs[0]
     y_base = gs.Variable(f"{prefix}/base_output", dtype=y.dtype, shape=y.shape)
     matmul.outputs = [y_base]
-    x_rows = _node(graph, "Reshape", f"{prefix}/FlattenRows",
-                   [x, _const(f"{prefix}/rows_shape", [1, -1, site.in_features])], dtype=float_type)
-    xa = _node(graph, "MatMul", f"{prefix}/A/MatMul", [x_rows, a], dtype=float_type)
-    xa_routed = _node(graph, "Mul", f"{prefix}/RowMask", [xa, mask], dtype=float_type)
-    xab = _node(graph, "MatMul", f"{prefix}/B/MatMul", [xa_routed, b], dtype=float_type)
-    summed = _node(graph, "ReduceSum", f"{prefix}/SumStack", [xab, _const(f"{prefix}/stack_axis", [0])],
-                   {"keepdims": 0}, float_type)
-    y_shape = _node(graph, "Shape", f"{prefix}/OutputShape", [y_base], dtype=np.int64)
-    delta = _node(graph, "Reshape", f"{prefix}/Unflatten", [summed, y_shape], dtype=float_type)
+    xa = _node(graph, "MatMul", f"{prefix}/A/MatMul", [x_routed, a], dtype=float_type)
+    xab = _node(graph, "MatMul", f"{prefix}/B/MatMul", [xa, b], dtype=float_type)
+    delta = _node(graph, "ReduceSum", f"{prefix}/SumStack", [xab, _const(f"{prefix}/stack_axis", [0])],
+                  {"keepdims": 0}, float_type)
     graph.nodes.append(gs.Node(op="Add", name=f"{prefix}/Add", inputs=[y_base, delta], outputs=[y]))
 
 
@@ -140,6 +144,7 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
     manifest = LoraManifest(target_modules=list(targets), num_layers=spec.num_layers, dtype=dtype)
     new_inputs = [lora_index]
     mask = None
+    routed: dict[str, gs.Variable] = {}
     for layer in range(spec.num_layers):
         for module in targets:
             node_name = contract.projection_node_name(layer, module)
@@ -149,11 +154,14 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
             in_features, out_features = spec.module_in_out(module)
             site = LoraSite(layer, module, contract.lora_a_name(layer, module), contract.lora_b_name(layer, module),
                             in_features, out_features)
-            a = gs.Variable(site.a_name, dtype=NUMPY_DTYPES[dtype], shape=["lora_stack", in_features, "lora_rank"])
-            b = gs.Variable(site.b_name, dtype=NUMPY_DTYPES[dtype], shape=["lora_stack", "lora_rank", out_features])
+            a = gs.Variable(site.a_name, dtype=NUMPY_DTYPES[dtype],
+                            shape=list(contract.lora_a_shape("lora_stack", in_features, "lora_rank")))
+            b = gs.Variable(site.b_name, dtype=NUMPY_DTYPES[dtype],
+                            shape=list(contract.lora_b_shape("lora_stack", "lora_rank", out_features)))
             if mask is None:
-                mask = _add_row_mask(graph, a, lora_index, tensors[contract.INPUT_IDS], dtype)
-            _attach_branch(graph, matmul, a, b, mask, site, dtype)
+                mask = _add_row_mask(graph, a, lora_index, dtype)
+            x_routed = _routed_input(graph, matmul.inputs[0], mask, dtype, routed)
+            _attach_branch(graph, matmul, a, b, x_routed, site, dtype)
             new_inputs += [a, b]
             manifest.sites.append(site)
     graph.inputs.extend(new_inputs)

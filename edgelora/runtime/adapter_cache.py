@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgelora import contract
-from edgelora.adapters.process import ProcessedAdapterConfig
+from edgelora.adapters.process import ProcessedAdapterConfig, check_processed_weights
 from edgelora.errors import AdapterError, EdgeLoraError, UserInputError
 from edgelora.lora_manifest import LoraManifest
 from edgelora.model_spec import ModelSpec
@@ -68,6 +68,7 @@ class AdapterCache:
             return existing
         config = ProcessedAdapterConfig.load(folder)
         config.check_fits(self._spec, self._manifest, str(path), self._max_lora_rank)
+        check_processed_weights(weights, config, self._manifest, str(path))
         entry = AdapterEntry(name, weights, config)
         self._entries[name] = entry
         self._trim_registry()

@@ -33,6 +33,11 @@ class KVCache:
                 self._values.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", device.index))
         self._num_layers = spec.num_layers
 
+    def fill_random(self, rng) -> None:
+        """Benchmarks only: stand-in keys/values so decode can start at a long context without a prefill."""
+        for buffer in self._host:
+            buffer[...] = rng.standard_normal(buffer.shape, dtype=np.float32).astype(buffer.dtype)
+
     def bind(self, binding) -> None:
         """Bind past and present of every layer to the same buffer."""
         for layer in range(self._num_layers):

@@ -14,18 +14,28 @@ class ChatTokenizer:
     """``apply_chat_template(messages, add_generation_prompt=True)`` then encode, exactly as HF does."""
 
     def __init__(self, model_dir: Path):
-        from transformers import AutoTokenizer
-
+        # PreTrainedTokenizerFast reads tokenizer.json + tokenizer_config.json + chat_template.jinja
+        # without importing torch; AutoTokenizer imports torch when it is installed.
+        if (Path(model_dir) / "tokenizer.json").is_file():
+            from transformers import PreTrainedTokenizerFast as tokenizer_class
+        else:
+            from transformers import AutoTokenizer as tokenizer_class
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+            self._tokenizer = tokenizer_class.from_pretrained(str(model_dir))
         except (OSError, ValueError, TypeError) as exc:
             raise UserInputError(f"{model_dir}: cannot load the tokenizer: {str(exc).splitlines()[0]}") from exc
         if not self._tokenizer.chat_template:
             raise UserInputError(f"{model_dir}: the tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        from jinja2 import TemplateError
+
+        try:
+            encoded = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=True)
+        except TemplateError as exc:
+            raise UserInputError(f"the chat template refused these messages: {exc}") from exc
+        return list(encoded["input_ids"])
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])

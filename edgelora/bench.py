@@ -1,0 +1,232 @@
+"""``edgelora bench``: prefill and decode speed of base, one-adapter and mixed-adapter batches.
+
+Configurations are interleaved round by round and medians reported, because these machines are
+shared and noisy: only ratios measured in one run mean anything. Also measured in the same run:
+switching to a cached adapter, a cold adapter load, decode at a short and a long context, and
+the machine's memory read bandwidth against the bytes of weights a decode step must read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgelora import contract
+from edgelora.errors import UserInputError
+from edgelora.fileio import write_text_atomic
+from edgelora.runtime import native
+from edgelora.runtime.engine import BatchTimings, Engine, EngineConfig, RowRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchOptions:
+    onnx_dir: Path
+    adapters: list[Path]
+    batches: list[int] = field(default_factory=lambda: [1, 4, 8])
+    prompt_len: int = 32
+    new_tokens: int = 64
+    repeats: int = 3
+    contexts: list[int] = field(default_factory=lambda: [128, 2048])
+    context_batch: int = 4
+    context_steps: int = 16
+    num_threads: int | None = None
+    device: str = "cpu"
+    json_path: Path | None = None
+
+    def validate(self) -> None:
+        problems = []
+        if not self.adapters:
+            problems.append("--adapters needs at least one processed adapter folder")
+        if not self.batches or min(self.batches) < 1:
+            problems.append(f"--batch {self.batches}: sizes must be >= 1")
+        if self.prompt_len < 1 or self.new_tokens < 2:
+            problems.append("--prompt-len must be >= 1 and --new-tokens >= 2")
+        if self.repeats < 1:
+            problems.append("--repeats must be >= 1")
+        if any(c < 1 for c in self.contexts) or self.context_steps < 1:
+            problems.append("--contexts and --context-steps must be >= 1")
+        if problems:
+            raise UserInputError("; ".join(problems))
+
+
+@dataclass
+class ConfigResult:
+    """Medians over the repeats of one (kind, batch) configuration."""
+
+    kind: str  # base | single | mixed
+    batch: int
+    adapters: list[str | None]
+    prefill_ms: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    samples_decode_tokens_per_s: list[float] = field(default_factory=list)
+    samples_prefill_ms: list[float] = field(default_factory=list)
+
+
+def _rows(adapters: list[str | None], prompt_len: int, new_tokens: int, vocab: int, seed: int) -> list[RowRequest]:
+    rng = np.random.default_rng(seed)
+    return [RowRequest(rng.integers(0, vocab, prompt_len).tolist(), adapter, new_tokens, temperature=0.0,
+                       ignore_eos=True) for adapter in adapters]
+
+
+def _configurations(names: list[str], batches: list[int]) -> list[ConfigResult]:
+    configs = []
+    for batch in batches:
+        configs.append(ConfigResult("base", batch, [None] * batch))
+        configs.append(ConfigResult("single", batch, [names[0]] * batch))
+        if batch > 1 and len(names) > 1:
+            configs.append(ConfigResult("mixed", batch, [names[row % len(names)] for row in range(batch)]))
+    return configs
+
+
+def _run_config(engine: Engine, config: ConfigResult, options: BenchOptions, seed: int) -> tuple[float, float]:
+    timings = BatchTimings()
+    engine.generate(_rows(config.adapters, options.prompt_len, options.new_tokens, engine.spec.vocab_size, seed), timings)
+    decode_tokens = config.batch * timings.decode_steps
+    return timings.prefill_s * 1e3, decode_tokens / timings.decode_s
+
+
+def _switch_ms(engine: Engine, names: list[str], rounds: int = 50) -> dict:
+    """Time to point a batch at another cached adapter: acquire its slot and bind its stack."""
+    binding = engine.session.io_binding()
+    for name in names[:2]:  # both in slots, their stacks' views made once
+        engine.bind_adapters(binding, [engine.adapters.acquire([name])[name]])
+        engine.adapters.release([name])
+    durations = []
+    for turn in range(rounds):
+        name = names[turn % min(2, len(names))]
+        started = time.perf_counter()
+        slot = engine.adapters.acquire([name])[name]
+        engine.bind_adapters(binding, [slot])
+        durations.append(time.perf_counter() - started)
+        engine.adapters.release([name])
+    return {"median_ms": statistics.median(durations) * 1e3, "max_ms": max(durations) * 1e3}
+
+
+def _cold_load_ms(engine: Engine, name: str, rounds: int = 5) -> dict:
+    """Deactivate then activate: the adapter file is read, converted and written into a slot."""
+    durations = []
+    for _ in range(rounds):
+        engine.adapters.deactivate(name)
+        started = time.perf_counter()
+        engine.adapters.activate(name)
+        durations.append(time.perf_counter() - started)
+    return {"median_ms": statistics.median(durations) * 1e3, "rank_capacity": engine.pool.rank_capacity}
+
+
+def _contexts(engine: Engine, name: str, options: BenchOptions) -> list[dict]:
+    rows = [name] * options.context_batch
+    samples: dict[int, list[float]] = {context: [] for context in options.contexts}
+    for _ in range(options.repeats):
+        for context in options.contexts:
+            steps = engine.time_decode(rows, context, options.context_steps)
+            samples[context].append(options.context_batch * len(steps[1:]) / sum(steps[1:]) if len(steps) > 1
+                                    else options.context_batch / steps[0])
+    return [{"context": context, "batch": options.context_batch, "decode_tokens_per_s": statistics.median(values),
+             "samples": values} for context, values in samples.items()]
+
+
+def weight_bytes(onnx_dir: Path) -> int:
+    """Bytes of the base weights a decode step reads (external data file + inline initializers)."""
+    total = 0
+    for name in (contract.MODEL_ONNX_DATA, contract.LORA_MODEL_ONNX):
+        path = Path(onnx_dir) / name
+        if path.is_file():
+            total += path.stat().st_size
+    return total
+
+
+def run_bench(options: BenchOptions) -> dict:
+    """Measure everything, print the table, optionally write JSON; return the figures."""
+    options.validate()
+    threads = options.num_threads
+    names = [f"{Path(path).name}#{index}" for index, path in enumerate(options.adapters)]
+    engine = Engine(Path(options.onnx_dir), EngineConfig(
+        max_loras=max(len(names), 1), max_cpu_loras=max(len(names), 1), max_batch_size=max(options.batches + [options.context_batch]),
+        device=options.device, num_threads=threads))
+    for name, path in zip(names, options.adapters):
+        engine.adapters.add(name, Path(path))
+        engine.adapters.activate(name)
+    log.info("bench: %d adapters, batches %s, prompt %d, %d new tokens, %d repeats", len(names), options.batches,
+             options.prompt_len, options.new_tokens, options.repeats)
+    configs = _configurations(names, options.batches)
+    for config in configs:  # warm-up: first runs pay for allocations
+        _run_config(engine, config, options, seed=0)
+    for round_index in range(options.repeats):
+        order = configs[round_index % len(configs):] + configs[: round_index % len(configs)]
+        for config in order:
+            prefill_ms, tokens_per_s = _run_config(engine, config, options, seed=round_index + 1)
+            config.samples_prefill_ms.append(prefill_ms)
+            config.samples_decode_tokens_per_s.append(tokens_per_s)
+    for config in configs:
+        config.prefill_ms = statistics.median(config.samples_prefill_ms)
+        config.decode_tokens_per_s = statistics.median(config.samples_decode_tokens_per_s)
+
+    bandwidth = native.read_bandwidth(threads or 0)
+    weights = weight_bytes(options.onnx_dir)
+    result = {
+        "model": str(options.onnx_dir),
+        "dtype": engine.spec.dtype,
+        "threads": threads,
+        "device": options.device,
+        "prompt_len": options.prompt_len,
+        "new_tokens": options.new_tokens,
+        "repeats": options.repeats,
+        "configs": [asdict(config) for config in configs],
+        "switch": _switch_ms(engine, names),
+        "cold_load": _cold_load_ms(engine, names[0]),
+        "contexts": _contexts(engine, names[0], options),
+        "memory": {"read_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes": weights,
+                   "decode_bound_tokens_per_s": bandwidth / weights if weights else None},
+    }
+    result["ratios"] = _ratios(result)
+    print(format_table(result))
+    if options.json_path:
+        write_text_atomic(Path(options.json_path), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _ratios(result: dict) -> dict:
+    by_key = {(c["kind"], c["batch"]): c["decode_tokens_per_s"] for c in result["configs"]}
+    ratios = {}
+    for (kind, batch), value in by_key.items():
+        if kind == "single" and ("base", batch) in by_key:
+            ratios[f"single/base b{batch}"] = value / by_key[("base", batch)]
+        if kind == "mixed" and ("single", batch) in by_key:
+            ratios[f"mixed/single b{batch}"] = value / by_key[("single", batch)]
+    bound = result["memory"]["decode_bound_tokens_per_s"]
+    if bound and ("base", 1) in by_key:
+        ratios["base b1 / bandwidth bound"] = by_key[("base", 1)] / bound
+    contexts = result["contexts"]
+    if len(contexts) >= 2:
+        ratios[f"ctx{contexts[-1]['context']}/ctx{contexts[0]['context']}"] = (
+            contexts[-1]["decode_tokens_per_s"] / contexts[0]["decode_tokens_per_s"])
+    return ratios
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'config':<8} {'batch':>5} {'prefill ms':>11} {'decode tok/s':>13}  adapters"]
+    for config in result["configs"]:
+        adapters = ",".join(a.split("#")[0] if a else "-" for a in config["adapters"])
+        lines.append(f"{config['kind']:<8} {config['batch']:>5} {config['prefill_ms']:>11.1f} "
+                     f"{config['decode_tokens_per_s']:>13.2f}  {adapters}")
+    switch, cold = result["switch"], result["cold_load"]
+    lines.append(f"switch to a cached adapter: {switch['median_ms']:.3f} ms median ({switch['max_ms']:.3f} max)")
+    lines.append(f"cold adapter load: {cold['median_ms']:.1f} ms median")
+    for context in result["contexts"]:
+        lines.append(f"decode at context {context['context']}, batch {context['batch']}: "
+                     f"{context['decode_tokens_per_s']:.2f} tok/s")
+    memory = result["memory"]
+    lines.append(f"memory read bandwidth {memory['read_bandwidth_gb_s']:.1f} GB/s, weights {memory['weight_bytes'] / 1e9:.3f} GB"
+                 + (f" -> bound {memory['decode_bound_tokens_per_s']:.1f} tok/s at batch 1"
+                    if memory["decode_bound_tokens_per_s"] else ""))
+    for name, value in result["ratios"].items():
+        lines.append(f"ratio {name}: {value:.3f}")
+    return "\n".join(lines)

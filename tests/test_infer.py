@@ -1,0 +1,215 @@
+"""edgelora infer and the Python API: mixed-adapter batches equal transformers + PEFT greedy generate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edgelora import LLM, LoraConfig, LoRARequest, SamplingParams
+from edgelora.cli import main
+
+MAX_NEW = 10
+# Prompts of different lengths; adapters of different ranks/targets and base rows in one batch.
+REQUESTS = [
+    ("a1", "Write a short poem about the sea."),
+    ("a2", "What is the capital of France?"),
+    (None, "Hello"),
+    ("a3", "Translate to German: good morning, how are you today? Answer briefly and politely."),
+    ("a2", "def add(a, b):"),
+    ("", "Customers ask about invoices."),
+]
+
+
+def _messages(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _input_file(folder: Path, exported, requests=REQUESTS, **top_level) -> Path:
+    payload = {
+        "available_lora_weights": {name: str(path) for name, path in exported.processed.items()},
+        "temperature": 0,
+        "max_generate_length": MAX_NEW,
+        **top_level,
+        "requests": [{"messages": _messages(text), **({"lora_name": name} if name is not None else {})}
+                     for name, text in requests],
+    }
+    path = folder / "input.json"
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def _reference_ids(exported, reference, adapter: str | None, text: str) -> tuple[list[int], list[int]]:
+    """Prompt ids from transformers' chat template and PEFT's greedy continuation (cut after eos)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported.model_dir)
+    prompt = tokenizer.apply_chat_template(_messages(text), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]
+    model = reference.model(exported.model_dir, exported.adapters[adapter] if adapter else None)
+    with torch.no_grad():
+        generated = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   max_new_tokens=MAX_NEW, do_sample=False)[0, len(prompt):].tolist()
+    eos = set(exported.spec.eos_token_ids)
+    for position, token in enumerate(generated):
+        if token in eos:
+            return list(prompt), generated[: position + 1]
+    return list(prompt), generated
+
+
+@pytest.fixture(scope="module")
+def infer_output(exported, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"infer_{exported.family}")
+    output = folder / "output.json"
+    code = main(["infer", "--onnxDir", str(exported.onnx_dir), "--inputFile", str(_input_file(folder, exported)),
+                 "--outputFile", str(output), "--quiet"])
+    assert code == 0
+    return json.loads(output.read_text())
+
+
+def test_mixed_batch_greedy_ids_equal_peft_generate(exported, reference, infer_output):
+    assert len(infer_output["responses"]) == len(REQUESTS)
+    for index, ((name, text), response) in enumerate(zip(REQUESTS, infer_output["responses"])):
+        prompt, expected = _reference_ids(exported, reference, name or None, text)
+        assert response["prompt_tokens"] == len(prompt), f"request {index}"
+        assert response["output_ids"] == expected, f"request {index} ({name or 'base'})"
+
+
+def test_response_fields(exported, infer_output):
+    for (name, _), response in zip(REQUESTS, infer_output["responses"]):
+        assert response["lora_name"] == (name or None)
+        assert response["finish_reason"] in ("stop", "length")
+        assert response["completion_tokens"] == len(response["output_ids"])
+        eos = set(exported.spec.eos_token_ids)
+        ended_on_eos = response["output_ids"][-1] in eos
+        assert response["finish_reason"] == ("stop" if ended_on_eos else "length")
+        assert isinstance(response["output_text"], str)
+    stats = infer_output["stats"]
+    assert stats["requests"] == len(REQUESTS) and stats["batches"] == 1 and stats["tokens_per_s"] > 0
+
+
+def test_small_batches_give_the_same_ids(exported, infer_output, tmp_path):
+    output = tmp_path / "out.json"
+    assert main(["infer", "--onnxDir", str(exported.onnx_dir), "--inputFile", str(_input_file(tmp_path, exported)),
+                 "--outputFile", str(output), "--maxBatchSize", "2", "--quiet"]) == 0
+    written = json.loads(output.read_text())
+    assert written["stats"]["batches"] == 3
+    assert [r["output_ids"] for r in written["responses"]] == [r["output_ids"] for r in infer_output["responses"]]
+
+
+def test_python_api_equals_peft_generate(exported, reference):
+    llm = LLM(exported.onnx_dir, lora_config=LoraConfig(max_lora_rank=64, max_loras=3, max_cpu_loras=4))
+    ids = {"a1": 1, "a2": 2, "a3": 3}
+    requests = [LoRARequest(name, ids[name], str(exported.processed[name])) if name else None for name, _ in REQUESTS]
+    outputs = llm.generate([_messages(text) for _, text in REQUESTS], SamplingParams(max_tokens=MAX_NEW, temperature=0),
+                           lora_request=requests)
+    for (name, text), output in zip(REQUESTS, outputs):
+        prompt, expected = _reference_ids(exported, reference, name or None, text)
+        assert output.prompt_token_ids == prompt
+        assert output.token_ids == expected
+
+
+def test_seeded_sampling_is_reproducible(exported, tmp_path):
+    results = []
+    for run in range(2):
+        output = tmp_path / f"out{run}.json"
+        path = _input_file(tmp_path, exported, temperature=0.9, top_k=20, top_p=0.9, seed=1234)
+        assert main(["infer", "--onnxDir", str(exported.onnx_dir), "--inputFile", str(path),
+                     "--outputFile", str(output), "--quiet"]) == 0
+        results.append([r["output_ids"] for r in json.loads(output.read_text())["responses"]])
+    assert results[0] == results[1]
+
+
+def test_per_request_sampling_fields_win(exported, tmp_path):
+    payload = json.loads(_input_file(tmp_path, exported, requests=[("a1", "Hello"), ("a1", "Hello")]).read_text())
+    payload["requests"][1]["max_generate_length"] = 2
+    payload["requests"][1]["temperature"] = 0
+    path = tmp_path / "per_request.json"
+    path.write_text(json.dumps(payload))
+    output = tmp_path / "out.json"
+    assert main(["infer", "--onnxDir", str(exported.onnx_dir), "--inputFile", str(path), "--outputFile", str(output),
+                 "--quiet"]) == 0
+    first, second = json.loads(output.read_text())["responses"]
+    assert second["completion_tokens"] <= 2
+    assert second["output_ids"] == first["output_ids"][: len(second["output_ids"])]
+
+
+# -- bad input: one line, exit code 2, no output file ------------------------------------------
+
+
+def _refused(exported, tmp_path, capsys, input_path: Path, fragment: str, *extra: str) -> None:
+    output = tmp_path / "out.json"
+    code = main(["infer", "--onnxDir", str(exported.onnx_dir), "--inputFile", str(input_path),
+                 "--outputFile", str(output), "--quiet", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert fragment in err and len(err.splitlines()) == 1, err
+    assert not output.exists() and not list(tmp_path.glob("out.json*"))
+
+
+def test_unknown_lora_name_is_refused(exported, tmp_path, capsys):
+    path = _input_file(tmp_path, exported, requests=[("a1", "hi"), ("nope", "hi")])
+    _refused(exported, tmp_path, capsys, path, "requests[1]")
+
+
+def test_missing_adapter_files_are_refused(exported, tmp_path, capsys):
+    path = _input_file(tmp_path, exported)
+    payload = json.loads(path.read_text())
+    payload["available_lora_weights"]["a2"] = str(tmp_path / "missing" / "processed_adapter_model.safetensors")
+    path.write_text(json.dumps(payload))
+    _refused(exported, tmp_path, capsys, path, "requests[1]")
+
+
+def test_rank_above_max_lora_rank_is_refused(exported, tmp_path, capsys):
+    _refused(exported, tmp_path, capsys, _input_file(tmp_path, exported), "rank 8", "--maxLoraRank", "4")
+
+
+def test_adapter_for_another_base_model_is_refused(exported_samples, tmp_path, capsys):
+    qwen2, llama = exported_samples["qwen2"], exported_samples["llama"]
+    path = _input_file(tmp_path, qwen2, requests=[("other", "hi")])
+    payload = json.loads(path.read_text())
+    payload["available_lora_weights"]["other"] = str(llama.processed["a2"])
+    path.write_text(json.dumps(payload))
+    _refused(qwen2, tmp_path, capsys, path, "another model")
+
+
+def test_malformed_json_is_refused(exported, tmp_path, capsys):
+    path = tmp_path / "input.json"
+    path.write_text('{"requests": [')
+    _refused(exported, tmp_path, capsys, path, "malformed JSON")
+
+
+def test_empty_messages_are_refused(exported, tmp_path, capsys):
+    path = _input_file(tmp_path, exported)
+    payload = json.loads(path.read_text())
+    payload["requests"][2]["messages"] = []
+    path.write_text(json.dumps(payload))
+    _refused(exported, tmp_path, capsys, path, "requests[2]")
+
+
+def test_corrupt_adapter_file_is_refused_before_work(exported, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(exported.processed["a1"], broken)
+    weights = broken / "processed_adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    path = _input_file(tmp_path, exported, requests=[("a1", "hi")])
+    payload = json.loads(path.read_text())
+    payload["available_lora_weights"]["a1"] = str(broken)
+    path.write_text(json.dumps(payload))
+    _refused(exported, tmp_path, capsys, path, "requests[0]")
+
+
+def test_bad_sampling_value_is_refused(exported, tmp_path, capsys):
+    _refused(exported, tmp_path, capsys, _input_file(tmp_path, exported, top_p=1.5), "top_p")
+
+
+@pytest.mark.cuda
+def test_cuda_device_matches_cpu(exported, infer_output, tmp_path):
+    output = tmp_path / "out.json"
+    assert main(["infer", "--onnxDir", str(exported.onnx_dir), "--inputFile", str(_input_file(tmp_path, exported)),
+                 "--outputFile", str(output), "--device", "cuda", "--quiet"]) == 0
+    written = json.loads(output.read_text())
+    assert [r["output_ids"] for r in written["responses"]] == [r["output_ids"] for r in infer_output["responses"]]
