@@ -6,7 +6,6 @@ A batch may mix adapters row by row: the slots its rows use are bound as one con
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,13 +21,6 @@ from edgelora.runtime import native
 from edgelora.runtime.adapter_cache import AdapterCache
 from edgelora.runtime.kv_cache import KVCache
 from edgelora.runtime.session import NUMPY_DTYPES, Device, make_session
-
-
-def _host_view(address: int, shape: tuple, dtype) -> np.ndarray:
-    """A numpy array over host memory the native pool owns (valid while the pool's layout holds)."""
-    count = int(np.prod(shape))
-    buffer = (ctypes.c_byte * (count * np.dtype(dtype).itemsize)).from_address(address)
-    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
 
 
 @dataclass
@@ -161,7 +153,7 @@ class Engine:
                 for name, shape, address in (
                         (site.a_name, contract.lora_a_shape(stack, site.in_features, rank), self.pool.a_pointer(index, first, last)),
                         (site.b_name, contract.lora_b_shape(stack, rank, site.out_features), self.pool.b_pointer(index, first, last))):
-                    view = _host_view(address, shape, self._float)
+                    view = native.host_view(address, shape, self._float)
                     values.append((name, ort.OrtValue.ortvalue_from_numpy(view)))
             self._stack_cache[key] = values
         return self._stack_cache[key]

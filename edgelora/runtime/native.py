@@ -1,0 +1,65 @@
+"""The C++ runtime (``edgelora._runtime``): adapter slot pool, sampler, bandwidth probe.
+
+Imported through this module so a missing build is one clear error instead of an ImportError
+deep inside the engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from edgelora.errors import EdgeLoraError
+
+try:
+    from edgelora import _runtime
+except ImportError as exc:  # pragma: no cover - only without a build
+    _runtime = None
+    _IMPORT_ERROR = exc
+else:
+    _IMPORT_ERROR = None
+
+
+def _module():
+    if _runtime is None:
+        raise EdgeLoraError(f"the edgelora native runtime is not built ({_IMPORT_ERROR}); "
+                            "run 'pip install -e .' in the source folder")
+    return _runtime
+
+
+def with_cuda() -> bool:
+    """Whether the runtime was built with CUDA slot buffers."""
+    return bool(_module().with_cuda)
+
+
+def AdapterPool(sites: list[tuple[str, str, int, int]], num_slots: int, max_rank: int,
+                dtype: str = "float32", device: str = "cpu"):
+    """Slot buffers for ``num_slots`` adapters over the graph's LoRA sites (see runtime/adapter_pool.h)."""
+    return _module().AdapterPool(sites, num_slots, max_rank, dtype, device)
+
+
+def Sampler(seed: int):
+    """A per-request random stream (mt19937_64)."""
+    return _module().Sampler(seed)
+
+
+def sample_batch(logits, samplers, temperatures, top_ks, top_ps):
+    """One int64 token per row of float32 logits [batch, vocab]."""
+    return _module().sample_batch(logits, samplers, temperatures, top_ks, top_ps)
+
+
+def sample_row(logits, sampler, temperature: float, top_k: int = 0, top_p: float = 1.0) -> int:
+    return _module().sample_row(logits, sampler, temperature, top_k, top_p)
+
+
+def read_bandwidth(threads: int = 0, size_bytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Memory read bandwidth in bytes/s with ``threads`` threads (0: all cores)."""
+    return _module().read_bandwidth(threads, size_bytes, repeats)
+
+
+def host_view(address: int, shape: tuple, dtype) -> np.ndarray:
+    """A numpy array over host memory the pool owns (valid until the pool's generation changes)."""
+    count = int(np.prod(shape))
+    buffer = (ctypes.c_byte * (count * np.dtype(dtype).itemsize)).from_address(address)
+    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
