@@ -159,17 +159,19 @@ def run_bench(options: BenchOptions) -> dict:
     configs = _configurations(names, options.batches)
     for config in configs:  # warm-up: first runs pay for allocations
         _run_config(engine, config, options, seed=0)
+    bandwidths = []  # measured every round, between the configurations: the machine's mood drifts
     for round_index in range(options.repeats):
         order = configs[round_index % len(configs):] + configs[: round_index % len(configs)]
         for config in order:
             prefill_ms, tokens_per_s = _run_config(engine, config, options, seed=round_index + 1)
             config.samples_prefill_ms.append(prefill_ms)
             config.samples_decode_tokens_per_s.append(tokens_per_s)
+        bandwidths.append(native.read_bandwidth(threads or 0, repeats=3))
     for config in configs:
         config.prefill_ms = statistics.median(config.samples_prefill_ms)
         config.decode_tokens_per_s = statistics.median(config.samples_decode_tokens_per_s)
 
-    bandwidth = native.read_bandwidth(threads or 0)
+    bandwidth = statistics.median(bandwidths)
     weights = weight_bytes(options.onnx_dir)
     result = {
         "model": str(options.onnx_dir),
@@ -183,7 +185,8 @@ def run_bench(options: BenchOptions) -> dict:
         "switch": _switch_ms(engine, names),
         "cold_load": _cold_load_ms(engine, names[0]),
         "contexts": _contexts(engine, names[0], options),
-        "memory": {"read_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes": weights,
+        "memory": {"read_bandwidth_gb_s": bandwidth / 1e9, "samples_read_bandwidth_gb_s": [b / 1e9 for b in bandwidths],
+                   "weight_bytes": weights,
                    "decode_bound_tokens_per_s": bandwidth / weights if weights else None},
     }
     result["ratios"] = _ratios(result)

@@ -10,6 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (tempfile makes them 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def staged_output(output_dir: Path) -> Iterator[Path]:
     """Yield a staging folder beside ``output_dir``; on success move its files in, else drop it.
@@ -23,6 +30,10 @@ def staged_output(output_dir: Path) -> Iterator[Path]:
     try:
         yield staging
         output_dir.mkdir(parents=True, exist_ok=True)
+        mode = _file_mode()
+        for path in staging.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                path.chmod(mode)
         for item in sorted(staging.iterdir()):
             target = output_dir / item.name
             if target.is_dir() and not target.is_symlink():
@@ -39,6 +50,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.chmod(tmp_name, _file_mode())
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

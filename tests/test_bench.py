@@ -1,0 +1,46 @@
+"""edgelora bench on the tiny sample: every figure is produced and the JSON is complete (no speed asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgelora.cli import main
+
+
+@pytest.fixture(scope="module")
+def qwen2(exported_samples):
+    return exported_samples["qwen2"]
+
+
+def test_bench_reports_every_configuration(qwen2, tmp_path, capsys):
+    adapters = [str(qwen2.processed[name]) for name in ("a1", "a2", "a3")]
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--onnxDir", str(qwen2.onnx_dir), "--adapters", *adapters, "--batch", "1,3",
+                 "--prompt-len", "5", "--new-tokens", "4", "--repeats", "1", "--contexts", "8,24",
+                 "--context-batch", "2", "--context-steps", "3", "--threads", "1", "--json", str(out), "--quiet"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    kinds = [(config["kind"], config["batch"]) for config in result["configs"]]
+    assert kinds == [("base", 1), ("single", 1), ("base", 3), ("single", 3), ("mixed", 3)]
+    mixed = result["configs"][-1]["adapters"]
+    assert len({name for name in mixed}) == 3  # a different adapter on every row
+    for config in result["configs"]:
+        assert config["decode_tokens_per_s"] > 0 and config["prefill_ms"] > 0
+        assert len(config["samples_decode_tokens_per_s"]) == 1
+    assert result["switch"]["median_ms"] > 0 and result["cold_load"]["median_ms"] > 0
+    assert [c["context"] for c in result["contexts"]] == [8, 24]
+    assert result["memory"]["read_bandwidth_gb_s"] > 0
+    assert set(result["ratios"]) == {"single/base b1", "single/base b3", "mixed/single b3",
+                                     "base b1 / bandwidth bound", "ctx24/ctx8"}
+    table = capsys.readouterr().out
+    assert "switch to a cached adapter" in table and "ratio mixed/single b3" in table
+
+
+def test_bench_rejects_missing_adapter(qwen2, tmp_path, capsys):
+    code = main(["bench", "--onnxDir", str(qwen2.onnx_dir), "--adapters", str(tmp_path / "nope"),
+                 "--json", str(tmp_path / "b.json")])
+    assert code == 2
+    assert not (tmp_path / "b.json").exists()
+    assert "nope" in capsys.readouterr().err
