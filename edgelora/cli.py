@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     export = _add(subparsers, "export", _export, "HF model folder -> model.onnx + config.json",
-                  "Export a Hugging Face decoder (Qwen2/2.5, Llama, Mistral, Qwen3) to ONNX with an in-place "
-                  "GroupQueryAttention KV cache. Writes model.onnx, model.onnx.data (weights), config.json "
+                  "Export a Hugging Face decoder (Qwen2/2.5, Llama, Mistral, Qwen3) to ONNX with a KV cache "
+                  "updated in place. Writes model.onnx, model.onnx.data (weights), config.json "
                   "(edgelora's model description) and copies the tokenizer and chat template files.")
     export.add_argument("--model_dir", required=True, type=Path, help="Hugging Face model folder (config.json + weights)")
     export.add_argument("--output_dir", required=True, type=Path, help="folder to write the ONNX model into")

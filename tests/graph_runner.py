@@ -25,8 +25,9 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def empty_past(spec: ModelSpec, batch: int) -> dict[str, np.ndarray]:
-    shape = (batch, spec.num_kv_heads, 0, spec.head_dim)
+def empty_past(spec: ModelSpec, batch: int, capacity: int) -> dict[str, np.ndarray]:
+    """Zeroed cache buffers with room for ``capacity`` positions (the graph writes into them)."""
+    shape = (batch, spec.num_kv_heads, capacity, spec.head_dim)
     feeds = {}
     for layer in range(spec.num_layers):
         feeds[contract.past_key_name(layer)] = np.zeros(shape, NUMPY[spec.dtype])

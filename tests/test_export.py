@@ -24,7 +24,7 @@ def _prompt(spec, batch: int, seq: int, seed: int = 0) -> np.ndarray:
 def test_prefill_logits_match_hf(exported, reference):
     ids = _prompt(exported.spec, 2, 7)
     logits = session(exported.onnx_dir / contract.MODEL_ONNX).run(
-        [contract.LOGITS], {**token_feeds(ids), **empty_past(exported.spec, 2)})[0]
+        [contract.LOGITS], {**token_feeds(ids), **empty_past(exported.spec, 2, ids.shape[1])})[0]
     expected = reference.logits(exported.model_dir, None, ids)
     np.testing.assert_allclose(logits, expected, atol=TOLERANCE, rtol=0)
 
@@ -32,7 +32,7 @@ def test_prefill_logits_match_hf(exported, reference):
 def test_decode_step_with_past_matches_hf(exported, reference):
     ids = _prompt(exported.spec, 2, 8, seed=1)
     graph = session(exported.onnx_dir / contract.MODEL_ONNX)
-    prefill = graph.run(None, {**token_feeds(ids[:, :7]), **empty_past(exported.spec, 2)})
+    prefill = graph.run(None, {**token_feeds(ids[:, :7]), **empty_past(exported.spec, 2, ids.shape[1])})
     decode = graph.run(None, {**token_feeds(ids[:, 7:], past_len=7), **past_from_outputs(exported.spec, prefill)})
     expected = reference.logits(exported.model_dir, None, ids)
     np.testing.assert_allclose(decode[0][:, 0], expected[:, 7], atol=TOLERANCE, rtol=0)
@@ -83,7 +83,8 @@ def test_graph_interface_names(exported):
     assert inputs[:3] == [contract.INPUT_IDS, contract.ATTENTION_MASK, contract.POSITION_IDS]
     assert contract.past_key_name(exported.spec.num_layers - 1) in inputs
     assert outputs[0] == contract.LOGITS and contract.present_value_name(0) in outputs
-    assert any(node.op_type == "GroupQueryAttention" for node in graph.node)
+    # the cache is written in place by ScatterElements, one per layer and key/value
+    assert sum(node.op_type == "ScatterElements" for node in graph.node) == 2 * exported.spec.num_layers
 
 
 def test_config_json_describes_the_model(exported):
@@ -141,3 +142,26 @@ def test_folder_without_weights_is_refused(tmp_path, qwen2_sample):
     with pytest.raises(UserInputError, match="no weights"):
         export_model(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_sliding_window_and_rows_of_different_lengths_match_hf(tmp_path, reference):
+    """Mistral with a 3-token window; a right-padded batch whose rows have 9 and 5 real tokens."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=97, hidden_size=40, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=5, num_key_value_heads=1, head_dim=8, sliding_window=3,
+                           max_position_embeddings=64, initializer_range=0.2)
+    model_dir = tmp_path / "mistral"
+    MistralForCausalLM(config).save_pretrained(model_dir)
+    spec = export_model(model_dir, tmp_path / "onnx")
+    ids = _prompt(spec, 2, 9, seed=5)
+    lengths = [9, 5]
+    feeds = token_feeds(ids)
+    feeds[contract.ATTENTION_MASK] = (np.arange(9)[None] < np.array(lengths)[:, None]).astype(np.int64)
+    logits = session(tmp_path / "onnx" / contract.MODEL_ONNX).run(
+        [contract.LOGITS], {**feeds, **empty_past(spec, 2, 12)})[0]
+    for row, length in enumerate(lengths):
+        expected = reference.logits(model_dir, None, ids[row: row + 1, :length])
+        np.testing.assert_allclose(logits[row, :length], expected[0], atol=TOLERANCE, rtol=0)

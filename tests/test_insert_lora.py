@@ -21,7 +21,7 @@ def _ids(spec, batch, seq, seed=0):
 
 
 def _lora_logits(exported, ids, processed_dirs):
-    feeds = {**token_feeds(ids), **empty_past(exported.spec, ids.shape[0]),
+    feeds = {**token_feeds(ids), **empty_past(exported.spec, ids.shape[0], ids.shape[1]),
              **lora_feeds(exported.manifest, processed_dirs)}
     return session(exported.onnx_dir / contract.LORA_MODEL_ONNX).run([contract.LOGITS], feeds)[0]
 
@@ -49,11 +49,11 @@ def test_mixed_batch_matches_peft_row_by_row(exported, reference):
 def test_no_adapter_equals_model_onnx(exported):
     ids = _ids(exported.spec, 3, 5, seed=4)
     base = session(exported.onnx_dir / contract.MODEL_ONNX).run(
-        [contract.LOGITS], {**token_feeds(ids), **empty_past(exported.spec, 3)})[0]
+        [contract.LOGITS], {**token_feeds(ids), **empty_past(exported.spec, 3, ids.shape[1])})[0]
     empty_stack = _lora_logits(exported, ids, [None, None, None])
     np.testing.assert_array_equal(empty_stack, base)
     # Adapters bound but index 0 on every row: still exactly the base model.
-    feeds = {**token_feeds(ids), **empty_past(exported.spec, 3),
+    feeds = {**token_feeds(ids), **empty_past(exported.spec, 3, ids.shape[1]),
              **lora_feeds(exported.manifest, [exported.processed["a2"], None, None])}
     feeds[contract.LORA_INDEX] = np.zeros(3, np.int64)
     unrouted = session(exported.onnx_dir / contract.LORA_MODEL_ONNX).run([contract.LOGITS], feeds)[0]

@@ -1,4 +1,4 @@
-"""Export a Hugging Face decoder to ``model.onnx`` with a GroupQueryAttention KV cache."""
+"""Export a Hugging Face decoder to ``model.onnx`` with an in-place KV cache (see attention.py)."""
 
 from __future__ import annotations
 
@@ -45,10 +45,8 @@ class _DecoderWithCache(torch.nn.Module):
         self.num_layers = num_layers
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        # Each row's cache holds its tokens from position 0; the mask says how many are real.
-        seqlens_k = (attention_mask.sum(dim=1) - 1).to(torch.int32)
-        total_len = torch._shape_as_tensor(attention_mask)[1].to(torch.int32)
-        state = attention.KVState(past=list(past), seqlens_k=seqlens_k, total_len=total_len)
+        # Each row's cache holds its tokens at their positions; the mask says which keys are real.
+        state = attention.KVState(past=list(past), attention_mask=attention_mask, position_ids=position_ids)
         out = self.model(
             input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False, edgelora_kv=state
         )
@@ -76,8 +74,8 @@ def _dynamic_axes(inputs: list[str], outputs: list[str]) -> dict[str, dict[int, 
     }
     for name in inputs[3:]:
         axes[name] = {0: "batch", 2: "past_sequence"}
-    for name in outputs[1:]:
-        axes[name] = {0: "batch", 2: "present_sequence"}
+    for name in outputs[1:]:  # present is the past buffer with this call's positions written
+        axes[name] = {0: "batch", 2: "past_sequence"}
     return axes
 
 

@@ -1,7 +1,8 @@
 """The KV cache: one preallocated buffer per layer and key/value, bound as both past and present.
 
-GroupQueryAttention writes each step's new key/value in place at each row's own length, so no
-step copies the cache; rows of different lengths share the batch.
+The graph writes each step's new keys/values into the buffer at each row's own positions
+(ScatterElements sees input == output and skips its copy), so no step copies the cache; rows of
+different lengths share the batch.
 """
 
 from __future__ import annotations
