@@ -66,7 +66,9 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
-LORA_INDEX = "lora_index"
+LORA_INDEX = "lora_index"  # int64 [batch]: 1-based stack entry per row, 0 = no adapter
+LORA_RANK = "lora_rank"  # int64 scalar: the rank every stacked adapter is padded to
+LORA_ROWS = "lora_rows"  # symbolic first dim of the stacked A/B inputs: n_stack * rank
 
 
 def past_key_name(layer: int) -> str:
@@ -101,14 +103,18 @@ def lora_b_name(layer: int, module: str) -> str:
     return f"lora.layers.{layer}.{module}.B"
 
 
-def lora_a_shape(n_stack: int | str, in_features: int, rank: int | str) -> tuple:
-    """Shape of a stacked LoRA A graph input (symbolic names allowed for the graph's declaration)."""
-    return (n_stack, 1, in_features, rank)
+def lora_a_shape(n_stack: int, in_features: int, rank: int) -> tuple[int, int]:
+    """Stacked LoRA A graph input: adapter e's A transposed in rows e*rank .. e*rank+rank-1.
+
+    Transposed so that a slot's rows are contiguous: the runtime binds the slots a batch uses as one
+    block of its pool, and the graph computes ``x @ A_stack^T`` for every stacked adapter at once.
+    """
+    return (n_stack * rank, in_features)
 
 
-def lora_b_shape(n_stack: int | str, rank: int | str, out_features: int) -> tuple:
-    """Shape of a stacked LoRA B graph input."""
-    return (n_stack, 1, rank, out_features)
+def lora_b_shape(n_stack: int, rank: int, out_features: int) -> tuple[int, int]:
+    """Stacked LoRA B graph input (scaling folded in): adapter e's B in rows e*rank .. e*rank+rank-1."""
+    return (n_stack * rank, out_features)
 
 
 def normalize_module_names(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:

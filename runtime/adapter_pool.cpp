@@ -144,6 +144,17 @@ void convert(const std::uint8_t* source, TensorDType source_dtype, std::size_t s
   }
 }
 
+// Writes A^T: element (i, j) of a row-major [rows, cols] source goes to destination row j, column i.
+void transpose_convert(const TensorView& source, std::size_t rows, std::size_t cols, std::uint8_t* destination,
+                       ElementType destination_dtype) {
+  const std::size_t es = destination_dtype == ElementType::Float32 ? 4 : 2;
+  for (std::size_t j = 0; j < cols; ++j) {
+    for (std::size_t i = 0; i < rows; ++i) {
+      convert(source.data, source.dtype, i * cols + j, destination + (j * rows + i) * es, destination_dtype, 1);
+    }
+  }
+}
+
 struct SiteTensors {
   const TensorView* a = nullptr;
   const TensorView* b = nullptr;
@@ -204,7 +215,7 @@ std::size_t AdapterPool::size_bytes() const {
 
 std::uintptr_t AdapterPool::a_pointer(std::size_t site, int first, int last) const {
   check_range(site, first, last);
-  const std::size_t stride = static_cast<std::size_t>(sites_[site].in_features) * capacity_ * element_size();
+  const std::size_t stride = static_cast<std::size_t>(capacity_) * sites_[site].in_features * element_size();
   return reinterpret_cast<std::uintptr_t>(a_[site]->data() + (first - 1) * stride);
 }
 
@@ -225,9 +236,8 @@ void AdapterPool::grow(int capacity) {
   if (capacity_ > 0) {
     for (std::size_t i = 0; i < sites_.size(); ++i) {
       const std::size_t in = sites_[i].in_features, out = sites_[i].out_features;
-      // A rows (one per slot and input feature) keep their first `capacity_` columns.
-      new_a[i]->copy_rows_from(*a_[i], capacity_ * es, 0, capacity * es, capacity_ * es, num_slots_ * in);
-      // B slots keep their first `capacity_` rows, which are contiguous.
+      // Each slot keeps its first `capacity_` rows of A^T and B, which are contiguous.
+      new_a[i]->copy_rows_from(*a_[i], capacity_ * in * es, 0, capacity * in * es, capacity_ * in * es, num_slots_);
       new_b[i]->copy_rows_from(*b_[i], capacity_ * out * es, 0, capacity * out * es, capacity_ * out * es, num_slots_);
     }
   }
@@ -299,9 +309,7 @@ int AdapterPool::load(int slot, const std::string& path) {
       continue;
     }
     staging.assign(std::max(a_bytes, b_bytes), 0);
-    for (std::size_t row = 0; row < in; ++row) {  // [in, r] -> [in, cap], zero columns r..cap
-      convert(found[i].a->data, found[i].a->dtype, row * r, staging.data() + row * cap * es, dtype_, r);
-    }
+    transpose_convert(*found[i].a, in, r, staging.data(), dtype_);  // [in, r] -> rows 0..r of [cap, in]
     a_[i]->write(a_offset, staging.data(), a_bytes);
     std::fill(staging.begin(), staging.end(), 0);
     convert(found[i].b->data, found[i].b->dtype, 0, staging.data(), dtype_, r * out);  // rows r..cap stay zero

@@ -1,9 +1,9 @@
 // Adapter slot buffers that ONNX Runtime reads in place through IOBinding.
 //
 // For every LoRA site (one projection of one layer) the pool owns two buffers laid out slot-major:
-//   A: [num_slots, in_features, rank_capacity]    B: [num_slots, rank_capacity, out_features]
-// so the adapters of slots first..last are one contiguous [n, in, r] / [n, r, out] stack that is
-// bound as the graph's LoRA input without a copy. Loading an adapter writes its slot (rank padded
+//   A^T: [num_slots, rank_capacity, in_features]    B: [num_slots, rank_capacity, out_features]
+// so the adapters of slots first..last are one contiguous [n*r, in] / [n*r, out] block that is
+// bound as the graph's LoRA input without a copy (see edgelora/contract.py). Loading an adapter writes its slot (rank padded
 // with zeros up to the capacity, converted to the graph's dtype); switching adapters between
 // batches only changes which slot range is bound.
 #pragma once
@@ -71,7 +71,7 @@ class AdapterPool {
   // Zeroes a slot (an empty slot contributes nothing).
   void clear(int slot);
 
-  // Address of the [last-first+1, in, capacity] stack of A for a site (B likewise).
+  // Address of the [(last-first+1) * capacity, in] block of A^T for a site (B: [.., out]).
   std::uintptr_t a_pointer(std::size_t site, int first, int last) const;
   std::uintptr_t b_pointer(std::size_t site, int first, int last) const;
 

@@ -61,15 +61,16 @@ def lora_feeds(manifest: LoraManifest, processed_dirs: list[Path | None], dtype:
             distinct.append(directory)
     tensors = [load_file(str(Path(d) / contract.PROCESSED_ADAPTER)) for d in distinct]
     rank = max((t.shape[1] for adapter in tensors for name, t in adapter.items() if name.endswith(".A")), default=0)
-    feeds = {contract.LORA_INDEX: np.array([0 if d is None else distinct.index(d) + 1 for d in processed_dirs], np.int64)}
+    feeds = {contract.LORA_INDEX: np.array([0 if d is None else distinct.index(d) + 1 for d in processed_dirs], np.int64),
+             contract.LORA_RANK: np.array(rank, np.int64)}
     stack = max(len(distinct), 1)
     for site in manifest.sites:
-        a = np.zeros((stack, site.in_features, rank), NUMPY[dtype])
+        a = np.zeros((stack, rank, site.in_features), NUMPY[dtype])  # A transposed, per stack entry
         b = np.zeros((stack, rank, site.out_features), NUMPY[dtype])
         for entry, adapter in enumerate(tensors):
             if site.a_name in adapter:
                 r = adapter[site.a_name].shape[1]
-                a[entry, :, :r] = adapter[site.a_name]
+                a[entry, :r, :] = adapter[site.a_name].T
                 b[entry, :r, :] = adapter[site.b_name]
         feeds[site.a_name] = a.reshape(contract.lora_a_shape(stack, site.in_features, rank))
         feeds[site.b_name] = b.reshape(contract.lora_b_shape(stack, rank, site.out_features))

@@ -31,10 +31,10 @@ def _write(tmp_path: Path, name: str, tensors: dict[str, np.ndarray]) -> str:
 
 
 def _slot(pool, site: int, slot: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """The A [in, cap] and B [cap, out] one slot holds for one site."""
+    """The A^T [cap, in] and B [cap, out] one slot holds for one site."""
     _, _, in_features, out_features = SITES[site]
     cap = pool.rank_capacity
-    a = native.host_view(pool.a_pointer(site, slot, slot), (in_features, cap), dtype)
+    a = native.host_view(pool.a_pointer(site, slot, slot), (cap, in_features), dtype)
     b = native.host_view(pool.b_pointer(site, slot, slot), (cap, out_features), dtype)
     return a.copy(), b.copy()
 
@@ -43,9 +43,9 @@ def _padded(tensors, site: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
     a_name, b_name, in_features, out_features = SITES[site]
     a, b = tensors[a_name], tensors[b_name]
     rank = a.shape[1]
-    a_pad = np.zeros((in_features, cap), np.float32)
+    a_pad = np.zeros((cap, in_features), np.float32)
     b_pad = np.zeros((cap, out_features), np.float32)
-    a_pad[:, :rank] = a
+    a_pad[:rank] = a.T
     b_pad[:rank] = b
     return a_pad, b_pad
 
@@ -97,9 +97,9 @@ def test_stack_of_slots_is_contiguous(pool, tmp_path):
     pool.load(1, _write(tmp_path, "x", first))
     pool.load(2, _write(tmp_path, "y", second))
     _, _, in_features, out_features = SITES[0]
-    stack = native.host_view(pool.a_pointer(0, 1, 2), (2, in_features, 4), np.float32)
-    np.testing.assert_array_equal(stack[0], first["s0.A"])
-    np.testing.assert_array_equal(stack[1], second["s0.A"])
+    stack = native.host_view(pool.a_pointer(0, 1, 2), (2 * 4, in_features), np.float32)  # A^T rows
+    np.testing.assert_array_equal(stack[:4], first["s0.A"].T)
+    np.testing.assert_array_equal(stack[4:], second["s0.A"].T)
     stack_b = native.host_view(pool.b_pointer(0, 2, 3), (2, 4, out_features), np.float32)
     np.testing.assert_array_equal(stack_b[0], second["s0.B"])
     assert not stack_b[1].any()
@@ -112,7 +112,7 @@ def test_untargeted_site_is_zeroed_when_a_slot_is_reused(pool, tmp_path):
     a, b = _slot(pool, 1, 1)
     assert not a.any() and not b.any()
     a, _ = _slot(pool, 0, 1)
-    np.testing.assert_array_equal(a, only_first["s0.A"])
+    np.testing.assert_array_equal(a, only_first["s0.A"].T)
 
 
 def test_clear_zeroes_a_slot(pool, tmp_path):
@@ -134,7 +134,7 @@ def test_float16_pool_converts_float32_and_bfloat16(tmp_path):
     values["s0.A"][1, 0] = 70000.0  # overflows half
     pool.load(1, _write(tmp_path, "f32", values))
     a, b = _slot(pool, 0, 1, np.float16)
-    np.testing.assert_array_equal(a, values["s0.A"].astype(np.float16))
+    np.testing.assert_array_equal(a, values["s0.A"].T.astype(np.float16))
     np.testing.assert_array_equal(b, values["s0.B"].astype(np.float16))
 
     bf16 = {name: torch.from_numpy(array).to(torch.bfloat16) for name, array in _adapter(3).items()}
@@ -142,14 +142,14 @@ def test_float16_pool_converts_float32_and_bfloat16(tmp_path):
     save_torch(bf16, str(path))
     pool.load(2, str(path))
     a, _ = _slot(pool, 1, 2, np.float16)
-    np.testing.assert_array_equal(a, bf16["s1.A"].float().numpy().astype(np.float16))
+    np.testing.assert_array_equal(a, bf16["s1.A"].float().numpy().T.astype(np.float16))
 
 
 def test_float16_file_into_float32_pool(pool, tmp_path):
     values = _adapter(2, dtype=np.float16)
     pool.load(1, _write(tmp_path, "f16", values))
     a, _ = _slot(pool, 1, 1)
-    np.testing.assert_array_equal(a, values["s1.A"].astype(np.float32))
+    np.testing.assert_array_equal(a, values["s1.A"].T.astype(np.float32))
 
 
 @pytest.mark.parametrize("case, message", [

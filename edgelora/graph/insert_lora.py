@@ -38,66 +38,55 @@ def _const(name: str, values: list[int]) -> gs.Constant:
     return gs.Constant(name, np.asarray(values, dtype=np.int64))
 
 
-def _add_row_mask(graph: gs.Graph, first_a: gs.Variable, lora_index: gs.Variable, dtype: str) -> gs.Variable:
-    """Build the [n_stack, batch, 1, 1] mask that routes each row to its stack entry, once per graph.
+def _add_row_mask(graph: gs.Graph, first_a: gs.Variable, lora_index: gs.Variable, lora_rank: gs.Variable,
+                  dtype: str) -> gs.Variable:
+    """Build the [batch, 1, n_stack*rank] mask that keeps each row's own adapter columns, once per graph.
 
     ::
 
-        Shape(A)[0:1] = n ──Range(1, n+1)──> [n] ──Unsqueeze(1)──> [n,1] ─┐
-        lora_index [b] ─────────────────────Unsqueeze(0)──> [1,b] ─────── Equal ──> [n,b] bool
-            ──Cast(float)──> ──Unsqueeze(2,3)──> mask [n,b,1,1]
+        Shape(A)[0] = rows ──Range(0, rows)──> j [rows] ──Div(max(rank, 1))──> +1 ──> entry [rows]
+        lora_index [b] ──Unsqueeze(1)──> [b,1] ──Equal(entry)──> [b, rows] ──Cast──> ──Unsqueeze(1)──> mask
     """
     prefix = "/lora/row_mask"
     int64 = np.int64
     float_type = NUMPY_DTYPES[dtype]
-    n_stack = _node(graph, "Shape", f"{prefix}/StackSize", [first_a], {"start": 0, "end": 1}, int64, [1])
-    n_plus_one = _node(graph, "Add", f"{prefix}/StackEnd", [n_stack, _const(f"{prefix}/one", [1])], dtype=int64)
-    start = gs.Constant(f"{prefix}/start", np.asarray(1, dtype=np.int64))
-    delta = gs.Constant(f"{prefix}/delta", np.asarray(1, dtype=np.int64))
-    end = _node(graph, "Squeeze", f"{prefix}/StackEndScalar", [n_plus_one, _const(f"{prefix}/axis0", [0])], dtype=int64)
-    entries = _node(graph, "Range", f"{prefix}/Entries", [start, end, delta], dtype=int64)
-    entries_col = _node(graph, "Unsqueeze", f"{prefix}/EntriesColumn", [entries, _const(f"{prefix}/axis1", [1])], dtype=int64)
-    index_row = _node(graph, "Unsqueeze", f"{prefix}/IndexRow", [lora_index, _const(f"{prefix}/axis0b", [0])], dtype=int64)
-    hits = _node(graph, "Equal", f"{prefix}/Equal", [entries_col, index_row], dtype=np.bool_)
+    rows = _node(graph, "Shape", f"{prefix}/Rows", [first_a], {"start": 0, "end": 1}, int64, [1])
+    rows_scalar = _node(graph, "Squeeze", f"{prefix}/RowsScalar", [rows, _const(f"{prefix}/axis0", [0])], dtype=int64)
+    zero = gs.Constant(f"{prefix}/zero", np.asarray(0, dtype=np.int64))
+    one = gs.Constant(f"{prefix}/one", np.asarray(1, dtype=np.int64))
+    columns = _node(graph, "Range", f"{prefix}/Columns", [zero, rows_scalar, one], dtype=int64)
+    safe_rank = _node(graph, "Max", f"{prefix}/SafeRank", [lora_rank, one], dtype=int64)
+    entry0 = _node(graph, "Div", f"{prefix}/Entry0", [columns, safe_rank], dtype=int64)
+    entry = _node(graph, "Add", f"{prefix}/Entry", [entry0, one], dtype=int64)
+    index_col = _node(graph, "Unsqueeze", f"{prefix}/IndexColumn", [lora_index, _const(f"{prefix}/axis1", [1])], dtype=int64)
+    hits = _node(graph, "Equal", f"{prefix}/Equal", [index_col, entry], dtype=np.bool_)
     hits_float = _node(graph, "Cast", f"{prefix}/Cast", [hits], {"to": ONNX_DTYPES[dtype]}, float_type)
-    return _node(graph, "Unsqueeze", f"{prefix}/Unsqueeze", [hits_float, _const(f"{prefix}/axes23", [2, 3])],
+    return _node(graph, "Unsqueeze", f"{prefix}/Unsqueeze", [hits_float, _const(f"{prefix}/axis1b", [1])],
                  dtype=float_type)
 
 
-def _routed_input(graph: gs.Graph, x: gs.Tensor, mask: gs.Variable, dtype: str, cache: dict) -> gs.Variable:
-    """Each row of ``x`` copied into its adapter's stack entry (zeros elsewhere), once per distinct ``x``.
-
-    Projections that read the same activation (q/k/v, gate/up) share this::
-
-        x [b,s,in] ──Unsqueeze(0)──> [1,b,s,in] ──Mul(mask [n,b,1,1])──> x_routed [n,b,s,in]
-    """
-    if x.name not in cache:
-        prefix = f"/lora/route/{len(cache)}"
-        float_type = NUMPY_DTYPES[dtype]
-        x_4d = _node(graph, "Unsqueeze", f"{prefix}/Unsqueeze", [x, _const(f"{prefix}/axis0", [0])], dtype=float_type)
-        cache[x.name] = _node(graph, "Mul", f"{prefix}/RowMask", [x_4d, mask], dtype=float_type)
-    return cache[x.name]
-
-
-def _attach_branch(graph: gs.Graph, matmul: gs.Node, a: gs.Variable, b: gs.Variable, x_routed: gs.Variable,
+def _attach_branch(graph: gs.Graph, matmul: gs.Node, a: gs.Variable, b: gs.Variable, mask: gs.Variable,
                    site: LoraSite, dtype: str) -> None:
-    """Add ``x @ A @ B`` (per row, its own stack entry) to a projection's output: four nodes.
+    """Add each row's own ``x @ A @ B`` to a projection's output: five nodes, no copy of ``x``.
 
     ::
 
-        x [b,s,in] ──MatMul(W)─────────────────────────────────────────────────> y_base ──Add──> y
-        x_routed [n,b,s,in] ─MatMul(A [n,1,in,r])─> [n,b,s,r] ─MatMul(B [n,1,r,out])─>     │
-            [n,b,s,out] ─ReduceSum(axis 0)─> delta [b,s,out] ──────────────────────────────┘
+        x [b,s,in] ──MatMul(W)──────────────────────────────────────────────> y_base ──Add──> y
+        x ──MatMul(Transpose(A [rows,in]))──> [b,s,rows] ──Mul(mask [b,1,rows])──>           │
+            ──MatMul(B [rows,out])──> delta [b,s,out] ────────────────────────────────────┘
+
+    ``rows`` = n_stack * rank: every stacked adapter is applied at once and the mask zeroes the
+    columns of the adapters a row does not use (ONNX Runtime folds the Transpose into the MatMul).
     """
     prefix = f"/lora/layers.{site.layer}/{site.module}"
     float_type = NUMPY_DTYPES[dtype]
     y = matmul.outputs[0]
     y_base = gs.Variable(f"{prefix}/base_output", dtype=y.dtype, shape=y.shape)
     matmul.outputs = [y_base]
-    xa = _node(graph, "MatMul", f"{prefix}/A/MatMul", [x_routed, a], dtype=float_type)
-    xab = _node(graph, "MatMul", f"{prefix}/B/MatMul", [xa, b], dtype=float_type)
-    delta = _node(graph, "ReduceSum", f"{prefix}/SumStack", [xab, _const(f"{prefix}/stack_axis", [0])],
-                  {"keepdims": 0}, float_type)
+    a_t = _node(graph, "Transpose", f"{prefix}/A/Transpose", [a], {"perm": [1, 0]}, float_type)
+    xa = _node(graph, "MatMul", f"{prefix}/A/MatMul", [matmul.inputs[0], a_t], dtype=float_type)
+    routed = _node(graph, "Mul", f"{prefix}/RowMask", [xa, mask], dtype=float_type)
+    delta = _node(graph, "MatMul", f"{prefix}/B/MatMul", [routed, b], dtype=float_type)
     graph.nodes.append(gs.Node(op="Add", name=f"{prefix}/Add", inputs=[y_base, delta], outputs=[y]))
 
 
@@ -142,9 +131,9 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
     dtype = spec.dtype
     lora_index = gs.Variable(contract.LORA_INDEX, dtype=np.int64, shape=["batch"])
     manifest = LoraManifest(target_modules=list(targets), num_layers=spec.num_layers, dtype=dtype)
-    new_inputs = [lora_index]
+    lora_rank = gs.Variable(contract.LORA_RANK, dtype=np.int64, shape=[])
+    new_inputs = [lora_index, lora_rank]
     mask = None
-    routed: dict[str, gs.Variable] = {}
     for layer in range(spec.num_layers):
         for module in targets:
             node_name = contract.projection_node_name(layer, module)
@@ -154,14 +143,11 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
             in_features, out_features = spec.module_in_out(module)
             site = LoraSite(layer, module, contract.lora_a_name(layer, module), contract.lora_b_name(layer, module),
                             in_features, out_features)
-            a = gs.Variable(site.a_name, dtype=NUMPY_DTYPES[dtype],
-                            shape=list(contract.lora_a_shape("lora_stack", in_features, "lora_rank")))
-            b = gs.Variable(site.b_name, dtype=NUMPY_DTYPES[dtype],
-                            shape=list(contract.lora_b_shape("lora_stack", "lora_rank", out_features)))
+            a = gs.Variable(site.a_name, dtype=NUMPY_DTYPES[dtype], shape=[contract.LORA_ROWS, in_features])
+            b = gs.Variable(site.b_name, dtype=NUMPY_DTYPES[dtype], shape=[contract.LORA_ROWS, out_features])
             if mask is None:
-                mask = _add_row_mask(graph, a, lora_index, dtype)
-            x_routed = _routed_input(graph, matmul.inputs[0], mask, dtype, routed)
-            _attach_branch(graph, matmul, a, b, x_routed, site, dtype)
+                mask = _add_row_mask(graph, a, lora_index, lora_rank, dtype)
+            _attach_branch(graph, matmul, a, b, mask, site, dtype)
             new_inputs += [a, b]
             manifest.sites.append(site)
     graph.inputs.extend(new_inputs)

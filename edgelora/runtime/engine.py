@@ -104,6 +104,7 @@ class Engine:
         self._no_adapter.update({site.b_name: np.zeros(contract.lora_b_shape(1, 0, site.out_features), self._float)
                                  for site in self.manifest.sites})
         self._stack_cache: dict[tuple[int, int], list] = {}
+        self._rank_scalars: dict[int, np.ndarray] = {}
         self._stack_generation = -1
         self._eos = set(self.spec.eos_token_ids)
         self._pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
@@ -118,8 +119,10 @@ class Engine:
         if not used or self.pool.rank_capacity == 0:
             for name, empty in self._no_adapter.items():
                 binding.bind_cpu_input(name, empty)
+            binding.bind_cpu_input(contract.LORA_RANK, self._rank_scalar(0))
             return np.zeros(len(slots), np.int64)
         first, last = used[0], used[-1]
+        binding.bind_cpu_input(contract.LORA_RANK, self._rank_scalar(self.pool.rank_capacity))
         if self.device.kind == "cpu":
             for name, value in self._stack_values(first, last):
                 binding.bind_ortvalue_input(name, value)
@@ -133,6 +136,12 @@ class Engine:
                                    list(contract.lora_b_shape(stack, rank, site.out_features)),
                                    self.pool.b_pointer(index, first, last))
         return np.array([slot - first + 1 if slot else 0 for slot in slots], np.int64)
+
+    def _rank_scalar(self, rank: int) -> np.ndarray:
+        """The lora_rank input; kept referenced because ORT reads bound host arrays in place."""
+        if rank not in self._rank_scalars:
+            self._rank_scalars[rank] = np.array(rank, np.int64)
+        return self._rank_scalars[rank]
 
     def _stack_values(self, first: int, last: int) -> list:
         """OrtValues over pool memory for slots first..last, made once per range and pool layout.
