@@ -14,7 +14,7 @@ from pathlib import Path
 from edgelora import contract
 from edgelora.adapters.process import ProcessedAdapterConfig, check_processed_weights
 from edgelora.api import LLM, LoraConfig, LoRARequest, SamplingParams
-from edgelora.errors import AdapterError, UserInputError
+from edgelora.errors import UserInputError
 from edgelora.fileio import write_text_atomic
 from edgelora.lora_manifest import LoraManifest
 from edgelora.model_spec import ModelSpec

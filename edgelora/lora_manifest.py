@@ -14,6 +14,7 @@ from edgelora import contract
 from edgelora.errors import UserInputError
 
 MANIFEST_FORMAT = "edgelora-lora-manifest"
+MANIFEST_VERSION = 2  # 2: stacked A/B as [n_stack*rank, in|out] blocks + lora_rank
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,9 @@ class LoraManifest:
     dtype: str
     sites: list[LoraSite] = field(default_factory=list)
     index_input: str = contract.LORA_INDEX
+    rank_input: str = contract.LORA_RANK
     format: str = MANIFEST_FORMAT
-    version: int = 1
+    version: int = MANIFEST_VERSION
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / contract.LORA_MANIFEST
@@ -52,6 +54,10 @@ class LoraManifest:
             raw = json.loads(path.read_text())
             if raw.get("format") != MANIFEST_FORMAT:
                 raise ValueError("not an edgelora LoRA manifest")
+            if raw.get("version") != MANIFEST_VERSION:
+                raise UserInputError(f"{path}: written by another edgelora version (LoRA input layout "
+                                     f"{raw.get('version')}, this one reads {MANIFEST_VERSION}); "
+                                     f"re-run 'edgelora insert-lora --onnx_dir {directory}'")
             sites = [LoraSite(**site) for site in raw.pop("sites")]
             raw.pop("format")
             return cls(sites=sites, **raw)

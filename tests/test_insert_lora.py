@@ -94,3 +94,18 @@ def test_unknown_target_module_is_refused(tmp_path, exported):
 def test_missing_model_onnx_is_refused(tmp_path):
     with pytest.raises(UserInputError, match="no model.onnx"):
         insert_lora(tmp_path)
+
+
+def test_manifest_of_another_layout_version_is_refused(exported, tmp_path):
+    import json
+    import shutil
+
+    from edgelora.errors import UserInputError
+    from edgelora.lora_manifest import LoraManifest
+
+    shutil.copy(exported.onnx_dir / contract.LORA_MANIFEST, tmp_path / contract.LORA_MANIFEST)
+    raw = json.loads((tmp_path / contract.LORA_MANIFEST).read_text())
+    raw["version"] = 1
+    (tmp_path / contract.LORA_MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(UserInputError, match="re-run 'edgelora insert-lora"):
+        LoraManifest.load(tmp_path)
