@@ -100,9 +100,6 @@ def test_manifest_of_another_layout_version_is_refused(exported, tmp_path):
     import json
     import shutil
 
-    from edgelora.errors import UserInputError
-    from edgelora.lora_manifest import LoraManifest
-
     shutil.copy(exported.onnx_dir / contract.LORA_MANIFEST, tmp_path / contract.LORA_MANIFEST)
     raw = json.loads((tmp_path / contract.LORA_MANIFEST).read_text())
     raw["version"] = 1
