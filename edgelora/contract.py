@@ -5,16 +5,16 @@ naming rule exists exactly once.
 
 LoRA inputs of ``lora_model.onnx`` (one pair per targeted projection and layer)::
 
-    lora.layers.{L}.{m}.A   [n_stack, 1, in_features, rank]    float (model dtype)
-    lora.layers.{L}.{m}.B   [n_stack, 1, rank, out_features]   float, scaling folded in
-    lora_index              [batch]                             int64
+    lora.layers.{L}.{m}.A   [n_stack * rank, in_features]    float (model dtype), A transposed
+    lora.layers.{L}.{m}.B   [n_stack * rank, out_features]   float, scaling folded in
+    lora_rank               []                               int64
+    lora_index              [batch]                          int64
 
-(The axis of size 1 broadcasts over the batch rows inside the graph; memory is the same as
-``[n_stack, in, rank]``.)
-``n_stack`` adapters are bound at once (the same n_stack and rank for every LoRA input of one
-run). Row ``b`` of the batch uses stack entry ``lora_index[b] - 1``; ``lora_index[b] == 0`` means
-no adapter. Smaller ranks and untargeted modules are zero-padded. A processed adapter file
-stores the same names, without the stack axis: ``A`` is ``[in, r]`` and ``B`` is ``[r, out]``.
+``n_stack`` adapters are bound at once, each padded to ``lora_rank`` (the same for every LoRA
+input of one run): rows ``e*rank .. e*rank+rank-1`` of A and B belong to stack entry ``e``. Row
+``b`` of the batch uses stack entry ``lora_index[b] - 1``; ``lora_index[b] == 0`` means no
+adapter. Smaller ranks and untargeted modules are zero-padded. A processed adapter file stores
+the same names for one adapter, untransposed: ``A`` is ``[in, r]`` and ``B`` is ``[r, out]``.
 """
 
 from __future__ import annotations
