@@ -165,3 +165,37 @@ def test_sliding_window_and_rows_of_different_lengths_match_hf(tmp_path, referen
     for row, length in enumerate(lengths):
         expected = reference.logits(model_dir, None, ids[row: row + 1, :length])
         np.testing.assert_allclose(logits[row, :length], expected[0], atol=TOLERANCE, rtol=0)
+
+
+def _qwen3_config():
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                       initializer_range=0.2, tie_word_embeddings=True)
+
+
+def _llama3_rope_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256,
+                       initializer_range=0.2, rope_parameters={
+                           "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+
+
+@pytest.mark.parametrize("make_config", [_qwen3_config, _llama3_rope_config], ids=["qwen3", "llama3_rope_parameters"])
+def test_other_families_match_hf(tmp_path, reference, make_config):
+    """Qwen3's q/k norms; transformers 5 rope_parameters with llama3 scaling, past the original context."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    AutoModelForCausalLM.from_config(make_config()).save_pretrained(model_dir)
+    spec = export_model(model_dir, tmp_path / "onnx")
+    ids = _prompt(spec, 1, 40, seed=6)
+    logits = session(tmp_path / "onnx" / contract.MODEL_ONNX).run(
+        [contract.LOGITS], {**token_feeds(ids), **empty_past(spec, 1, 40)})[0]
+    np.testing.assert_allclose(logits, reference.logits(model_dir, None, ids), atol=TOLERANCE, rtol=0)
