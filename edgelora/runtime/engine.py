@@ -210,9 +210,8 @@ class Engine:
         position_ids = np.tile(np.arange(prompt_len, dtype=np.int64), (batch, 1))
         started = time.perf_counter()
         vocab = self.spec.vocab_size
-        logits = self._step(binding, input_ids, attention_mask, position_ids,
-                            np.empty((batch, prompt_len, vocab), self._float))
-        decode_logits = np.empty((batch, 1, vocab), self._float)
+        logits = self._logits_buffer(binding, (batch, prompt_len, vocab), self._float)
+        self._step(binding, input_ids, attention_mask, position_ids)
         last = np.ascontiguousarray(logits[np.arange(batch), lengths - 1], dtype=np.float32)
         tokens = native.sample_batch(last, samplers, temperature, top_k, top_p)
         timings.prefill_s += time.perf_counter() - started
@@ -221,6 +220,7 @@ class Engine:
         outputs: list[list[int]] = [[] for _ in rows]
         finish: list[str | None] = [None] * batch
         totals = lengths.copy()  # tokens in each row's cache
+        logits = self._logits_buffer(binding, (batch, 1, vocab), self._float)
         while True:
             for i in range(batch):
                 if finish[i] is None:
@@ -236,8 +236,8 @@ class Engine:
             totals += 1
             width = int(totals.max())
             attention_mask = (np.arange(width)[None, :] < totals[:, None]).astype(np.int64)
-            logits = self._step(binding, np.ascontiguousarray(tokens, dtype=np.int64).reshape(batch, 1), attention_mask,
-                                (totals - 1).reshape(batch, 1), decode_logits)
+            self._step(binding, np.ascontiguousarray(tokens, dtype=np.int64).reshape(batch, 1), attention_mask,
+                       (totals - 1).reshape(batch, 1))
             tokens = native.sample_batch(np.ascontiguousarray(logits[:, 0], dtype=np.float32), samplers,
                                          temperature, top_k, top_p)
             elapsed = time.perf_counter() - step_started
@@ -247,19 +247,26 @@ class Engine:
         timings.generated_tokens += sum(len(o) for o in outputs)
         return [RowResult(out, reason) for out, reason in zip(outputs, finish)]
 
-    def _step(self, binding, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-              logits: np.ndarray) -> np.ndarray:
-        """One run; ``logits`` is a preallocated host buffer (model dtype) of the run's output shape, written in place."""
+    @staticmethod
+    def _logits_buffer(binding, shape: tuple, dtype) -> np.ndarray:
+        """A host buffer bound as the logits output; runs write into it until another is bound.
+
+        Bound once per shape (prefill, then decode), not once per step.
+        """
         import onnxruntime as ort
 
+        buffer = np.empty(shape, dtype)
+        binding.bind_ortvalue_output(contract.LOGITS, ort.OrtValue.ortvalue_from_numpy(buffer))
+        return buffer
+
+    def _step(self, binding, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> None:
+        """One run; logits land in the buffer last bound with ``_logits_buffer``."""
         # The arrays stay referenced here until the run ends: ORT reads their memory in place.
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
         binding.bind_cpu_input(contract.INPUT_IDS, input_ids)
         binding.bind_cpu_input(contract.ATTENTION_MASK, attention_mask)
         binding.bind_cpu_input(contract.POSITION_IDS, position_ids)
-        binding.bind_ortvalue_output(contract.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
-        return logits
 
     # -- measurement ---------------------------------------------------------------------------
     def time_decode(self, adapters: list[str | None], context_len: int, steps: int) -> list[float]:
@@ -282,13 +289,13 @@ class Engine:
             samplers = [native.Sampler(0) for _ in range(batch)]
             zeros, ones = [0.0] * batch, [1.0] * batch
             durations = []
-            logits = np.empty((batch, 1, self.spec.vocab_size), self._float)
+            logits = self._logits_buffer(binding, (batch, 1, self.spec.vocab_size), self._float)
             for step in range(steps):
                 started = time.perf_counter()
                 total = context_len + step + 1
                 mask = np.ones((batch, total), np.int64)
                 positions = np.full((batch, 1), total - 1, np.int64)
-                self._step(binding, tokens, mask, positions, logits)
+                self._step(binding, tokens, mask, positions)
                 tokens = native.sample_batch(np.ascontiguousarray(logits[:, 0], dtype=np.float32), samplers, zeros,
                                              [0] * batch, ones).reshape(batch, 1)
                 durations.append(time.perf_counter() - started)
