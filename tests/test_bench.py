@@ -44,3 +44,31 @@ def test_bench_rejects_missing_adapter(qwen2, tmp_path, capsys):
     assert code == 2
     assert not (tmp_path / "b.json").exists()
     assert "nope" in capsys.readouterr().err
+
+
+def test_long_context_peer_script_interleaves_engines(qwen2, capsys, monkeypatch):
+    """benchmarks/long_context_peer.py: our decode and a stand-in peer whose step time grows with context."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "long_context_peer.py"
+    spec = importlib.util.spec_from_file_location("long_context_peer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = []
+
+    def fake_peer(model_dir, threads):
+        def run(batch, context, steps):
+            calls.append(context)
+            return [0.01 * (1 + context / 24)] * steps
+        return run
+
+    monkeypatch.setattr(module, "genai_decode", fake_peer)
+    code = module.main(["--onnxDir", str(qwen2.onnx_dir), "--genaiDir", "unused", "--contexts", "8,24",
+                        "--batch", "2", "--steps", "3", "--rounds", "2", "--threads", "1"])
+    assert code == 0
+    assert calls == [8, 24, 8, 24], "rounds interleave the contexts"
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert float(rows["edgelora"][1]) > 0 and float(rows["edgelora"][2]) > 0
+    # 2 rows / (0.01 * (1 + c/24)) s: 150 tok/s at 8, 100 at 24, ratio 2/3
+    assert rows["onnxruntime-genai"][1:] == ["150.00", "100.00", "0.667"]
