@@ -112,6 +112,63 @@ def test_python_api_equals_peft_generate(exported, reference):
         assert output.token_ids == expected
 
 
+def test_growing_kv_cache_gives_the_same_ids(exported, infer_output, monkeypatch):
+    """A host cache that starts one position past the prompt and doubles gives the same greedy ids."""
+    from edgelora.runtime import kv_cache
+
+    grown = []
+    reserve = kv_cache.KVCache.reserve
+
+    def spy(cache, positions, binding):
+        before = cache.length
+        reserve(cache, positions, binding)
+        if cache.length != before:
+            grown.append((before, cache.length))
+
+    monkeypatch.setattr(kv_cache.KVCache, "reserve", spy)
+    llm = LLM(exported.onnx_dir, lora_config=LoraConfig(max_lora_rank=64, max_loras=3, max_cpu_loras=4))
+    llm.engine.config.kv_cache_headroom = 1
+    ids = {"a1": 1, "a2": 2, "a3": 3}
+    requests = [LoRARequest(name, ids[name], str(exported.processed[name])) if name else None for name, _ in REQUESTS]
+    outputs = llm.generate([_messages(text) for _, text in REQUESTS], SamplingParams(max_tokens=MAX_NEW, temperature=0),
+                           lora_request=requests)
+    assert grown and all(after > before for before, after in grown), "the cache grew during decode"
+    assert [output.token_ids for output in outputs] == [r["output_ids"] for r in infer_output["responses"]]
+
+
+def test_kv_cache_reserve_doubles_and_keeps_contents(exported):
+    from edgelora import contract
+    from edgelora.runtime.kv_cache import KVCache
+    from edgelora.runtime.session import Device
+
+    class Binding:
+        def __init__(self):
+            self.bound = {}
+
+        def bind_ortvalue_input(self, name, value):
+            self.bound[name] = value
+
+        bind_ortvalue_output = bind_ortvalue_input
+
+    cache = KVCache(exported.spec, 2, max_len=20, device=Device("cpu"), initial_len=5)
+    assert cache.length == 5
+    for index, buffer in enumerate(cache._host):
+        buffer[...] = index + 1
+    binding = Binding()
+    cache.reserve(5, binding)
+    assert cache.length == 5 and not binding.bound, "room enough: nothing moves"
+    cache.reserve(7, binding)
+    assert cache.length == 10
+    for index, buffer in enumerate(cache._host):
+        assert buffer.shape[2] == 10
+        assert (buffer[:, :, :5] == index + 1).all() and (buffer[:, :, 5:] == 0).all()
+    assert binding.bound[contract.past_key_name(0)].numpy().shape[2] == 10
+    cache.reserve(19, binding)
+    assert cache.length == 20, "never past max_len"
+    with pytest.raises(ValueError):
+        cache.reserve(21, binding)
+
+
 def test_seeded_sampling_is_reproducible(exported, tmp_path):
     results = []
     for run in range(2):

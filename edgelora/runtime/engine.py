@@ -33,6 +33,8 @@ class EngineConfig:
     max_batch_size: int = 8
     device: str = "cpu"
     num_threads: int | None = None
+    # Positions a host KV cache holds beyond the prompt at first; it doubles when a step needs more.
+    kv_cache_headroom: int = 128
 
     def validate(self) -> None:
         problems = []
@@ -44,6 +46,8 @@ class EngineConfig:
             problems.append(f"max_cpu_loras {self.max_cpu_loras} (>= max_loras)")
         if self.max_batch_size < 1:
             problems.append(f"max_batch_size {self.max_batch_size} (>= 1)")
+        if self.kv_cache_headroom < 1:
+            problems.append(f"kv_cache_headroom {self.kv_cache_headroom} (>= 1)")
         if problems:
             raise UserInputError("invalid engine settings: " + "; ".join(problems))
 
@@ -198,7 +202,7 @@ class Engine:
         top_p = [float(row.top_p) for row in rows]
 
         binding = self.session.io_binding()
-        cache = KVCache(self.spec, batch, max_len, self.device)
+        cache = KVCache(self.spec, batch, max_len, self.device, initial_len=prompt_len + self.config.kv_cache_headroom)
         cache.bind(binding)
         lora_index = self.bind_adapters(binding, slots)
         binding.bind_cpu_input(contract.LORA_INDEX, lora_index)
@@ -235,6 +239,7 @@ class Engine:
             step_started = time.perf_counter()
             totals += 1
             width = int(totals.max())
+            cache.reserve(width, binding)
             attention_mask = (np.arange(width)[None, :] < totals[:, None]).astype(np.int64)
             self._step(binding, np.ascontiguousarray(tokens, dtype=np.int64).reshape(batch, 1), attention_mask,
                        (totals - 1).reshape(batch, 1))
