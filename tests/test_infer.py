@@ -100,12 +100,19 @@ def test_small_batches_give_the_same_ids(exported, infer_output, tmp_path):
     assert [r["output_ids"] for r in written["responses"]] == [r["output_ids"] for r in infer_output["responses"]]
 
 
-def test_python_api_equals_peft_generate(exported, reference):
+def _api_generate(exported, kv_cache_headroom: int | None = None):
+    """REQUESTS through the Python API, greedy, one LoRARequest (or None) per prompt."""
     llm = LLM(exported.onnx_dir, lora_config=LoraConfig(max_lora_rank=64, max_loras=3, max_cpu_loras=4))
+    if kv_cache_headroom is not None:
+        llm.engine.config.kv_cache_headroom = kv_cache_headroom
     ids = {"a1": 1, "a2": 2, "a3": 3}
     requests = [LoRARequest(name, ids[name], str(exported.processed[name])) if name else None for name, _ in REQUESTS]
-    outputs = llm.generate([_messages(text) for _, text in REQUESTS], SamplingParams(max_tokens=MAX_NEW, temperature=0),
-                           lora_request=requests)
+    return llm.generate([_messages(text) for _, text in REQUESTS], SamplingParams(max_tokens=MAX_NEW, temperature=0),
+                        lora_request=requests)
+
+
+def test_python_api_equals_peft_generate(exported, reference):
+    outputs = _api_generate(exported)
     for (name, text), output in zip(REQUESTS, outputs):
         prompt, expected = _reference_ids(exported, reference, name or None, text)
         assert output.prompt_token_ids == prompt
@@ -126,12 +133,7 @@ def test_growing_kv_cache_gives_the_same_ids(exported, infer_output, monkeypatch
             grown.append((before, cache.length))
 
     monkeypatch.setattr(kv_cache.KVCache, "reserve", spy)
-    llm = LLM(exported.onnx_dir, lora_config=LoraConfig(max_lora_rank=64, max_loras=3, max_cpu_loras=4))
-    llm.engine.config.kv_cache_headroom = 1
-    ids = {"a1": 1, "a2": 2, "a3": 3}
-    requests = [LoRARequest(name, ids[name], str(exported.processed[name])) if name else None for name, _ in REQUESTS]
-    outputs = llm.generate([_messages(text) for _, text in REQUESTS], SamplingParams(max_tokens=MAX_NEW, temperature=0),
-                           lora_request=requests)
+    outputs = _api_generate(exported, kv_cache_headroom=1)
     assert grown and all(after > before for before, after in grown), "the cache grew during decode"
     assert [output.token_ids for output in outputs] == [r["output_ids"] for r in infer_output["responses"]]
 
