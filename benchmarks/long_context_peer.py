@@ -2,13 +2,13 @@
 
 Both engines get the same model, batch, contexts and thread count; rounds interleave the engines
 and contexts, and medians are reported (the machines are shared and noisy: compare ratios).
-edgelora's cache is filled with random keys/values (``Engine.time_decode``); onnxruntime-genai's
+edgelora's cache is filled with random keys/values (``edgelora.bench.time_decode``); onnxruntime-genai's
 by a prefill of random tokens, which is not timed. Attention cost does not depend on the values.
 
     python -m onnxruntime_genai.models.builder -i HF_DIR -o GENAI_DIR -p fp32 -e cpu
-    python benchmarks/long_context_peer.py --onnxDir OUT --genaiDir GENAI_DIR
+    python benchmarks/long_context_peer.py --onnx-dir OUT --genai-dir GENAI_DIR
 
-Without onnxruntime-genai installed (or without ``--genaiDir``) only edgelora is measured.
+Without onnxruntime-genai installed (or without ``--genai-dir``) only edgelora is measured.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.bench import time_decode
 from edgelora.runtime.engine import Engine, EngineConfig
 
 
@@ -57,8 +58,8 @@ def genai_decode(model_dir: Path, threads: int):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--onnxDir", type=Path, required=True, help="edgelora export folder (with lora_model.onnx)")
-    parser.add_argument("--genaiDir", type=Path, help="onnxruntime-genai model folder built from the same HF model")
+    parser.add_argument("--onnx-dir", "--onnxDir", dest="onnx_dir", type=Path, required=True, help="edgelora export folder (with lora_model.onnx)")
+    parser.add_argument("--genai-dir", "--genaiDir", dest="genai_dir", type=Path, help="onnxruntime-genai model folder built from the same HF model")
     parser.add_argument("--contexts", default="128,2048", help="cache lengths to decode at (default 128,2048)")
     parser.add_argument("--batch", type=int, default=4, help="rows per batch (default 4)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per round (default 16)")
@@ -67,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
 
-    engine = Engine(args.onnxDir, EngineConfig(max_batch_size=args.batch, num_threads=args.threads))
-    engines = {"edgelora": lambda batch, context, steps: engine.time_decode([None] * batch, context, steps)}
-    if args.genaiDir:
-        peer = genai_decode(args.genaiDir, args.threads)
+    engine = Engine(args.onnx_dir, EngineConfig(max_batch_size=args.batch, num_threads=args.threads))
+    engines = {"edgelora": lambda batch, context, steps: time_decode(engine, [None] * batch, context, steps)}
+    if args.genai_dir:
+        peer = genai_decode(args.genai_dir, args.threads)
         if peer is None:
             print("onnxruntime-genai is not installed: measuring edgelora only")
         else:

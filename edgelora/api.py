@@ -25,7 +25,12 @@ Prompt = str | list[dict] | list[int]
 
 @dataclass
 class LoraConfig:
-    """Adapter capacity of an LLM: rank limit, slots ready for a batch, adapters known by name."""
+    """Adapter capacity of an LLM: rank limit, slots for a batch, adapters kept ready in host memory.
+
+    Every adapter the LLM is given stays known by name; ``max_loras`` bounds the slots a batch
+    binds and ``max_cpu_loras`` the adapters held converted in host memory. Beyond both, an adapter
+    is read again from its file on next use.
+    """
 
     lora_dir: list[str] = field(default_factory=list)  # processed adapters registered at start (name = folder name)
     max_lora_rank: int = contract.MAX_LORA_RANK
@@ -138,7 +143,7 @@ class LLM:
         """Register (validate) an adapter ahead of use."""
         self.engine.adapters.add(request.lora_name, Path(request.lora_path))
 
-    def _prompt_ids(self, prompt: Prompt, index: int) -> list[int]:
+    def _prompt_ids(self, prompt: Prompt, where: str) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
@@ -146,31 +151,40 @@ class LLM:
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             ids = list(prompt)
         else:
-            raise UserInputError(f"prompt {index}: expected text, a non-empty list of messages, or token ids")
+            raise UserInputError(f"{where}: expected text, a non-empty list of messages, or token ids")
         if not ids:
-            raise UserInputError(f"prompt {index}: encodes to no tokens")
-        if max(ids) >= self.engine.spec.vocab_size or min(ids) < 0:
-            raise UserInputError(f"prompt {index}: token id out of the vocabulary")
+            raise UserInputError(f"{where}: encodes to no tokens")
         return ids
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt; ``lora_request`` gives one adapter (or None) per prompt."""
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None, *,
+                 labels: list[str] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; ``lora_request`` gives one adapter (or None) per prompt.
+
+        Every prompt is checked (sampling, adapter, length) before any work starts; errors name
+        the prompt by ``labels[i]`` (default ``prompt i``).
+        """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], (dict, int))):
             prompts = [prompts]
         count = len(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * count
         requests = lora_request if isinstance(lora_request, list) else [lora_request] * count
-        if len(params) != count or len(requests) != count:
+        labels = labels or [f"prompt {index}" for index in range(count)]
+        if len(params) != count or len(requests) != count or len(labels) != count:
             raise UserInputError(f"{count} prompts but {len(params)} sampling params and {len(requests)} LoRA requests")
         rows = []
-        for index, (prompt, param, request) in enumerate(zip(prompts, params, requests)):
-            param.validate(f"prompt {index}")
+        for prompt, param, request, where in zip(prompts, params, requests, labels):
+            param.validate(where)
             if request is not None:
-                self.add_lora(request)
-            rows.append(RowRequest(self._prompt_ids(prompt, index), request.lora_name if request else None,
-                                   param.max_tokens, float(param.temperature), int(param.top_k), float(param.top_p),
-                                   param.seed))
+                try:
+                    self.add_lora(request)
+                except UserInputError as exc:
+                    raise type(exc)(f"{where} (adapter {request.lora_name!r}): {exc}") from exc
+            row = RowRequest(self._prompt_ids(prompt, where), request.lora_name if request else None,
+                             param.max_tokens, float(param.temperature), int(param.top_k), float(param.top_p),
+                             param.seed)
+            self.engine.check_request(row, where)
+            rows.append(row)
         return self._run(rows, requests)
 
     def _run(self, rows: list[RowRequest], requests: list[LoRARequest | None]) -> list[RequestOutput]:

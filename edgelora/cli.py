@@ -55,11 +55,11 @@ def _merge_lora(args: argparse.Namespace) -> None:
 def _infer(args: argparse.Namespace) -> None:
     from edgelora.infer_file import InferOptions, run_infer
 
-    result = run_infer(InferOptions(args.onnxDir, args.inputFile, args.outputFile, args.maxLoraRank,
-                                    args.maxBatchSize, args.device, args.threads))
+    result = run_infer(InferOptions(args.onnx_dir, args.input_file, args.output_file, args.max_lora_rank,
+                                    args.max_batch_size, args.device, args.threads))
     stats = result["stats"]
     log.info("%d responses in %.2f s (%s decode tokens/s) -> %s", stats["requests"], stats["total_s"],
-             stats["decode_tokens_per_s"], args.outputFile)
+             stats["decode_tokens_per_s"], args.output_file)
 
 
 def _int_list(text: str) -> list[int]:
@@ -72,14 +72,37 @@ def _int_list(text: str) -> list[int]:
 def _bench(args: argparse.Namespace) -> None:
     from edgelora.bench import BenchOptions, run_bench
 
-    run_bench(BenchOptions(args.onnxDir, args.adapters, args.batch, args.prompt_len, args.new_tokens, args.repeats,
+    run_bench(BenchOptions(args.onnx_dir, args.adapters, args.batch, args.prompt_len, args.max_tokens, args.repeats,
                            args.contexts, args.context_batch, args.context_steps, args.threads, args.device, args.json))
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag under its one documented spelling; the aliases are accepted but not listed."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        flag = action.option_strings[0]
+        if action.nargs == 0:
+            return flag
+        return f"{flag} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs) -> None:
+    """Add ``--kebab-case`` plus the reference tools' spellings (``--camelCase``, ``--snake_case``) as aliases."""
+    words = name.removeprefix("--").split("-")
+    snake = "--" + "_".join(words)
+    camel = "--" + words[0] + "".join(word.capitalize() for word in words[1:])
+    spellings = list(dict.fromkeys([name, snake, camel, *aliases]))
+    kwargs.setdefault("dest", "_".join(words))
+    parser.add_argument(*spellings, **kwargs)
 
 
 def _add(subparsers, name: str, handler: Callable[[argparse.Namespace], None], help_text: str,
          description: str) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(name, help=help_text, description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = subparsers.add_parser(name, help=help_text, description=description, formatter_class=_HelpFormatter,
+                                   epilog="Flags are also accepted in the spellings of TensorRT Edge-LLM's tools "
+                                          "(--onnxDir, --inputFile, --maxLoraRank, ...) and in snake_case.")
     parser.set_defaults(handler=handler)
     parser.add_argument("--quiet", action="store_true", help="print only warnings and errors, no progress bars")
     return parser
@@ -98,48 +121,53 @@ def build_parser() -> argparse.ArgumentParser:
     export = _add(subparsers, "export", _export, "HF model folder -> model.onnx + config.json",
                   "Export a Hugging Face decoder (Qwen2/2.5, Llama, Mistral, Qwen3) to ONNX with a KV cache "
                   "updated in place. Writes model.onnx, model.onnx.data (weights), config.json "
-                  "(edgelora's model description) and copies the tokenizer and chat template files.")
-    export.add_argument("--model_dir", required=True, type=Path, help="Hugging Face model folder (config.json + weights)")
-    export.add_argument("--output_dir", required=True, type=Path, help="folder to write the ONNX model into")
+                  "(edgelora's model description) and copies the tokenizer and chat template files. Files of later "
+                  "stages built from an earlier export of the folder (lora_model.onnx, lora_manifest.json) are removed.")
+    _flag(export, "--model-dir", required=True, type=Path, help="Hugging Face model folder (config.json + weights)")
+    _flag(export, "--output-dir", required=True, type=Path, help="folder to write the ONNX model into")
     export.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="weight and activation dtype")
 
     insert = _add(subparsers, "insert-lora", _insert_lora, "model.onnx -> lora_model.onnx with LoRA inputs",
                   "Add LoRA branches beside the targeted projections of model.onnx and write lora_model.onnx "
                   "(sharing model.onnx.data) plus lora_manifest.json. One graph serves base rows, single-adapter "
-                  "and mixed-adapter batches, with any rank up to the maximum.")
-    insert.add_argument("--onnx_dir", required=True, type=Path, help="folder written by 'edgelora export'")
-    insert.add_argument("--target_modules", nargs="+", metavar="MODULE",
-                        help="projections that get LoRA inputs: q k v o gate up down (or q_proj ...); default: all seven")
+                  "and mixed-adapter batches, with any rank up to the maximum; logits are computed only at the "
+                  "positions the runtime samples from.")
+    _flag(insert, "--onnx-dir", required=True, type=Path, help="folder written by 'edgelora export'")
+    _flag(insert, "--target-modules", nargs="+", metavar="MODULE",
+          help="projections that get LoRA inputs: q k v o gate up down (or q_proj ...); default: all seven")
 
     process = _add(subparsers, "process-lora", _process_lora, "PEFT adapter -> processed_adapter_model.safetensors",
                    "Convert a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) for the runtime: "
                    "scaling folded into B (alpha/r, or alpha/sqrt(r) with use_rslora), tensors transposed to the "
                    "graph's layout, stored as float16; norm / lm_head / embedding tensors are dropped with a warning.")
-    process.add_argument("--input_dir", required=True, type=Path, help="PEFT adapter folder")
-    process.add_argument("--output_dir", required=True, type=Path, help="folder for processed_adapter_model.safetensors + config.json")
-    process.add_argument("--onnx_dir", type=Path, help="exported model folder: check every tensor against its module sizes")
-    process.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype of the processed weights")
+    _flag(process, "--input-dir", required=True, type=Path, help="PEFT adapter folder")
+    _flag(process, "--output-dir", required=True, type=Path,
+          help="folder for processed_adapter_model.safetensors + config.json")
+    _flag(process, "--onnx-dir", type=Path, help="exported model folder: check every tensor against its module sizes")
+    process.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                         help="storage dtype of the processed weights")
 
     merge = _add(subparsers, "merge-lora", _merge_lora, "merge one adapter into the base model (HF folder out)",
                  "Merge a PEFT LoRA adapter into the base weights and write a Hugging Face model folder that "
                  "AutoModelForCausalLM loads; the tokenizer files are copied along.")
-    merge.add_argument("--model_dir", required=True, type=Path, help="base Hugging Face model folder")
-    merge.add_argument("--lora_dir", required=True, type=Path, help="PEFT LoRA adapter folder")
-    merge.add_argument("--output_dir", required=True, type=Path, help="folder for the merged model (must be empty)")
-    merge.add_argument("--overwrite", action="store_true", help="allow a non-empty --output_dir (its files are replaced, none deleted)")
+    _flag(merge, "--model-dir", required=True, type=Path, help="base Hugging Face model folder")
+    _flag(merge, "--lora-dir", required=True, type=Path, help="PEFT LoRA adapter folder")
+    _flag(merge, "--output-dir", required=True, type=Path, help="folder for the merged model (must be empty)")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="allow a non-empty --output-dir (its files are replaced, none deleted)")
 
     infer = _add(subparsers, "infer", _infer, "run requests from a JSON file (adapters mixed per batch)",
                  "Generate for every request of an input file in TensorRT Edge-LLM's format "
                  "({available_lora_weights: {name: path}, requests: [{messages, lora_name}]}); requests are batched "
-                 "up to --maxBatchSize whatever their adapters. Sampling fields temperature, top_p, top_k, "
+                 "up to --max-batch-size whatever their adapters. Sampling fields temperature, top_p, top_k, "
                  "max_generate_length, seed are read at the top level and per request (per request wins); "
                  "defaults: temperature 1.0, top_p 1.0, top_k 50, max_generate_length 256. temperature 0 or "
-                 "top_k 1 is greedy.")
-    infer.add_argument("--onnxDir", required=True, type=Path, help="folder with lora_model.onnx (export + insert-lora)")
-    infer.add_argument("--inputFile", required=True, type=Path, help="input JSON (Edge-LLM format)")
-    infer.add_argument("--outputFile", required=True, type=Path, help="where to write {responses, stats} (atomically)")
-    infer.add_argument("--maxLoraRank", type=int, default=64, help="largest adapter rank accepted (1..64)")
-    infer.add_argument("--maxBatchSize", type=int, default=8, help="most requests run together in one batch")
+                 "top_k 1 is greedy. Everything is checked before generation starts.")
+    _flag(infer, "--onnx-dir", required=True, type=Path, help="folder with lora_model.onnx (export + insert-lora)")
+    _flag(infer, "--input-file", required=True, type=Path, help="input JSON (Edge-LLM format)")
+    _flag(infer, "--output-file", required=True, type=Path, help="where to write {responses, stats} (atomically)")
+    _flag(infer, "--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (1..64)")
+    _flag(infer, "--max-batch-size", "--max-num-seqs", type=int, default=8, help="most requests run together in one batch")
     infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider (cuda needs onnxruntime-gpu)")
     infer.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores)")
 
@@ -148,16 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
                  "batch (a different adapter per row), plus switching to a cached adapter, a cold adapter load, "
                  "decode at a short and a long context, and memory read bandwidth vs the bytes of weights. "
                  "Configurations are interleaved and medians reported.")
-    bench.add_argument("--onnxDir", required=True, type=Path, help="folder with lora_model.onnx")
+    _flag(bench, "--onnx-dir", required=True, type=Path, help="folder with lora_model.onnx")
     bench.add_argument("--adapters", required=True, type=Path, nargs="+", metavar="DIR",
                        help="processed adapter folders; the first is 'one adapter', all of them rotate in the mixed batch")
     bench.add_argument("--batch", type=_int_list, default=[1, 4, 8], help="batch sizes, comma-separated")
-    bench.add_argument("--prompt-len", dest="prompt_len", type=int, default=32, help="prompt tokens per row")
-    bench.add_argument("--new-tokens", dest="new_tokens", type=int, default=64, help="tokens generated per row")
+    _flag(bench, "--prompt-len", type=int, default=32, help="prompt tokens per row")
+    _flag(bench, "--max-tokens", "--new-tokens", type=int, default=64, help="tokens generated per row (EOS ignored)")
     bench.add_argument("--repeats", type=int, default=3, help="interleaved rounds per configuration (medians reported)")
     bench.add_argument("--contexts", type=_int_list, default=[128, 2048], help="context lengths for the long-context decode check")
-    bench.add_argument("--context-batch", dest="context_batch", type=int, default=4, help="rows in the long-context check")
-    bench.add_argument("--context-steps", dest="context_steps", type=int, default=16, help="decode steps timed per context")
+    _flag(bench, "--context-batch", type=int, default=4, help="rows in the long-context check")
+    _flag(bench, "--context-steps", type=int, default=16, help="decode steps timed per context")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider")
     bench.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")

@@ -69,6 +69,12 @@ LOGITS = "logits"
 LORA_INDEX = "lora_index"  # int64 [batch]: 1-based stack entry per row, 0 = no adapter
 LORA_RANK = "lora_rank"  # int64 scalar: the rank every stacked adapter is padded to
 LORA_ROWS = "lora_rows"  # symbolic first dim of the stacked A/B inputs: n_stack * rank
+# int64 [batch, kept]: the sequence positions whose logits lora_model.onnx computes (each row's
+# last token when sampling); logits are then [batch, kept, vocab]. model.onnx keeps every position.
+LOGITS_POSITIONS = "logits_positions"
+
+# Files a later stage derives from an export; export removes them so none outlives its source.
+DERIVED_FROM_EXPORT = (LORA_MODEL_ONNX, LORA_MANIFEST)
 
 
 def past_key_name(layer: int) -> str:

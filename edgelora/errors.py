@@ -19,3 +19,12 @@ class UnsupportedModelError(UserInputError):
 
 class AdapterError(UserInputError):
     """A LoRA adapter is malformed, unsupported, or does not fit the base model."""
+
+
+class RuntimeFailure(EdgeLoraError):
+    """ONNX Runtime or the device failed while running a valid model (out of memory, a kernel error).
+
+    Not the user's input: exit code 1, and the message says what failed instead of blaming the input.
+    """
+
+    exit_code = 1

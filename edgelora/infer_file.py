@@ -1,7 +1,9 @@
 """``edgelora infer``: TensorRT Edge-LLM's input file in, a responses file out.
 
-Everything in the input is checked before any model work starts; the output is written through
-a temporary file and a rename, so a failed run leaves no output file.
+Everything is checked before any generation starts: the output location, the input file, each
+adapter a request names (by registering it with the engine: one validation path) and each
+request's length. The output is written through a temporary file and a rename, so a failed run
+leaves no output file.
 """
 
 from __future__ import annotations
@@ -12,13 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgelora import contract
-from edgelora.adapters.process import ProcessedAdapterConfig, check_processed_weights
 from edgelora.api import LLM, LoraConfig, LoRARequest, SamplingParams
 from edgelora.errors import UserInputError
-from edgelora.fileio import write_text_atomic
-from edgelora.lora_manifest import LoraManifest
-from edgelora.model_spec import ModelSpec
-from edgelora.runtime.adapter_cache import resolve_adapter_path
+from edgelora.fileio import check_writable_file, write_text_atomic
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_generate_length", "seed")
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "max_generate_length": 256, "seed": None}
@@ -75,23 +73,23 @@ def read_input_file(path: Path) -> InferJob:
     """Parse and check the structure of an input file (adapters are checked against the model later)."""
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"--inputFile {path}: no such file")
+        raise UserInputError(f"--input-file {path}: no such file")
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserInputError(f"--inputFile {path}: malformed JSON: {exc}") from exc
+        raise UserInputError(f"--input-file {path}: malformed JSON: {exc}") from exc
     if not isinstance(raw, dict):
-        raise UserInputError(f"--inputFile {path}: expected a JSON object with 'requests'")
+        raise UserInputError(f"--input-file {path}: expected a JSON object with 'requests'")
     adapters_raw = raw.get("available_lora_weights") or {}
     if not isinstance(adapters_raw, dict) or not all(isinstance(v, str) for v in adapters_raw.values()):
-        raise UserInputError(f"--inputFile {path}: 'available_lora_weights' must map names to paths")
+        raise UserInputError(f"--input-file {path}: 'available_lora_weights' must map names to paths")
     adapters = {}
     for name, adapter_path in adapters_raw.items():
         candidate = Path(adapter_path)
         adapters[name] = candidate if candidate.is_absolute() else (path.parent / candidate)
     requests_raw = raw.get("requests")
     if not isinstance(requests_raw, list) or not requests_raw:
-        raise UserInputError(f"--inputFile {path}: 'requests' must be a non-empty list")
+        raise UserInputError(f"--input-file {path}: 'requests' must be a non-empty list")
     defaults = _sampling(raw, DEFAULTS, "top level")
     defaults_dict = {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
                      "max_generate_length": defaults.max_tokens, "seed": defaults.seed}
@@ -109,33 +107,14 @@ def read_input_file(path: Path) -> InferJob:
     return InferJob(adapters, requests)
 
 
-def check_adapters(job: InferJob, onnx_dir: Path, max_lora_rank: int) -> None:
-    """Every adapter a request names exists, fits the base model and the rank limit."""
-    spec = ModelSpec.load(onnx_dir)
-    manifest = LoraManifest.load(onnx_dir)
-    used = {request.lora_name for request in job.requests if request.lora_name}
-    for name in sorted(used):
-        try:
-            folder, weights = resolve_adapter_path(job.adapters[name])
-            config = ProcessedAdapterConfig.load(folder)
-            config.check_fits(spec, manifest, str(job.adapters[name]), max_lora_rank)
-            check_processed_weights(weights, config, manifest, str(job.adapters[name]))
-        except UserInputError as exc:
-            first = next(i for i, r in enumerate(job.requests) if r.lora_name == name)
-            raise type(exc)(f"requests[{first}] (lora_name {name!r}): {exc}") from exc
-
-
 def run_infer(options: InferOptions) -> dict:
     """Validate, generate, and write the responses file; return what was written."""
     if options.max_lora_rank < 1 or options.max_lora_rank > contract.MAX_LORA_RANK:
-        raise UserInputError(f"--maxLoraRank {options.max_lora_rank}: expected 1..{contract.MAX_LORA_RANK}")
+        raise UserInputError(f"--max-lora-rank {options.max_lora_rank}: expected 1..{contract.MAX_LORA_RANK}")
     if options.max_batch_size < 1:
-        raise UserInputError(f"--maxBatchSize {options.max_batch_size}: expected >= 1")
-    output_dir = Path(options.output_file).resolve().parent
-    if not output_dir.is_dir():
-        raise UserInputError(f"--outputFile {options.output_file}: folder {output_dir} does not exist")
+        raise UserInputError(f"--max-batch-size {options.max_batch_size}: expected >= 1")
+    check_writable_file(Path(options.output_file), "--output-file")
     job = read_input_file(options.input_file)
-    check_adapters(job, Path(options.onnx_dir), options.max_lora_rank)
     started = time.perf_counter()
     used = list(dict.fromkeys(r.lora_name for r in job.requests if r.lora_name))
     llm = LLM(options.onnx_dir, LoraConfig(max_lora_rank=options.max_lora_rank,
@@ -145,7 +124,16 @@ def run_infer(options: InferOptions) -> dict:
     ids = {name: number for number, name in enumerate(used, start=1)}
     lora_requests = [LoRARequest(r.lora_name, ids[r.lora_name], str(job.adapters[r.lora_name])) if r.lora_name else None
                      for r in job.requests]
-    outputs = llm.generate([r.messages for r in job.requests], [r.sampling for r in job.requests], lora_requests)
+    labels = [f"requests[{index}]" + (f" (lora_name {r.lora_name!r})" if r.lora_name else "")
+              for index, r in enumerate(job.requests)]
+    for name in used:  # every adapter validated once, by the engine, before any generation
+        first = next(index for index, r in enumerate(job.requests) if r.lora_name == name)
+        try:
+            llm.add_lora(lora_requests[first])
+        except UserInputError as exc:
+            raise type(exc)(f"{labels[first]}: {exc}") from exc
+    outputs = llm.generate([r.messages for r in job.requests], [r.sampling for r in job.requests], lora_requests,
+                           labels=[f"requests[{index}]" for index in range(len(job.requests))])
     stats = llm.stats
     result = {
         "responses": [

@@ -14,7 +14,7 @@ from edgelora import contract
 from edgelora.errors import UserInputError
 
 MANIFEST_FORMAT = "edgelora-lora-manifest"
-MANIFEST_VERSION = 2  # 2: stacked A/B as [n_stack*rank, in|out] blocks + lora_rank
+MANIFEST_VERSION = 3  # 2: stacked A/B as [n_stack*rank, in|out] blocks + lora_rank; 3: + source, logits_positions
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class LoraManifest:
     sites: list[LoraSite] = field(default_factory=list)
     index_input: str = contract.LORA_INDEX
     rank_input: str = contract.LORA_RANK
+    logits_positions_input: str = contract.LOGITS_POSITIONS
+    # export_fingerprint() of the folder when insert-lora ran: what lora_model.onnx was built from
+    source_fingerprint: str = ""
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -46,10 +49,10 @@ class LoraManifest:
         return path
 
     @classmethod
-    def load(cls, directory: Path) -> "LoraManifest":
+    def load(cls, directory: Path) -> LoraManifest:
         path = Path(directory) / contract.LORA_MANIFEST
         if not path.is_file():
-            raise UserInputError(f"{directory}: no {contract.LORA_MANIFEST}; run 'edgelora insert-lora --onnx_dir {directory}' first")
+            raise UserInputError(f"{directory}: no {contract.LORA_MANIFEST}; run 'edgelora insert-lora --onnx-dir {directory}' first")
         try:
             raw = json.loads(path.read_text())
             if raw.get("format") != MANIFEST_FORMAT:
@@ -57,12 +60,22 @@ class LoraManifest:
             if raw.get("version") != MANIFEST_VERSION:
                 raise UserInputError(f"{path}: written by another edgelora version (LoRA input layout "
                                      f"{raw.get('version')}, this one reads {MANIFEST_VERSION}); "
-                                     f"re-run 'edgelora insert-lora --onnx_dir {directory}'")
+                                     f"re-run 'edgelora insert-lora --onnx-dir {directory}'")
             sites = [LoraSite(**site) for site in raw.pop("sites")]
             raw.pop("format")
             return cls(sites=sites, **raw)
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise UserInputError(f"{path}: malformed LoRA manifest: {exc}") from exc
+
+    def check_built_from(self, directory: Path) -> None:
+        """Refuse a lora_model.onnx + manifest built from an earlier export of this folder."""
+        from edgelora.fingerprint import export_fingerprint
+
+        if self.source_fingerprint != export_fingerprint(directory):
+            raise UserInputError(
+                f"{directory}: {contract.LORA_MODEL_ONNX} was built from an earlier export (model.onnx, "
+                f"model.onnx.data or config.json changed since insert-lora); "
+                f"re-run 'edgelora insert-lora --onnx-dir {directory}'")
 
     def sites_by_name(self) -> dict[str, LoraSite]:
         """Every tensor name (A and B) a processed adapter may hold, mapped to its site."""

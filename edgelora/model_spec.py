@@ -52,7 +52,7 @@ class ModelSpec:
         return path
 
     @classmethod
-    def load(cls, directory: Path) -> "ModelSpec":
+    def load(cls, directory: Path) -> ModelSpec:
         """Read ``config.json`` of an exported model folder, with one clear error if it is not one."""
         path = Path(directory) / MODEL_CONFIG
         if not path.is_file():

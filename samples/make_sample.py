@@ -201,9 +201,7 @@ def make_adapter(model_dir: Path, out_dir: Path, recipe: AdapterRecipe, seed: in
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
-            if "lora_A" in name:
-                parameter.copy_(torch.randn_like(parameter) * 0.3)
-            elif "lora_B" in name:
+            if "lora_A" in name or "lora_B" in name:
                 parameter.copy_(torch.randn_like(parameter) * 0.3)
             if "lora_" in name:
                 parameter.copy_(parameter.half().float())

@@ -29,17 +29,23 @@ def llama_sample(tmp_path_factory) -> Sample:
     return _sample(tmp_path_factory, "llama")
 
 
-def pytest_collection_modifyitems(config, items):
-    """CUDA-marked tests skip cleanly where onnxruntime has no CUDA provider or no GPU answers."""
+def cuda_available() -> bool:
+    """onnxruntime has the CUDA provider AND our native module was built with CUDA slot buffers."""
     try:
         import onnxruntime as ort
 
-        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        from edgelora.runtime import native
+
+        return "CUDAExecutionProvider" in ort.get_available_providers() and native.with_cuda()
     except ImportError:
-        has_cuda = False
-    if has_cuda:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """CUDA-marked tests skip cleanly without a CUDA provider, a GPU, or a CUDA build of the runtime."""
+    if cuda_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU and onnxruntime-gpu")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU, onnxruntime-gpu and a runtime built with EDGELORA_CUDA=ON")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)

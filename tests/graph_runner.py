@@ -53,8 +53,12 @@ def token_feeds(input_ids: np.ndarray, past_len: int = 0) -> dict[str, np.ndarra
     }
 
 
-def lora_feeds(manifest: LoraManifest, processed_dirs: list[Path | None], dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Stack the distinct adapters of a batch; row b uses ``processed_dirs[b]`` (None: no adapter)."""
+def lora_feeds(manifest: LoraManifest, processed_dirs: list[Path | None], seq: int,
+               dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Stack the distinct adapters of a batch; row b uses ``processed_dirs[b]`` (None: no adapter).
+
+    ``logits_positions`` keeps every one of the ``seq`` positions, so logits compare with model.onnx's.
+    """
     distinct = []
     for directory in processed_dirs:
         if directory is not None and directory not in distinct:
@@ -62,7 +66,8 @@ def lora_feeds(manifest: LoraManifest, processed_dirs: list[Path | None], dtype:
     tensors = [load_file(str(Path(d) / contract.PROCESSED_ADAPTER)) for d in distinct]
     rank = max((t.shape[1] for adapter in tensors for name, t in adapter.items() if name.endswith(".A")), default=0)
     feeds = {contract.LORA_INDEX: np.array([0 if d is None else distinct.index(d) + 1 for d in processed_dirs], np.int64),
-             contract.LORA_RANK: np.array(rank, np.int64)}
+             contract.LORA_RANK: np.array(rank, np.int64),
+             contract.LOGITS_POSITIONS: np.tile(np.arange(seq, dtype=np.int64), (len(processed_dirs), 1))}
     stack = max(len(distinct), 1)
     for site in manifest.sites:
         a = np.zeros((stack, rank, site.in_features), NUMPY[dtype])  # A transposed, per stack entry

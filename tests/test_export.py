@@ -7,12 +7,12 @@ import json
 import numpy as np
 import onnx
 import pytest
+from graph_runner import empty_past, past_from_outputs, session, token_feeds
 
 from edgelora import contract
 from edgelora.cli import main
 from edgelora.errors import UnsupportedModelError, UserInputError
 from edgelora.export import export_model
-from graph_runner import empty_past, past_from_outputs, session, token_feeds
 
 TOLERANCE = 1e-4
 

@@ -34,10 +34,9 @@ def test_staged_output_moves_files_in_with_default_mode(tmp_path):
 
 def test_staged_output_leaves_nothing_on_error(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with staged_output(out) as staging:
-            (staging / "half.txt").write_text("x")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), staged_output(out) as staging:
+        (staging / "half.txt").write_text("x")
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -64,8 +64,8 @@ def _reference_ids(exported, reference, adapter: str | None, text: str) -> tuple
 def infer_output(exported, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"infer_{exported.family}")
     output = folder / "output.json"
-    code = main(["infer", "--onnxDir", str(exported.onnx_dir), "--inputFile", str(_input_file(folder, exported)),
-                 "--outputFile", str(output), "--quiet"])
+    code = main(["infer", "--onnx-dir", str(exported.onnx_dir), "--input-file", str(_input_file(folder, exported)),
+                 "--output-file", str(output), "--quiet"])
     assert code == 0
     return json.loads(output.read_text())
 
@@ -93,8 +93,8 @@ def test_response_fields(exported, infer_output):
 
 def test_small_batches_give_the_same_ids(exported, infer_output, tmp_path):
     output = tmp_path / "out.json"
-    assert main(["infer", "--onnxDir", str(exported.onnx_dir), "--inputFile", str(_input_file(tmp_path, exported)),
-                 "--outputFile", str(output), "--maxBatchSize", "2", "--quiet"]) == 0
+    assert main(["infer", "--onnx-dir", str(exported.onnx_dir), "--input-file", str(_input_file(tmp_path, exported)),
+                 "--output-file", str(output), "--max-batch-size", "2", "--quiet"]) == 0
     written = json.loads(output.read_text())
     assert written["stats"]["batches"] == 3
     assert [r["output_ids"] for r in written["responses"]] == [r["output_ids"] for r in infer_output["responses"]]
@@ -171,29 +171,41 @@ def test_kv_cache_reserve_doubles_and_keeps_contents(exported):
         cache.reserve(21, binding)
 
 
-def test_seeded_sampling_is_reproducible(exported, tmp_path):
-    results = []
-    for run in range(2):
-        output = tmp_path / f"out{run}.json"
-        path = _input_file(tmp_path, exported, temperature=0.9, top_k=20, top_p=0.9, seed=1234)
-        assert main(["infer", "--onnxDir", str(exported.onnx_dir), "--inputFile", str(path),
-                     "--outputFile", str(output), "--quiet"]) == 0
-        results.append([r["output_ids"] for r in json.loads(output.read_text())["responses"]])
-    assert results[0] == results[1]
+def _ids_of(exported, tmp_path, name: str, **top_level) -> list[list[int]]:
+    output = tmp_path / f"{name}.json"
+    path = _input_file(tmp_path, exported, **top_level)
+    assert main(["infer", "--onnx-dir", str(exported.onnx_dir), "--input-file", str(path),
+                 "--output-file", str(output), "--quiet"]) == 0
+    return [r["output_ids"] for r in json.loads(output.read_text())["responses"]]
 
 
-def test_per_request_sampling_fields_win(exported, tmp_path):
-    payload = json.loads(_input_file(tmp_path, exported, requests=[("a1", "Hello"), ("a1", "Hello")]).read_text())
-    payload["requests"][1]["max_generate_length"] = 2
+def test_seeded_sampling_is_reproducible_and_really_samples(exported, infer_output, tmp_path):
+    sampled = dict(temperature=1.5, top_k=0, top_p=1.0, max_generate_length=MAX_NEW)
+    first = _ids_of(exported, tmp_path, "first", seed=1234, **sampled)
+    again = _ids_of(exported, tmp_path, "again", seed=1234, **sampled)
+    other = _ids_of(exported, tmp_path, "other", seed=99, **sampled)
+    greedy = [r["output_ids"] for r in infer_output["responses"]]
+    assert first == again, "the same seed gives the same tokens"
+    assert first != greedy, "sampling at temperature 1.5 is not greedy"
+    assert first != other, "another seed gives other tokens"
+
+
+def test_per_request_sampling_fields_win(exported, infer_output, tmp_path):
+    """Top level samples hot with a seed; request 1 overrides temperature (greedy) and length."""
+    requests = [REQUESTS[0], REQUESTS[0]]
+    payload = json.loads(_input_file(tmp_path, exported, requests=requests, temperature=1.5, top_k=0,
+                                     seed=7).read_text())
+    payload["requests"][1]["max_generate_length"] = 3
     payload["requests"][1]["temperature"] = 0
     path = tmp_path / "per_request.json"
     path.write_text(json.dumps(payload))
     output = tmp_path / "out.json"
-    assert main(["infer", "--onnxDir", str(exported.onnx_dir), "--inputFile", str(path), "--outputFile", str(output),
+    assert main(["infer", "--onnx-dir", str(exported.onnx_dir), "--input-file", str(path), "--output-file", str(output),
                  "--quiet"]) == 0
     first, second = json.loads(output.read_text())["responses"]
-    assert second["completion_tokens"] <= 2
-    assert second["output_ids"] == first["output_ids"][: len(second["output_ids"])]
+    greedy = infer_output["responses"][0]["output_ids"]
+    assert second["output_ids"] == greedy[:3], "request 1 is greedy and 3 tokens long, as it asked"
+    assert first["output_ids"][: len(greedy)] != greedy, "request 0 kept the top level's hot sampling"
 
 
 # -- bad input: one line, exit code 2, no output file ------------------------------------------
@@ -201,8 +213,8 @@ def test_per_request_sampling_fields_win(exported, tmp_path):
 
 def _refused(exported, tmp_path, capsys, input_path: Path, fragment: str, *extra: str) -> None:
     output = tmp_path / "out.json"
-    code = main(["infer", "--onnxDir", str(exported.onnx_dir), "--inputFile", str(input_path),
-                 "--outputFile", str(output), "--quiet", *extra])
+    code = main(["infer", "--onnx-dir", str(exported.onnx_dir), "--input-file", str(input_path),
+                 "--output-file", str(output), "--quiet", *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert fragment in err and len(err.splitlines()) == 1, err
@@ -223,7 +235,43 @@ def test_missing_adapter_files_are_refused(exported, tmp_path, capsys):
 
 
 def test_rank_above_max_lora_rank_is_refused(exported, tmp_path, capsys):
-    _refused(exported, tmp_path, capsys, _input_file(tmp_path, exported), "rank 8", "--maxLoraRank", "4")
+    _refused(exported, tmp_path, capsys, _input_file(tmp_path, exported), "rank 8", "--max-lora-rank", "4")
+
+
+def test_over_long_request_is_refused_before_any_batch_runs(exported, tmp_path, capsys, monkeypatch):
+    """Prompt + max tokens beyond the model's positions: refused up front, naming the request."""
+    from edgelora.runtime.engine import Engine
+
+    calls = []
+    monkeypatch.setattr(Engine, "generate", lambda self, rows, timings=None: calls.append(rows))
+    path = _input_file(tmp_path, exported)
+    payload = json.loads(path.read_text())
+    payload["requests"][4]["max_generate_length"] = exported.spec.max_position_embeddings
+    path.write_text(json.dumps(payload))
+    _refused(exported, tmp_path, capsys, path, "requests[4]", "--max-batch-size", "1")
+    assert calls == [], "no batch ran before the check"
+
+
+@pytest.mark.parametrize("case", ["folder", "missing_parent", "parent_is_a_file"])
+def test_unusable_output_file_is_refused_before_loading(exported, tmp_path, capsys, monkeypatch, case):
+    import edgelora.infer_file
+
+    monkeypatch.setattr(edgelora.infer_file, "LLM", lambda *a, **k: pytest.fail("the model was loaded"))
+    target = {"folder": tmp_path, "missing_parent": tmp_path / "nope" / "out.json",
+              "parent_is_a_file": tmp_path / "input.json" / "out.json"}[case]
+    path = _input_file(tmp_path, exported)
+    code = main(["infer", "--onnx-dir", str(exported.onnx_dir), "--input-file", str(path),
+                 "--output-file", str(target), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--output-file" in err and len(err.splitlines()) == 1, err
+
+
+def test_cuda_without_a_cuda_build_is_one_line(exported, tmp_path, capsys):
+    from edgelora.runtime import native
+
+    if native.with_cuda():
+        pytest.skip("the runtime has CUDA")
+    _refused(exported, tmp_path, capsys, _input_file(tmp_path, exported), "built without CUDA", "--device", "cuda")
 
 
 def test_adapter_for_another_base_model_is_refused(exported_samples, tmp_path, capsys):
@@ -268,7 +316,7 @@ def test_bad_sampling_value_is_refused(exported, tmp_path, capsys):
 @pytest.mark.cuda
 def test_cuda_device_matches_cpu(exported, infer_output, tmp_path):
     output = tmp_path / "out.json"
-    assert main(["infer", "--onnxDir", str(exported.onnx_dir), "--inputFile", str(_input_file(tmp_path, exported)),
-                 "--outputFile", str(output), "--device", "cuda", "--quiet"]) == 0
+    assert main(["infer", "--onnx-dir", str(exported.onnx_dir), "--input-file", str(_input_file(tmp_path, exported)),
+                 "--output-file", str(output), "--device", "cuda", "--quiet"]) == 0
     written = json.loads(output.read_text())
     assert [r["output_ids"] for r in written["responses"]] == [r["output_ids"] for r in infer_output["responses"]]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from graph_runner import empty_past, lora_feeds, session, token_feeds
 
 from edgelora import contract
 from edgelora.errors import UserInputError
 from edgelora.graph import insert_lora
 from edgelora.lora_manifest import LoraManifest
-from graph_runner import empty_past, lora_feeds, session, token_feeds
 
 TOLERANCE = 1e-4
 ADAPTERS = ("a1", "a2", "a3")
@@ -22,7 +22,7 @@ def _ids(spec, batch, seq, seed=0):
 
 def _lora_logits(exported, ids, processed_dirs):
     feeds = {**token_feeds(ids), **empty_past(exported.spec, ids.shape[0], ids.shape[1]),
-             **lora_feeds(exported.manifest, processed_dirs)}
+             **lora_feeds(exported.manifest, processed_dirs, ids.shape[1])}
     return session(exported.onnx_dir / contract.LORA_MODEL_ONNX).run([contract.LOGITS], feeds)[0]
 
 
@@ -54,10 +54,32 @@ def test_no_adapter_equals_model_onnx(exported):
     np.testing.assert_array_equal(empty_stack, base)
     # Adapters bound but index 0 on every row: still exactly the base model.
     feeds = {**token_feeds(ids), **empty_past(exported.spec, 3, ids.shape[1]),
-             **lora_feeds(exported.manifest, [exported.processed["a2"], None, None])}
+             **lora_feeds(exported.manifest, [exported.processed["a2"], None, None], ids.shape[1])}
     feeds[contract.LORA_INDEX] = np.zeros(3, np.int64)
     unrouted = session(exported.onnx_dir / contract.LORA_MODEL_ONNX).run([contract.LOGITS], feeds)[0]
     np.testing.assert_array_equal(unrouted, base)
+
+
+def test_logits_only_at_the_kept_positions(exported):
+    """lora_model.onnx computes logits [batch, kept, vocab] at logits_positions, equal to those of every position."""
+    ids = _ids(exported.spec, 3, 6, seed=5)
+    every = _lora_logits(exported, ids, [exported.processed["a2"], None, exported.processed["a1"]])
+    feeds = {**token_feeds(ids), **empty_past(exported.spec, 3, ids.shape[1]),
+             **lora_feeds(exported.manifest, [exported.processed["a2"], None, exported.processed["a1"]], ids.shape[1])}
+    feeds[contract.LOGITS_POSITIONS] = np.array([[5], [2], [0]], np.int64)
+    kept = session(exported.onnx_dir / contract.LORA_MODEL_ONNX).run([contract.LOGITS], feeds)[0]
+    assert kept.shape == (3, 1, exported.spec.vocab_size)
+    for row, position in enumerate((5, 2, 0)):
+        np.testing.assert_allclose(kept[row, 0], every[row, position], atol=1e-5, rtol=0)
+
+
+def test_manifest_and_graph_record_the_export_they_were_built_from(exported):
+    from edgelora.fingerprint import METADATA_KEY, export_fingerprint
+
+    manifest = LoraManifest.load(exported.onnx_dir)
+    assert manifest.source_fingerprint and manifest.source_fingerprint == export_fingerprint(exported.onnx_dir)
+    model = onnx.load(str(exported.onnx_dir / contract.LORA_MODEL_ONNX), load_external_data=False)
+    assert {p.key: p.value for p in model.metadata_props}[METADATA_KEY] == manifest.source_fingerprint
 
 
 def test_lora_graph_shares_the_weight_file(exported):

@@ -1,53 +1,47 @@
-"""The C++ adapter pool: slot layout, rank padding, capacity growth, dtype conversion, validation."""
+"""The C++ slot pool: slot layout, rank padding, capacity growth, views that keep memory alive, checks.
+
+The pool only copies ready arrays into slots; reading and validating adapter files is Python's
+(tests/test_adapter_cache.py).
+"""
 
 from __future__ import annotations
 
+import gc
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
+from edgelora.errors import UserInputError
 from edgelora.runtime import native
 
-# Two LoRA sites: (a_name, b_name, in_features, out_features).
-SITES = [("s0.A", "s0.B", 3, 5), ("s1.A", "s1.B", 4, 2)]
+# Two LoRA sites: (in_features, out_features).
+SITES = [(3, 5), (4, 2)]
 RNG = np.random.default_rng(0)
 
 
-def _adapter(rank: int, sites=SITES, dtype=np.float32) -> dict[str, np.ndarray]:
-    tensors = {}
-    for a_name, b_name, in_features, out_features in sites:
-        tensors[a_name] = RNG.standard_normal((in_features, rank)).astype(dtype)
-        tensors[b_name] = RNG.standard_normal((rank, out_features)).astype(dtype)
-    return tensors
+def _ready(rank: int, dtype=np.float32, skip: tuple[int, ...] = ()) -> tuple[list, list]:
+    """Per site A^T [rank, in] and B [rank, out] (None for the sites in ``skip``)."""
+    a, b = [], []
+    for index, (in_features, out_features) in enumerate(SITES):
+        if index in skip:
+            a.append(None)
+            b.append(None)
+        else:
+            a.append(RNG.standard_normal((rank, in_features)).astype(dtype))
+            b.append(RNG.standard_normal((rank, out_features)).astype(dtype))
+    return a, b
 
 
-def _write(tmp_path: Path, name: str, tensors: dict[str, np.ndarray]) -> str:
-    path = tmp_path / f"{name}.safetensors"
-    save_file(tensors, str(path))
-    return str(path)
-
-
-def _slot(pool, site: int, slot: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+def _slot(pool, site: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
     """The A^T [cap, in] and B [cap, out] one slot holds for one site."""
-    _, _, in_features, out_features = SITES[site]
-    cap = pool.rank_capacity
-    a = native.host_view(pool.a_pointer(site, slot, slot), (cap, in_features), dtype)
-    b = native.host_view(pool.b_pointer(site, slot, slot), (cap, out_features), dtype)
-    return a.copy(), b.copy()
+    return pool.a_view(site, slot, slot).copy(), pool.b_view(site, slot, slot).copy()
 
 
-def _padded(tensors, site: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    a_name, b_name, in_features, out_features = SITES[site]
-    a, b = tensors[a_name], tensors[b_name]
-    rank = a.shape[1]
-    a_pad = np.zeros((cap, in_features), np.float32)
-    b_pad = np.zeros((cap, out_features), np.float32)
-    a_pad[:rank] = a.T
-    b_pad[:rank] = b
-    return a_pad, b_pad
+def _padded(array: np.ndarray, capacity: int) -> np.ndarray:
+    padded = np.zeros((capacity, array.shape[1]), array.dtype)
+    padded[: array.shape[0]] = array
+    return padded
 
 
 @pytest.fixture
@@ -61,139 +55,122 @@ def test_empty_pool_has_no_capacity(pool):
     assert [pool.slot_rank(slot) for slot in (1, 2, 3)] == [0, 0, 0]
 
 
-def test_load_pads_rank_into_its_slot_only(pool, tmp_path):
-    tensors = _adapter(2)
-    assert pool.load(2, _write(tmp_path, "r2", tensors)) == 2
+def test_write_pads_rank_into_its_slot_only(pool):
+    a, b = _ready(2)
+    pool.write(2, 2, a, b)
     assert (pool.rank_capacity, pool.generation, pool.slot_rank(2)) == (2, 1, 2)
     for site in (0, 1):
-        a, b = _slot(pool, site, 2)
-        expected_a, expected_b = _padded(tensors, site, 2)
-        np.testing.assert_array_equal(a, expected_a)
-        np.testing.assert_array_equal(b, expected_b)
+        slot_a, slot_b = _slot(pool, site, 2)
+        np.testing.assert_array_equal(slot_a, a[site])
+        np.testing.assert_array_equal(slot_b, b[site])
         for other in (1, 3):
-            a, b = _slot(pool, site, other)
-            assert not a.any() and not b.any()
+            slot_a, slot_b = _slot(pool, site, other)
+            assert not slot_a.any() and not slot_b.any()
 
 
-def test_capacity_growth_keeps_loaded_slots(pool, tmp_path):
-    small, large = _adapter(2), _adapter(6)
-    pool.load(3, _write(tmp_path, "small", small))
-    pool.load(1, _write(tmp_path, "large", large))
+def test_capacity_growth_keeps_written_slots(pool):
+    small, large = _ready(2), _ready(6)
+    pool.write(3, 2, *small)
+    pool.write(1, 6, *large)
     assert (pool.rank_capacity, pool.generation) == (6, 2)
     assert pool.size_bytes == 3 * 6 * 4 * (3 + 5 + 4 + 2)
     for site in (0, 1):
-        for slot, tensors in ((3, small), (1, large)):
-            a, b = _slot(pool, site, slot)
-            expected_a, expected_b = _padded(tensors, site, 6)
-            np.testing.assert_array_equal(a, expected_a)
-            np.testing.assert_array_equal(b, expected_b)
+        for slot, (a, b) in ((3, small), (1, large)):
+            slot_a, slot_b = _slot(pool, site, slot)
+            np.testing.assert_array_equal(slot_a, _padded(a[site], 6))
+            np.testing.assert_array_equal(slot_b, _padded(b[site], 6))
+        assert not any(part.any() for part in _slot(pool, site, 2)), "an empty slot stays zero through growth"
     # A smaller adapter later does not shrink the capacity or move the buffers.
-    pool.load(2, _write(tmp_path, "again", _adapter(1)))
+    pool.write(2, 1, *_ready(1))
     assert (pool.rank_capacity, pool.generation) == (6, 2)
 
 
-def test_stack_of_slots_is_contiguous(pool, tmp_path):
-    first, second = _adapter(4), _adapter(4)
-    pool.load(1, _write(tmp_path, "x", first))
-    pool.load(2, _write(tmp_path, "y", second))
-    _, _, in_features, out_features = SITES[0]
-    stack = native.host_view(pool.a_pointer(0, 1, 2), (2 * 4, in_features), np.float32)  # A^T rows
-    np.testing.assert_array_equal(stack[:4], first["s0.A"].T)
-    np.testing.assert_array_equal(stack[4:], second["s0.A"].T)
-    stack_b = native.host_view(pool.b_pointer(0, 2, 3), (2, 4, out_features), np.float32)
-    np.testing.assert_array_equal(stack_b[0], second["s0.B"])
+def test_a_smaller_rank_in_a_reused_slot_leaves_no_old_rows(pool):
+    pool.write(1, 6, *_ready(6))
+    a, b = _ready(2)
+    pool.write(1, 2, a, b)
+    slot_a, slot_b = _slot(pool, 0, 1)
+    np.testing.assert_array_equal(slot_a, _padded(a[0], 6))
+    np.testing.assert_array_equal(slot_b, _padded(b[0], 6))
+
+
+def test_stack_of_slots_is_contiguous(pool):
+    first, second = _ready(4), _ready(4)
+    pool.write(1, 4, *first)
+    pool.write(2, 4, *second)
+    stack = pool.a_view(0, 1, 2)
+    assert stack.shape == (2 * 4, SITES[0][0])
+    np.testing.assert_array_equal(stack[:4], first[0][0])
+    np.testing.assert_array_equal(stack[4:], second[0][0])
+    stack_b = pool.b_view(0, 2, 3).reshape(2, 4, SITES[0][1])
+    np.testing.assert_array_equal(stack_b[0], second[1][0])
     assert not stack_b[1].any()
 
 
-def test_untargeted_site_is_zeroed_when_a_slot_is_reused(pool, tmp_path):
-    pool.load(1, _write(tmp_path, "full", _adapter(3)))
-    only_first = {k: v for k, v in _adapter(3).items() if k.startswith("s0.")}
-    pool.load(1, _write(tmp_path, "partial", only_first))
-    a, b = _slot(pool, 1, 1)
-    assert not a.any() and not b.any()
-    a, _ = _slot(pool, 0, 1)
-    np.testing.assert_array_equal(a, only_first["s0.A"].T)
+def test_untargeted_site_is_zeroed_when_a_slot_is_reused(pool):
+    pool.write(1, 3, *_ready(3))
+    a, b = _ready(3, skip=(1,))
+    pool.write(1, 3, a, b)
+    slot_a, slot_b = _slot(pool, 1, 1)
+    assert not slot_a.any() and not slot_b.any()
+    np.testing.assert_array_equal(_slot(pool, 0, 1)[0], a[0])
 
 
-def test_clear_zeroes_a_slot(pool, tmp_path):
-    pool.load(1, _write(tmp_path, "x", _adapter(2)))
+def test_clear_zeroes_a_slot(pool):
+    pool.write(1, 2, *_ready(2))
     pool.clear(1)
     assert pool.slot_rank(1) == 0
     for site in (0, 1):
-        a, b = _slot(pool, site, 1)
-        assert not a.any() and not b.any()
+        slot_a, slot_b = _slot(pool, site, 1)
+        assert not slot_a.any() and not slot_b.any()
 
 
-def test_float16_pool_converts_float32_and_bfloat16(tmp_path):
-    torch = pytest.importorskip("torch")
-    from safetensors.torch import save_file as save_torch
-
+def test_float16_pool(tmp_path):
     pool = native.AdapterPool(SITES, 2, 8, "float16", "cpu")
-    values = _adapter(3)
-    values["s0.A"][0, 0] = 1e-6  # subnormal in half
-    values["s0.A"][1, 0] = 70000.0  # overflows half
-    pool.load(1, _write(tmp_path, "f32", values))
-    a, b = _slot(pool, 0, 1, np.float16)
-    np.testing.assert_array_equal(a, values["s0.A"].T.astype(np.float16))
-    np.testing.assert_array_equal(b, values["s0.B"].astype(np.float16))
-
-    bf16 = {name: torch.from_numpy(array).to(torch.bfloat16) for name, array in _adapter(3).items()}
-    path = tmp_path / "bf16.safetensors"
-    save_torch(bf16, str(path))
-    pool.load(2, str(path))
-    a, _ = _slot(pool, 1, 2, np.float16)
-    np.testing.assert_array_equal(a, bf16["s1.A"].float().numpy().T.astype(np.float16))
+    a, b = _ready(3, np.float16)
+    pool.write(1, 3, a, b)
+    assert pool.a_view(0, 1, 1).dtype == np.float16
+    np.testing.assert_array_equal(_slot(pool, 0, 1)[0], a[0])
+    with pytest.raises(ValueError, match="float16"):
+        pool.write(2, 3, *_ready(3, np.float32))
 
 
-def test_float16_file_into_float32_pool(pool, tmp_path):
-    values = _adapter(2, dtype=np.float16)
-    pool.load(1, _write(tmp_path, "f16", values))
-    a, _ = _slot(pool, 1, 1)
-    np.testing.assert_array_equal(a, values["s1.A"].T.astype(np.float32))
+def test_views_keep_their_memory_alive():
+    """A view handed to ONNX Runtime outlives the pool and a capacity growth without dangling."""
+    pool = native.AdapterPool(SITES, 2, 8, "float32", "cpu")
+    a, b = _ready(2)
+    pool.write(1, 2, a, b)
+    view = pool.a_view(0, 1, 1)
+    pool.write(2, 6, *_ready(6))  # grows: the pool now uses new buffers
+    del pool
+    gc.collect()
+    np.testing.assert_array_equal(view[:2], a[0])  # the old buffer is still there for the view
 
 
 @pytest.mark.parametrize("case, message", [
-    ("unknown", "has no LoRA input"),
-    ("shape", "is [4, 2], expected [3, rank]"),
-    ("ranks", "has rank"),
-    ("too_large", "outside 1..8"),
-    ("half", "has no matching"),
-    ("empty", "no LoRA tensors"),
-    ("truncated", "truncated file?"),
-    ("corrupt", "corrupt header"),
-    ("missing", "cannot open"),
+    ("shape", "site 0 A^T: expected a C-contiguous float32 array [2, 3]"),
+    ("half", "A without B"),
+    ("count", "one entry (array or None) per LoRA site"),
+    ("rank", "outside 1..8"),
+    ("strided", "C-contiguous"),
 ])
-def test_bad_files_raise_and_leave_the_slot(pool, tmp_path, case, message):
-    good = _adapter(2)
-    pool.load(1, _write(tmp_path, "good", good))
-    before = [_slot(pool, site, 1) for site in (0, 1)]
-    tensors = _adapter(2)
-    if case == "unknown":
-        tensors["s9.A"] = np.ones((3, 2), np.float32)
-    elif case == "shape":
-        tensors["s0.A"] = np.ones((4, 2), np.float32)
-    elif case == "ranks":
-        tensors["s1.B"] = np.ones((3, 2), np.float32)
-    elif case == "too_large":
-        tensors = _adapter(9)
+def test_bad_arrays_raise_and_leave_the_slot(pool, case, message):
+    good_a, good_b = _ready(2)
+    pool.write(1, 2, good_a, good_b)
+    a, b, rank = *_ready(2), 2
+    if case == "shape":
+        a[0] = np.ones((2, 4), np.float32)
     elif case == "half":
-        del tensors["s1.B"]
-    elif case == "empty":
-        tensors = {}
-    path = _write(tmp_path, "bad", tensors) if tensors or case == "empty" else ""
-    if case == "truncated":
-        data = Path(path).read_bytes()
-        Path(path).write_bytes(data[: len(data) - 7])
-    elif case == "corrupt":
-        Path(path).write_bytes(b"\x10" + bytes(7) + b"{not json}      ")
-    elif case == "missing":
-        path = str(tmp_path / "nope.safetensors")
+        b[1] = None
+    elif case == "count":
+        a, b = a[:1], b[:1]
+    elif case == "rank":
+        a, b, rank = *_ready(9), 9
+    elif case == "strided":
+        a[0] = np.ones((3, 2), np.float32).T
     with pytest.raises(ValueError, match=re.escape(message)):
-        pool.load(1, path)
-    after = [_slot(pool, site, 1) for site in (0, 1)]
-    for (a0, b0), (a1, b1) in zip(before, after):
-        np.testing.assert_array_equal(a0, a1)
-        np.testing.assert_array_equal(b0, b1)
+        pool.write(1, rank, a, b)
+    np.testing.assert_array_equal(_slot(pool, 0, 1)[0], good_a[0])
     assert pool.slot_rank(1) == 2
 
 
@@ -201,11 +178,11 @@ def test_slot_and_range_checks(pool):
     with pytest.raises(ValueError, match="outside 1..3"):
         pool.clear(0)
     with pytest.raises(ValueError, match="outside 1..3"):
-        pool.a_pointer(0, 1, 4)
+        pool.a_view(0, 1, 4)
     with pytest.raises(ValueError, match="empty"):
         pool.b_pointer(0, 3, 2)
     with pytest.raises(ValueError, match="site index"):
-        pool.a_pointer(2, 1, 1)
+        pool.a_view(2, 1, 1)
 
 
 def test_bad_pool_settings():
@@ -213,9 +190,12 @@ def test_bad_pool_settings():
         native.AdapterPool(SITES, 2, 8, "int8", "cpu")
     with pytest.raises(ValueError, match="at least one slot"):
         native.AdapterPool(SITES, 0, 8, "float32", "cpu")
-    if not native.with_cuda():
-        with pytest.raises(ValueError, match="without CUDA"):
-            native.AdapterPool(SITES, 2, 8, "float32", "cuda")
+
+
+@pytest.mark.skipif(native.with_cuda(), reason="the runtime has CUDA")
+def test_cuda_pool_without_a_cuda_build_is_a_user_error():
+    with pytest.raises(UserInputError, match="built without CUDA"):
+        native.AdapterPool(SITES, 2, 8, "float32", "cuda")
 
 
 def test_read_bandwidth_is_positive():

@@ -41,7 +41,7 @@ class PeftAdapterConfig:
     base_model_name_or_path: str | None = None
 
     @classmethod
-    def from_json(cls, raw: dict) -> "PeftAdapterConfig":
+    def from_json(cls, raw: dict) -> PeftAdapterConfig:
         return cls(
             r=raw.get("r", 8),
             lora_alpha=raw.get("lora_alpha", 8),

@@ -6,9 +6,7 @@ graph computes ``x @ A @ B`` with no scaling of its own; stored as float16 by de
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,66 +17,9 @@ from edgelora.errors import AdapterError, UserInputError
 from edgelora.fileio import staged_output
 from edgelora.lora_manifest import LoraManifest
 from edgelora.model_spec import ModelSpec
+from edgelora.processed_adapter import PROCESSED_FORMAT, STORAGE_DTYPES, ProcessedAdapterConfig
 
 log = logging.getLogger(__name__)
-
-PROCESSED_FORMAT = "edgelora-processed-lora"
-STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-@dataclass
-class ProcessedAdapterConfig:
-    """``config.json`` beside ``processed_adapter_model.safetensors``."""
-
-    rank: int
-    lora_alpha: float
-    use_rslora: bool
-    target_modules: list[str]
-    num_layers: int  # highest adapted layer + 1
-    module_shapes: dict[str, list[int]]
-    dtype: str
-    base_model_name_or_path: str | None = None
-    source: str = ""
-    dropped_tensors: list[str] = field(default_factory=list)
-    format: str = PROCESSED_FORMAT
-    version: int = 1
-
-    def save(self, directory: Path) -> None:
-        (Path(directory) / contract.PROCESSED_CONFIG).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, directory: Path) -> "ProcessedAdapterConfig":
-        path = Path(directory) / contract.PROCESSED_CONFIG
-        if not path.is_file():
-            raise AdapterError(f"{directory}: no {contract.PROCESSED_CONFIG}; run 'edgelora process-lora' on the adapter")
-        try:
-            raw = json.loads(path.read_text())
-            if raw.get("format") != PROCESSED_FORMAT:
-                raise ValueError("not written by 'edgelora process-lora'")
-            raw.pop("format")
-            return cls(**raw)
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            raise AdapterError(f"{path}: malformed processed-adapter config: {exc}") from exc
-
-    def check_fits(self, spec: ModelSpec, manifest: LoraManifest | None, where: str,
-                   max_rank: int = contract.MAX_LORA_RANK) -> None:
-        """Raise if this adapter cannot run on that exported model (sizes, layers, rank, modules)."""
-        if self.rank > max_rank:
-            raise AdapterError(f"{where}: rank {self.rank} is above the maximum LoRA rank {max_rank}")
-        if self.num_layers > spec.num_layers:
-            raise AdapterError(f"{where}: adapts layer {self.num_layers - 1} but the base model has {spec.num_layers} layers")
-        for module, (in_features, out_features) in self.module_shapes.items():
-            expected = spec.module_in_out(module)
-            if (in_features, out_features) != expected:
-                raise AdapterError(
-                    f"{where}: {module} projection is {in_features}x{out_features} in the adapter but "
-                    f"{expected[0]}x{expected[1]} in the base model; the adapter was made for another model"
-                )
-        if manifest is not None:
-            missing = [m for m in self.target_modules if m not in manifest.target_modules]
-            if missing:
-                raise AdapterError(f"{where}: targets {', '.join(missing)} but lora_model.onnx has LoRA only on "
-                                   f"{', '.join(manifest.target_modules)}; rerun insert-lora with those modules")
 
 
 def _module_shapes(adapter: PeftAdapter) -> dict[str, list[int]]:
@@ -110,27 +51,6 @@ def _convert(adapter: PeftAdapter, dtype: str) -> dict[str, np.ndarray]:
         tensors[contract.lora_a_name(pair.layer, pair.module)] = a
         tensors[contract.lora_b_name(pair.layer, pair.module)] = b
     return tensors
-
-
-def check_processed_weights(weights: Path, config: ProcessedAdapterConfig, manifest: LoraManifest, where: str) -> None:
-    """Read the safetensors header (no data) and check every tensor against the LoRA graph's inputs."""
-    from safetensors import SafetensorError, safe_open
-
-    sites = manifest.sites_by_name()
-    try:
-        with safe_open(str(weights), framework="numpy") as handle:
-            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
-    except (OSError, SafetensorError) as exc:
-        raise AdapterError(f"{where}: unreadable {contract.PROCESSED_ADAPTER} ({exc})") from exc
-    if not shapes:
-        raise AdapterError(f"{where}: {contract.PROCESSED_ADAPTER} holds no tensors")
-    for name, shape in shapes.items():
-        site = sites.get(name)
-        if site is None:
-            raise AdapterError(f"{where}: tensor {name} has no LoRA input in lora_model.onnx")
-        expected = [site.in_features, config.rank] if name == site.a_name else [config.rank, site.out_features]
-        if shape != expected:
-            raise AdapterError(f"{where}: tensor {name} is {shape}, expected {expected}")
 
 
 def process_adapter(input_dir: Path, output_dir: Path, onnx_dir: Path | None = None,

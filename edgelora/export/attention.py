@@ -61,7 +61,7 @@ class KVState:
 
 
 def kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-                 edgelora_kv: KVState | None = None, **kwargs):  # noqa: ARG001
+                 edgelora_kv: KVState | None = None, **kwargs):
     """Transformers attention interface: query [b,h,s,d], key/value [b,kv,s,d] with rope applied."""
     layer = module.layer_idx
     num_heads, kv_heads, head_dim = int(query.shape[1]), int(key.shape[1]), int(query.shape[3])

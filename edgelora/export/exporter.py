@@ -182,7 +182,7 @@ def export_model(model_dir: Path, output_dir: Path, options: ExportOptions | Non
     model = _load_model(model_dir, options.dtype)
     spec = _spec_from_model(model, config, model_dir, options.dtype)
     steps.update()
-    with staged_output(output_dir) as staging, tempfile.TemporaryDirectory(dir=staging) as trace_dir:
+    with staged_output(output_dir, stale=contract.DERIVED_FROM_EXPORT) as staging, tempfile.TemporaryDirectory(dir=staging) as trace_dir:
         steps.set_postfix_str("tracing")
         traced = Path(trace_dir) / contract.MODEL_ONNX
         _trace(model, spec, traced)

@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from edgelora import contract
 from edgelora.errors import UserInputError
 from edgelora.fileio import staged_output
+from edgelora.fingerprint import METADATA_KEY, export_fingerprint
 from edgelora.lora_manifest import LoraManifest, LoraSite
 from edgelora.model_spec import ModelSpec
 
@@ -90,6 +91,33 @@ def _attach_branch(graph: gs.Graph, matmul: gs.Node, a: gs.Variable, b: gs.Varia
     graph.nodes.append(gs.Node(op="Add", name=f"{prefix}/Add", inputs=[y_base, delta], outputs=[y]))
 
 
+def _keep_logits_positions(graph: gs.Graph) -> gs.Variable:
+    """Compute logits only at the positions the caller samples from (a new input, [batch, kept]).
+
+    ::
+
+        before:  h [b,s,hidden] ──MatMul(lm_head)──> logits [b,s,vocab]
+        after:   logits_positions [b,k] ──Unsqueeze(-1)──> [b,k,1] ─┐
+                 h [b,s,hidden] ──GatherND(batch_dims=1)──────────> [b,k,hidden] ──MatMul(lm_head)──> logits [b,k,vocab]
+
+    For a real vocabulary the lm_head over every prompt position is a quarter of prefill's FLOPs
+    and [batch, prompt, vocab] floats of memory; the runtime keeps one position per row.
+    """
+    logits = next((out for out in graph.outputs if out.name == contract.LOGITS), None)
+    producer = logits.inputs[0] if logits is not None and logits.inputs else None
+    if producer is None or producer.op != "MatMul":
+        raise UserInputError(f"the graph's '{contract.LOGITS}' output does not come from the lm_head MatMul")
+    prefix = "/lora/logits_positions"
+    positions = gs.Variable(contract.LOGITS_POSITIONS, dtype=np.int64, shape=["batch", "kept_positions"])
+    indices = _node(graph, "Unsqueeze", f"{prefix}/Unsqueeze", [positions, _const(f"{prefix}/axis", [-1])],
+                    dtype=np.int64)
+    hidden = producer.inputs[0]
+    kept = _node(graph, "GatherND", f"{prefix}/GatherND", [hidden, indices], {"batch_dims": 1}, hidden.dtype)
+    producer.inputs[0] = kept
+    logits.shape = ["batch", "kept_positions", logits.shape[-1] if logits.shape else "vocab"]
+    return positions
+
+
 def resolve_targets(target_modules: list[str] | None) -> tuple[str, ...]:
     if not target_modules:
         return contract.MODULE_NAMES
@@ -97,7 +125,7 @@ def resolve_targets(target_modules: list[str] | None) -> tuple[str, ...]:
         return contract.normalize_module_names(target_modules)
     except ValueError as exc:
         raise UserInputError(
-            f"--target_modules: unknown module {exc.args[0]!r}; choose from {', '.join(contract.MODULE_NAMES)}"
+            f"--target-modules: unknown module {exc.args[0]!r}; choose from {', '.join(contract.MODULE_NAMES)}"
             " (or their HF names, e.g. q_proj)"
         ) from None
 
@@ -105,12 +133,13 @@ def resolve_targets(target_modules: list[str] | None) -> tuple[str, ...]:
 def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> LoraManifest:
     """Write ``lora_model.onnx`` and ``lora_manifest.json`` into ``onnx_dir``.
 
-    The weights stay in ``model.onnx.data``; ``lora_model.onnx`` points at the same file.
+    The weights stay in ``model.onnx.data``; ``lora_model.onnx`` points at the same file. Both
+    record the export's fingerprint, so the runtime can refuse them once the export changes.
     """
     onnx_dir = Path(onnx_dir)
     source = onnx_dir / contract.MODEL_ONNX
     if not source.is_file():
-        raise UserInputError(f"--onnx_dir {onnx_dir}: no {contract.MODEL_ONNX}; run 'edgelora export' first")
+        raise UserInputError(f"--onnx-dir {onnx_dir}: no {contract.MODEL_ONNX}; run 'edgelora export' first")
     spec = ModelSpec.load(onnx_dir)
     targets = resolve_targets(target_modules)
     try:
@@ -150,6 +179,7 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
             _attach_branch(graph, matmul, a, b, mask, site, dtype)
             new_inputs += [a, b]
             manifest.sites.append(site)
+    new_inputs.append(_keep_logits_positions(graph))
     graph.inputs.extend(new_inputs)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
@@ -158,6 +188,8 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
     rewritten.ir_version = model.ir_version
     del rewritten.opset_import[:]
     rewritten.opset_import.extend(model.opset_import)
+    manifest.source_fingerprint = export_fingerprint(onnx_dir)
+    onnx.helper.set_model_props(rewritten, {METADATA_KEY: manifest.source_fingerprint})
     with staged_output(onnx_dir) as staging:
         onnx.save_model(rewritten, str(staging / contract.LORA_MODEL_ONNX))
         manifest.save(staging)

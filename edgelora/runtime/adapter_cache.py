@@ -1,8 +1,17 @@
-"""Adapter lifecycle over the native slot pool: add / activate / pin / remove, LRU eviction.
+"""Adapter lifecycle over the native slot pool: add / activate / deactivate / remove / pin.
 
-Words as in vLLM: ``max_loras`` slots hold adapters ready for a batch (slot 0 = no adapter);
-``max_cpu_loras`` registered adapters are validated and known by name. An adapter that a running
-batch holds (reference count > 0) or that is pinned is never evicted.
+Three levels, in TensorRT-LLM's and vLLM's words:
+
+* **registered**: every adapter the cache was given, name -> processed folder, validated once
+  (config, shapes, header). Never forgotten until ``remove``: beyond the two bounded levels below,
+  an adapter is simply read again from its file on next use.
+* **host-ready** (at most ``max_cpu_loras``): read, converted to the graph's dtype and transposed
+  to the slot layout, one copy away from a slot. LRU.
+* **slots** (``max_loras``): pool memory a batch binds (device memory on CUDA, host memory on the
+  CPU); slot 0 means "no adapter". LRU among idle slots.
+
+A slot held by a running batch (reference count > 0) or pinned is never evicted; eviction happens
+before an insert, never after, so a call never drops what it has just made room for.
 """
 
 from __future__ import annotations
@@ -10,58 +19,113 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgelora import contract
-from edgelora.adapters.process import ProcessedAdapterConfig, check_processed_weights
+import numpy as np
+
 from edgelora.errors import AdapterError, EdgeLoraError, UserInputError
 from edgelora.lora_manifest import LoraManifest
 from edgelora.model_spec import ModelSpec
+from edgelora.processed_adapter import (
+    ProcessedAdapterConfig,
+    check_processed_weights,
+    read_processed_tensors,
+    resolve_adapter_path,
+)
 
 log = logging.getLogger(__name__)
 
 
-def resolve_adapter_path(path: Path) -> tuple[Path, Path]:
-    """Accept a processed folder or its safetensors file; return (folder, weights file)."""
-    path = Path(path)
-    folder = path.parent if path.suffix == ".safetensors" else path
-    weights = path if path.suffix == ".safetensors" else path / contract.PROCESSED_ADAPTER
-    if not weights.is_file():
-        raise UserInputError(f"{path}: no {contract.PROCESSED_ADAPTER}; run 'edgelora process-lora' on the adapter")
-    return folder, weights
-
-
 @dataclass
-class AdapterEntry:
+class RegisteredAdapter:
+    """What the cache knows of an adapter by name, and where it currently lives."""
+
     name: str
     weights: Path
     config: ProcessedAdapterConfig
     slot: int = 0  # 0: not in a slot
-    references: int = 0
+    references: int = 0  # running batches that use it
     pinned: bool = False
 
 
-class AdapterCache:
-    """Names -> pool slots, with LRU eviction of idle, unpinned adapters."""
+@dataclass
+class HostAdapter:
+    """An adapter ready to copy into a slot: per LoRA site A^T [rank, in] and B [rank, out], or None."""
 
-    def __init__(self, pool, spec: ModelSpec, manifest: LoraManifest, max_lora_rank: int, max_cpu_loras: int):
+    rank: int
+    a: list[np.ndarray | None]
+    b: list[np.ndarray | None]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(array.nbytes for array in self.a + self.b if array is not None)
+
+    @classmethod
+    def read(cls, weights: Path, manifest: LoraManifest, dtype, where: str) -> HostAdapter:
+        """Read a processed file and lay it out for the pool (A transposed, the graph's dtype)."""
+        tensors = read_processed_tensors(weights, where)
+        a: list[np.ndarray | None] = []
+        b: list[np.ndarray | None] = []
+        ranks = set()
+        for site in manifest.sites:
+            lora_a, lora_b = tensors.get(site.a_name), tensors.get(site.b_name)
+            if lora_a is None or lora_b is None:
+                if (lora_a is None) != (lora_b is None):
+                    raise AdapterError(f"{where}: {site.a_name} and {site.b_name} must both be present")
+                a.append(None)
+                b.append(None)
+                continue
+            # processed files store A [in, r] and B [r, out]; the slot holds A^T [r, in] and B
+            if lora_a.shape[0] != site.in_features or lora_b.shape[1] != site.out_features \
+                    or lora_a.shape[1] != lora_b.shape[0]:
+                raise AdapterError(f"{where}: {site.a_name} {list(lora_a.shape)} / {site.b_name} {list(lora_b.shape)} "
+                                   f"do not fit the projection {site.in_features}x{site.out_features}")
+            ranks.add(int(lora_a.shape[1]))
+            a.append(np.ascontiguousarray(lora_a.T, dtype=dtype))
+            b.append(np.ascontiguousarray(lora_b, dtype=dtype))
+        if len(ranks) != 1:
+            raise AdapterError(f"{where}: " + ("holds no LoRA tensors" if not ranks else f"mixes ranks {sorted(ranks)}"))
+        return cls(ranks.pop(), a, b)
+
+
+@dataclass
+class CacheStats:
+    """Counters for metrics: where activations were served from, and what loads cost."""
+
+    slot_hits: int = 0
+    slot_misses: int = 0
+    slot_evictions: int = 0
+    host_hits: int = 0
+    host_misses: int = 0
+    host_evictions: int = 0
+    load_s: list[float] = field(default_factory=list)
+
+
+class AdapterCache:
+    """Names -> host-ready copies -> pool slots, each bounded level LRU."""
+
+    def __init__(self, pool, spec: ModelSpec, manifest: LoraManifest, max_lora_rank: int, max_cpu_loras: int,
+                 dtype=np.float32):
         self._pool = pool
         self._spec = spec
         self._manifest = manifest
         self._max_lora_rank = max_lora_rank
-        self._max_cpu_loras = max(max_cpu_loras, pool.num_slots)
-        self._entries: OrderedDict[str, AdapterEntry] = OrderedDict()  # LRU order, oldest first
-        self._slots: dict[int, str] = {}
+        self._max_cpu_loras = max_cpu_loras
+        self._dtype = dtype
+        self._registered: dict[str, RegisteredAdapter] = {}
+        self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU, oldest first
+        self._slots: OrderedDict[int, str] = OrderedDict()  # slot -> name, least recently used first
+        self.stats = CacheStats()
         self.last_load_s = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def add(self, name: str, path: Path) -> AdapterEntry:
-        """Register (and validate) an adapter; nothing is loaded into a slot yet."""
-        if not name:
+    def add(self, name: str, path: Path) -> RegisteredAdapter:
+        """Register (and validate) an adapter by name; nothing is read into memory yet."""
+        if not name or not isinstance(name, str):
             raise UserInputError("an adapter needs a non-empty name")
         folder, weights = resolve_adapter_path(path)
-        existing = self._entries.get(name)
+        existing = self._registered.get(name)
         if existing is not None:
             if existing.weights.resolve() != weights.resolve():
                 raise UserInputError(f"adapter name {name!r} is already registered for {existing.weights}")
@@ -69,30 +133,31 @@ class AdapterCache:
         config = ProcessedAdapterConfig.load(folder)
         config.check_fits(self._spec, self._manifest, str(path), self._max_lora_rank)
         check_processed_weights(weights, config, self._manifest, str(path))
-        entry = AdapterEntry(name, weights, config)
-        self._entries[name] = entry
-        self._trim_registry()
+        entry = RegisteredAdapter(name, weights, config)
+        self._registered[name] = entry
         return entry
 
     def activate(self, name: str) -> int:
         """Make sure the adapter sits in a slot; return the slot (1..max_loras)."""
         entry = self._entry(name)
-        self._entries.move_to_end(name)
         if entry.slot:
+            self._slots.move_to_end(entry.slot)
+            self.stats.slot_hits += 1
             return entry.slot
-        slot = self._free_slot()
+        self.stats.slot_misses += 1
+        slot = self._free_slot()  # evicts first, so what follows never drops what it needs
         started = time.perf_counter()
-        try:
-            self._pool.load(slot, str(entry.weights))
-        except ValueError as exc:
-            raise AdapterError(f"adapter {name!r}: {exc}") from exc
+        ready = self._host_copy(entry)
+        self._pool.write(slot, ready.rank, ready.a, ready.b)
         self.last_load_s = time.perf_counter() - started
+        self.stats.load_s.append(self.last_load_s)
         entry.slot = slot
         self._slots[slot] = name
         log.debug("adapter %s -> slot %d (%.1f ms)", name, slot, self.last_load_s * 1e3)
         return slot
 
     def deactivate(self, name: str) -> None:
+        """Take the adapter out of its slot (it stays registered, and host-ready if it was)."""
         entry = self._entry(name)
         if entry.references:
             raise EdgeLoraError(f"adapter {name!r} is in use by a running batch")
@@ -102,11 +167,28 @@ class AdapterCache:
             entry.slot = 0
 
     def remove(self, name: str) -> None:
+        """Forget the adapter entirely (not allowed while a batch uses it)."""
         self.deactivate(name)
-        del self._entries[name]
+        self._host.pop(name, None)
+        del self._registered[name]
 
     def pin(self, name: str, pinned: bool = True) -> None:
-        self._entry(name).pinned = pinned
+        """Keep an adapter in a slot and host-ready (``pinned=False`` lets LRU take it again)."""
+        entry = self._entry(name)
+        if pinned:
+            entry.pinned = True
+            try:
+                self.activate(name)
+            except BaseException:
+                entry.pinned = False
+                raise
+        else:
+            entry.pinned = False
+
+    def forget_host_copy(self, name: str) -> None:
+        """Drop the host-ready copy (benchmarks: make the next activation read the file)."""
+        self._entry(name)
+        self._host.pop(name, None)
 
     def acquire(self, names: list[str]) -> dict[str, int]:
         """Activate and hold every named adapter for one batch; return name -> slot."""
@@ -117,7 +199,7 @@ class AdapterCache:
         try:
             for name in distinct:
                 slots[name] = self.activate(name)
-                self._entries[name].references += 1
+                self._registered[name].references += 1
         except BaseException:
             self.release(list(slots))
             raise
@@ -125,13 +207,16 @@ class AdapterCache:
 
     def release(self, names: list[str]) -> None:
         for name in dict.fromkeys(names):
-            entry = self._entries.get(name)
+            entry = self._registered.get(name)
             if entry is not None and entry.references:
                 entry.references -= 1
 
     # -- inspection --------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        return name in self._registered
+
+    def get(self, name: str) -> RegisteredAdapter:
+        return self._entry(name)
 
     def slot_of(self, name: str) -> int:
         return self._entry(name).slot
@@ -139,30 +224,49 @@ class AdapterCache:
     def slot_table(self) -> dict[int, str]:
         return dict(sorted(self._slots.items()))
 
+    def host_ready(self) -> list[str]:
+        """Names with a host-ready copy, least recently used first."""
+        return list(self._host)
+
     def names(self) -> list[str]:
-        return list(self._entries)
+        return list(self._registered)
 
     # -- internals ---------------------------------------------------------------------------
-    def _entry(self, name: str) -> AdapterEntry:
-        entry = self._entries.get(name)
+    def _entry(self, name: str) -> RegisteredAdapter:
+        entry = self._registered.get(name)
         if entry is None:
             raise UserInputError(f"unknown adapter {name!r}")
         return entry
+
+    def _host_copy(self, entry: RegisteredAdapter) -> HostAdapter:
+        """The host-ready copy, read from the file on a miss; cached unless every cached copy is pinned."""
+        ready = self._host.get(entry.name)
+        if ready is not None:
+            self._host.move_to_end(entry.name)
+            self.stats.host_hits += 1
+            return ready
+        self.stats.host_misses += 1
+        ready = HostAdapter.read(entry.weights, self._manifest, self._dtype, str(entry.weights))
+        if ready.rank > self._max_lora_rank:
+            raise AdapterError(f"{entry.weights}: rank {ready.rank} is above the maximum LoRA rank {self._max_lora_rank}")
+        if self._max_cpu_loras > 0:
+            while len(self._host) >= self._max_cpu_loras:
+                victim = next((n for n in self._host if not self._registered[n].pinned), None)
+                if victim is None:
+                    return ready  # every cached copy is pinned: use this one once, keep none
+                del self._host[victim]
+                self.stats.host_evictions += 1
+            self._host[entry.name] = ready
+        return ready
 
     def _free_slot(self) -> int:
         for slot in range(1, self._pool.num_slots + 1):
             if slot not in self._slots:
                 return slot
-        for name, entry in self._entries.items():  # oldest first
-            if entry.slot and not entry.references and not entry.pinned:
-                slot = entry.slot
+        for slot, name in self._slots.items():  # least recently used first
+            victim = self._registered[name]
+            if not victim.references and not victim.pinned:
                 self.deactivate(name)
+                self.stats.slot_evictions += 1
                 return slot
         raise EdgeLoraError("every adapter slot is held by a running batch or pinned; raise max_loras")
-
-    def _trim_registry(self) -> None:
-        while len(self._entries) > self._max_cpu_loras:
-            victim = next((n for n, e in self._entries.items() if not e.references and not e.pinned and not e.slot), None)
-            if victim is None:
-                return
-            del self._entries[victim]

@@ -1,7 +1,8 @@
 """The generation engine: one ORT session over lora_model.onnx, adapter slots bound per batch.
 
 A batch may mix adapters row by row: the slots its rows use are bound as one contiguous stack
-(a zero-copy view of the pool) and ``lora_index`` routes each row; base rows get index 0.
+(a zero-copy view of the pool) and ``lora_index`` routes each row; base rows get index 0. The
+graph computes logits only at ``logits_positions`` (each row's last token), never over the prompt.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import numpy as np
 
 from edgelora import contract
 from edgelora.errors import UserInputError
+from edgelora.fingerprint import METADATA_KEY
 from edgelora.lora_manifest import LoraManifest
 from edgelora.model_spec import ModelSpec
 from edgelora.runtime import native
 from edgelora.runtime.adapter_cache import AdapterCache
 from edgelora.runtime.kv_cache import KVCache
-from edgelora.runtime.session import NUMPY_DTYPES, Device, make_session
+from edgelora.runtime.session import NUMPY_DTYPES, Device, make_session, runtime_failures
 
 
 @dataclass
@@ -29,7 +31,7 @@ class EngineConfig:
 
     max_lora_rank: int = contract.MAX_LORA_RANK
     max_loras: int = 8  # adapter slots ready for a batch
-    max_cpu_loras: int = 16  # adapters registered (validated) by name
+    max_cpu_loras: int = 16  # adapters kept ready in host memory (converted, one copy from a slot)
     max_batch_size: int = 8
     device: str = "cpu"
     num_threads: int | None = None
@@ -58,12 +60,12 @@ class RowRequest:
 
     prompt_ids: list[int]
     adapter: str | None = None
-    max_new_tokens: int = 256
+    max_tokens: int = 256  # tokens to generate at most
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
-    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
 
 @dataclass
@@ -90,19 +92,24 @@ class Engine:
         self.config.validate()
         onnx_dir = Path(onnx_dir)
         graph = onnx_dir / contract.LORA_MODEL_ONNX
+        native.require_device(self.config.device)
         if not graph.is_file():
-            raise UserInputError(f"{onnx_dir}: no {contract.LORA_MODEL_ONNX}; run 'edgelora insert-lora --onnx_dir {onnx_dir}'")
+            raise UserInputError(f"{onnx_dir}: no {contract.LORA_MODEL_ONNX}; run 'edgelora insert-lora --onnx-dir {onnx_dir}'")
         self.spec = ModelSpec.load(onnx_dir)
         self.manifest = LoraManifest.load(onnx_dir)
+        self.manifest.check_built_from(onnx_dir)
         self.device = Device(self.config.device)
         self.session = make_session(graph, self.device, self.config.num_threads or os.cpu_count())
-        self.pool = native.AdapterPool(
-            [(s.a_name, s.b_name, s.in_features, s.out_features) for s in self.manifest.sites],
-            self.config.max_loras, self.config.max_lora_rank, self.spec.dtype, self.device.kind,
-        )
-        self.adapters = AdapterCache(self.pool, self.spec, self.manifest, self.config.max_lora_rank,
-                                     self.config.max_cpu_loras)
+        recorded = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if recorded != self.manifest.source_fingerprint:
+            raise UserInputError(f"{onnx_dir}: {contract.LORA_MODEL_ONNX} and {contract.LORA_MANIFEST} come from "
+                                 f"different insert-lora runs; re-run 'edgelora insert-lora --onnx-dir {onnx_dir}'")
         self._float = NUMPY_DTYPES[self.spec.dtype]
+        self.pool = native.AdapterPool([(s.in_features, s.out_features) for s in self.manifest.sites],
+                                       self.config.max_loras, self.config.max_lora_rank, self.spec.dtype,
+                                       self.device.kind)
+        self.adapters = AdapterCache(self.pool, self.spec, self.manifest, self.config.max_lora_rank,
+                                     self.config.max_cpu_loras, self._float)
         self._no_adapter = {site.a_name: np.zeros(contract.lora_a_shape(1, site.in_features, 0), self._float)
                             for site in self.manifest.sites}
         self._no_adapter.update({site.b_name: np.zeros(contract.lora_b_shape(1, 0, site.out_features), self._float)
@@ -112,6 +119,18 @@ class Engine:
         self._stack_generation = -1
         self._eos = set(self.spec.eos_token_ids)
         self._pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
+
+    # -- requests ------------------------------------------------------------------------------
+    def check_request(self, row: RowRequest, where: str) -> None:
+        """Refuse a request the model cannot hold: prompt + max tokens beyond its positions."""
+        if not row.prompt_ids:
+            raise UserInputError(f"{where}: the prompt has no tokens")
+        if min(row.prompt_ids) < 0 or max(row.prompt_ids) >= self.spec.vocab_size:
+            raise UserInputError(f"{where}: token id out of the vocabulary (0..{self.spec.vocab_size - 1})")
+        limit = self.spec.max_position_embeddings
+        if limit and len(row.prompt_ids) + row.max_tokens > limit:
+            raise UserInputError(f"{where}: prompt ({len(row.prompt_ids)} tokens) + max tokens ({row.max_tokens}) "
+                                 f"exceeds the model's {limit} positions")
 
     # -- adapters ------------------------------------------------------------------------------
     def bind_adapters(self, binding, slots: list[int]) -> np.ndarray:
@@ -150,8 +169,9 @@ class Engine:
     def _stack_values(self, first: int, last: int) -> list:
         """OrtValues over pool memory for slots first..last, made once per range and pool layout.
 
-        Binding a ready OrtValue costs a fifth of ``bind_input`` with a raw pointer, so switching
-        between cached adapters stays well under a millisecond even with hundreds of LoRA inputs.
+        Each is made from a numpy view whose base keeps the pool's buffer alive. Binding a ready
+        OrtValue costs a fifth of ``bind_input`` with a raw pointer, so switching between cached
+        adapters stays well under a millisecond even with hundreds of LoRA inputs.
         """
         import onnxruntime as ort
 
@@ -160,14 +180,10 @@ class Engine:
             self._stack_generation = self.pool.generation
         key = (first, last)
         if key not in self._stack_cache:
-            stack, rank = last - first + 1, self.pool.rank_capacity
             values = []
             for index, site in enumerate(self.manifest.sites):
-                for name, shape, address in (
-                        (site.a_name, contract.lora_a_shape(stack, site.in_features, rank), self.pool.a_pointer(index, first, last)),
-                        (site.b_name, contract.lora_b_shape(stack, rank, site.out_features), self.pool.b_pointer(index, first, last))):
-                    view = native.host_view(address, shape, self._float)
-                    values.append((name, ort.OrtValue.ortvalue_from_numpy(view)))
+                values.append((site.a_name, ort.OrtValue.ortvalue_from_numpy(self.pool.a_view(index, first, last))))
+                values.append((site.b_name, ort.OrtValue.ortvalue_from_numpy(self.pool.b_view(index, first, last))))
             self._stack_cache[key] = values
         return self._stack_cache[key]
 
@@ -176,6 +192,8 @@ class Engine:
         """Prefill all rows at once (right-padded), then decode until every row stops."""
         if not rows or len(rows) > self.config.max_batch_size:
             raise UserInputError(f"a batch needs 1..{self.config.max_batch_size} rows, got {len(rows)}")
+        for index, row in enumerate(rows):
+            self.check_request(row, f"row {index}")
         timings = timings if timings is not None else BatchTimings()
         names = [row.adapter for row in rows if row.adapter]
         slot_of = self.adapters.acquire(names)
@@ -184,17 +202,18 @@ class Engine:
         finally:
             self.adapters.release(names)
 
+    def new_cache(self, batch: int, max_len: int, initial_len: int | None = None) -> KVCache:
+        """A KV cache for ``batch`` rows, every row cleared (assigned)."""
+        cache = KVCache(self.spec, batch, max_len, self.device, initial_len=initial_len)
+        cache.clear_rows(range(batch))
+        return cache
+
     def _run(self, rows: list[RowRequest], slots: list[int], timings: BatchTimings) -> list[RowResult]:
         batch = len(rows)
         lengths = np.array([len(row.prompt_ids) for row in rows], np.int64)
-        if lengths.min() < 1:
-            raise UserInputError("every prompt needs at least one token")
-        budget = np.array([row.max_new_tokens for row in rows], np.int64)
+        budget = np.array([row.max_tokens for row in rows], np.int64)
         prompt_len = int(lengths.max())
-        max_len = prompt_len + int(budget.max())
-        if self.spec.max_position_embeddings and max_len > self.spec.max_position_embeddings:
-            raise UserInputError(f"prompt ({prompt_len}) + max new tokens ({int(budget.max())}) exceeds the model's "
-                                 f"{self.spec.max_position_embeddings} positions")
+        max_len = int((lengths + budget).max())  # each row's own prompt + its own budget
         samplers = [native.Sampler(row.seed if row.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
                     for row in rows]
         temperature = [float(row.temperature) for row in rows]
@@ -202,7 +221,7 @@ class Engine:
         top_p = [float(row.top_p) for row in rows]
 
         binding = self.session.io_binding()
-        cache = KVCache(self.spec, batch, max_len, self.device, initial_len=prompt_len + self.config.kv_cache_headroom)
+        cache = self.new_cache(batch, max_len, initial_len=prompt_len + self.config.kv_cache_headroom)
         cache.bind(binding)
         lora_index = self.bind_adapters(binding, slots)
         binding.bind_cpu_input(contract.LORA_INDEX, lora_index)
@@ -213,18 +232,17 @@ class Engine:
         attention_mask = (np.arange(prompt_len)[None, :] < lengths[:, None]).astype(np.int64)
         position_ids = np.tile(np.arange(prompt_len, dtype=np.int64), (batch, 1))
         started = time.perf_counter()
-        vocab = self.spec.vocab_size
-        logits = self._logits_buffer(binding, (batch, prompt_len, vocab), self._float)
-        self._step(binding, input_ids, attention_mask, position_ids)
-        last = np.ascontiguousarray(logits[np.arange(batch), lengths - 1], dtype=np.float32)
-        tokens = native.sample_batch(last, samplers, temperature, top_k, top_p)
+        logits = self.bind_logits(binding, (lengths - 1).reshape(batch, 1))
+        self.run_step(binding, input_ids, attention_mask, position_ids)
+        tokens = native.sample_batch(np.ascontiguousarray(logits[:, 0], dtype=np.float32), samplers, temperature,
+                                     top_k, top_p)
         timings.prefill_s += time.perf_counter() - started
         timings.prompt_tokens += int(lengths.sum())
 
         outputs: list[list[int]] = [[] for _ in rows]
         finish: list[str | None] = [None] * batch
         totals = lengths.copy()  # tokens in each row's cache
-        logits = self._logits_buffer(binding, (batch, 1, vocab), self._float)
+        logits = self.bind_logits(binding, np.zeros((batch, 1), np.int64))
         while True:
             for i in range(batch):
                 if finish[i] is None:
@@ -237,12 +255,14 @@ class Engine:
             if all(finish):
                 break
             step_started = time.perf_counter()
-            totals += 1
+            # Only live rows advance; a finished row rewrites its last position until the batch ends,
+            # so no row ever needs more than its own prompt + budget.
+            totals += np.array([reason is None for reason in finish], np.int64)
             width = int(totals.max())
             cache.reserve(width, binding)
             attention_mask = (np.arange(width)[None, :] < totals[:, None]).astype(np.int64)
-            self._step(binding, np.ascontiguousarray(tokens, dtype=np.int64).reshape(batch, 1), attention_mask,
-                       (totals - 1).reshape(batch, 1))
+            self.run_step(binding, np.ascontiguousarray(tokens, dtype=np.int64).reshape(batch, 1), attention_mask,
+                          (totals - 1).reshape(batch, 1))
             tokens = native.sample_batch(np.ascontiguousarray(logits[:, 0], dtype=np.float32), samplers,
                                          temperature, top_k, top_p)
             elapsed = time.perf_counter() - step_started
@@ -252,58 +272,26 @@ class Engine:
         timings.generated_tokens += sum(len(o) for o in outputs)
         return [RowResult(out, reason) for out, reason in zip(outputs, finish)]
 
-    @staticmethod
-    def _logits_buffer(binding, shape: tuple, dtype) -> np.ndarray:
-        """A host buffer bound as the logits output; runs write into it until another is bound.
+    def bind_logits(self, binding, positions: np.ndarray) -> np.ndarray:
+        """Bind ``logits_positions`` [batch, kept] and a host buffer [batch, kept, vocab] for the logits.
 
-        Bound once per shape (prefill, then decode), not once per step.
+        Runs write into the buffer until another is bound: once for the prefill, once for decode.
         """
         import onnxruntime as ort
 
-        buffer = np.empty(shape, dtype)
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        self._bound_positions = positions  # ORT reads bound host arrays in place: keep it alive
+        binding.bind_cpu_input(contract.LOGITS_POSITIONS, positions)
+        buffer = np.empty(positions.shape + (self.spec.vocab_size,), self._float)
         binding.bind_ortvalue_output(contract.LOGITS, ort.OrtValue.ortvalue_from_numpy(buffer))
         return buffer
 
-    def _step(self, binding, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> None:
-        """One run; logits land in the buffer last bound with ``_logits_buffer``."""
+    def run_step(self, binding, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> None:
+        """One run; logits land in the buffer last bound with ``bind_logits``."""
         # The arrays stay referenced here until the run ends: ORT reads their memory in place.
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
         binding.bind_cpu_input(contract.INPUT_IDS, input_ids)
         binding.bind_cpu_input(contract.ATTENTION_MASK, attention_mask)
         binding.bind_cpu_input(contract.POSITION_IDS, position_ids)
-        self.session.run_with_iobinding(binding)
-
-    # -- measurement ---------------------------------------------------------------------------
-    def time_decode(self, adapters: list[str | None], context_len: int, steps: int) -> list[float]:
-        """Seconds per greedy decode step for rows whose caches already hold ``context_len`` tokens.
-
-        For benchmarks of long contexts: the cache is filled with random keys/values instead of a
-        prefill (which would take minutes on a CPU), so only the decode cost at that length is timed.
-        """
-        batch = len(adapters)
-        names = [name for name in adapters if name]
-        slot_of = self.adapters.acquire(names)
-        try:
-            binding = self.session.io_binding()
-            cache = KVCache(self.spec, batch, context_len + steps, self.device)
-            cache.fill_random(np.random.default_rng(0))
-            cache.bind(binding)
-            binding.bind_cpu_input(contract.LORA_INDEX,
-                                   self.bind_adapters(binding, [slot_of[n] if n else 0 for n in adapters]))
-            tokens = np.zeros((batch, 1), np.int64)
-            samplers = [native.Sampler(0) for _ in range(batch)]
-            zeros, ones = [0.0] * batch, [1.0] * batch
-            durations = []
-            logits = self._logits_buffer(binding, (batch, 1, self.spec.vocab_size), self._float)
-            for step in range(steps):
-                started = time.perf_counter()
-                total = context_len + step + 1
-                mask = np.ones((batch, total), np.int64)
-                positions = np.full((batch, 1), total - 1, np.int64)
-                self._step(binding, tokens, mask, positions)
-                tokens = native.sample_batch(np.ascontiguousarray(logits[:, 0], dtype=np.float32), samplers, zeros,
-                                             [0] * batch, ones).reshape(batch, 1)
-                durations.append(time.perf_counter() - started)
-            return durations
-        finally:
-            self.adapters.release(names)
+        with runtime_failures("a model step"):
+            self.session.run_with_iobinding(binding)

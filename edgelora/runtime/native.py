@@ -1,16 +1,12 @@
-"""The C++ runtime (``edgelora._runtime``): adapter slot pool, sampler, bandwidth probe.
+"""The C++ runtime (``edgelora._runtime``): adapter slot memory, sampler, bandwidth probe.
 
-Imported through this module so a missing build is one clear error instead of an ImportError
-deep inside the engine.
+Imported through this module so a missing build, or a build without CUDA asked to use CUDA, is
+one clear error instead of an ImportError or a C++ message deep inside the engine.
 """
 
 from __future__ import annotations
 
-import ctypes
-
-import numpy as np
-
-from edgelora.errors import EdgeLoraError
+from edgelora.errors import EdgeLoraError, UserInputError
 
 try:
     from edgelora import _runtime
@@ -33,9 +29,17 @@ def with_cuda() -> bool:
     return bool(_module().with_cuda)
 
 
-def AdapterPool(sites: list[tuple[str, str, int, int]], num_slots: int, max_rank: int,
-                dtype: str = "float32", device: str = "cpu"):
-    """Slot buffers for ``num_slots`` adapters over the graph's LoRA sites (see runtime/adapter_pool.h)."""
+def require_device(device: str) -> None:
+    """Refuse --device cuda on a runtime built without CUDA, before anything is loaded."""
+    if device == "cuda" and not with_cuda():
+        raise UserInputError("--device cuda: this edgelora runtime was built without CUDA; "
+                             "reinstall with EDGELORA_CUDA=ON pip install -e '.[gpu]' on a machine with nvcc")
+
+
+def AdapterPool(sites: list[tuple[int, int]], num_slots: int, max_rank: int, dtype: str = "float32",
+                device: str = "cpu"):
+    """Slot memory for ``num_slots`` adapters over the graph's LoRA sites, each (in, out) (see runtime/adapter_pool.h)."""
+    require_device(device)
     return _module().AdapterPool(sites, num_slots, max_rank, dtype, device)
 
 
@@ -58,8 +62,6 @@ def read_bandwidth(threads: int = 0, size_bytes: int = 512 << 20, repeats: int =
     return _module().read_bandwidth(threads, size_bytes, repeats)
 
 
-def host_view(address: int, shape: tuple, dtype) -> np.ndarray:
-    """A numpy array over host memory the pool owns (valid until the pool's generation changes)."""
-    count = int(np.prod(shape))
-    buffer = (ctypes.c_byte * (count * np.dtype(dtype).itemsize)).from_address(address)
-    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
+def zero_device_memory(address: int, size_bytes: int) -> None:
+    """Zero CUDA device memory (KV cache rows); needs a CUDA build."""
+    _module().zero_device_memory(address, size_bytes)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgelora.errors import UserInputError
+from edgelora.errors import RuntimeFailure, UserInputError
 
 DEVICES = ("cpu", "cuda")
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+# ORT's exception classes that mean "this file is not a model ONNX Runtime can load": the input.
+_BAD_MODEL_ERRORS = ("InvalidProtobuf", "InvalidGraph", "NoSuchFile", "NoModel", "InvalidArgument", "NotImplemented")
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,10 @@ class Device:
     @property
     def provider(self) -> str:
         return "CUDAExecutionProvider" if self.kind == "cuda" else "CPUExecutionProvider"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def make_session(path: Path, device: Device, num_threads: int | None = None):
@@ -43,5 +51,21 @@ def make_session(path: Path, device: Device, num_threads: int | None = None):
     providers.append("CPUExecutionProvider")
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-        raise UserInputError(f"{path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+        if type(exc).__name__ in _BAD_MODEL_ERRORS:
+            raise UserInputError(f"{path}: ONNX Runtime cannot load it: {_first_line(exc)}") from exc
+        raise RuntimeFailure(f"ONNX Runtime failed to load {path} (not an input problem; out of memory?): "
+                             f"{_first_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def runtime_failures(what: str) -> Iterator[None]:
+    """Turn an ONNX Runtime failure during a run (out of memory, a kernel error) into RuntimeFailure."""
+    try:
+        yield
+    except MemoryError as exc:
+        raise RuntimeFailure(f"out of memory during {what}") from exc
+    except Exception as exc:  # ORT's Fail, RuntimeException, EPFail... derive from Exception only
+        if isinstance(exc, RuntimeError) or type(exc).__module__.startswith("onnxruntime"):
+            raise RuntimeFailure(f"ONNX Runtime failed during {what} (not an input problem): {_first_line(exc)}") from exc
+        raise

@@ -1,0 +1,122 @@
+"""The processed-adapter format: ``config.json`` + ``processed_adapter_model.safetensors``.
+
+process-lora writes it; the runtime reads it. Both import this module, so the format and its
+checks exist once, and the runtime never imports the processing stage (or torch).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgelora import contract
+from edgelora.errors import AdapterError, UserInputError
+from edgelora.lora_manifest import LoraManifest
+from edgelora.model_spec import ModelSpec
+
+PROCESSED_FORMAT = "edgelora-processed-lora"
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def resolve_adapter_path(path: Path) -> tuple[Path, Path]:
+    """Accept a processed folder or its safetensors file; return (folder, weights file)."""
+    path = Path(path)
+    folder = path.parent if path.suffix == ".safetensors" else path
+    weights = path if path.suffix == ".safetensors" else path / contract.PROCESSED_ADAPTER
+    if not weights.is_file():
+        raise UserInputError(f"{path}: no {contract.PROCESSED_ADAPTER}; run 'edgelora process-lora' on the adapter")
+    return folder, weights
+
+
+@dataclass
+class ProcessedAdapterConfig:
+    """``config.json`` beside ``processed_adapter_model.safetensors``."""
+
+    rank: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: list[str]
+    num_layers: int  # highest adapted layer + 1
+    module_shapes: dict[str, list[int]]
+    dtype: str
+    base_model_name_or_path: str | None = None
+    source: str = ""
+    dropped_tensors: list[str] = field(default_factory=list)
+    format: str = PROCESSED_FORMAT
+    version: int = 1
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / contract.PROCESSED_CONFIG).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> ProcessedAdapterConfig:
+        path = Path(directory) / contract.PROCESSED_CONFIG
+        if not path.is_file():
+            raise AdapterError(f"{directory}: no {contract.PROCESSED_CONFIG}; run 'edgelora process-lora' on the adapter")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != PROCESSED_FORMAT:
+                raise ValueError("not written by 'edgelora process-lora'")
+            raw.pop("format")
+            return cls(**raw)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise AdapterError(f"{path}: malformed processed-adapter config: {exc}") from exc
+
+    def check_fits(self, spec: ModelSpec, manifest: LoraManifest | None, where: str,
+                   max_rank: int = contract.MAX_LORA_RANK) -> None:
+        """Raise if this adapter cannot run on that exported model (sizes, layers, rank, modules)."""
+        if self.rank > max_rank:
+            raise AdapterError(f"{where}: rank {self.rank} is above the maximum LoRA rank {max_rank}")
+        if self.num_layers > spec.num_layers:
+            raise AdapterError(f"{where}: adapts layer {self.num_layers - 1} but the base model has {spec.num_layers} layers")
+        for module, (in_features, out_features) in self.module_shapes.items():
+            expected = spec.module_in_out(module)
+            if (in_features, out_features) != expected:
+                raise AdapterError(
+                    f"{where}: {module} projection is {in_features}x{out_features} in the adapter but "
+                    f"{expected[0]}x{expected[1]} in the base model; the adapter was made for another model"
+                )
+        if manifest is not None:
+            missing = [m for m in self.target_modules if m not in manifest.target_modules]
+            if missing:
+                raise AdapterError(f"{where}: targets {', '.join(missing)} but lora_model.onnx has LoRA only on "
+                                   f"{', '.join(manifest.target_modules)}; rerun insert-lora with those modules")
+
+
+def check_processed_weights(weights: Path, config: ProcessedAdapterConfig, manifest: LoraManifest, where: str) -> None:
+    """Read the safetensors header (no data) and check every tensor against the LoRA graph's inputs."""
+    from safetensors import SafetensorError, safe_open
+
+    sites = manifest.sites_by_name()
+    try:
+        with safe_open(str(weights), framework="numpy") as handle:
+            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (OSError, SafetensorError) as exc:
+        raise AdapterError(f"{where}: unreadable {contract.PROCESSED_ADAPTER} ({exc})") from exc
+    if not shapes:
+        raise AdapterError(f"{where}: {contract.PROCESSED_ADAPTER} holds no tensors")
+    for name, shape in shapes.items():
+        site = sites.get(name)
+        if site is None:
+            raise AdapterError(f"{where}: tensor {name} has no LoRA input in lora_model.onnx")
+        expected = [site.in_features, config.rank] if name == site.a_name else [config.rank, site.out_features]
+        if shape != expected:
+            raise AdapterError(f"{where}: tensor {name} is {shape}, expected {expected}")
+    for name in shapes:
+        site = sites[name]
+        if (site.a_name in shapes) != (site.b_name in shapes):
+            raise AdapterError(f"{where}: {name} has no matching {site.b_name if name == site.a_name else site.a_name}")
+
+
+def read_processed_tensors(weights: Path, where: str) -> dict[str, np.ndarray]:
+    """Every tensor of a processed adapter file (float16, bfloat16 via ml_dtypes, or float32)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(weights))
+    except (OSError, SafetensorError, ValueError, TypeError) as exc:
+        raise AdapterError(f"{where}: unreadable {contract.PROCESSED_ADAPTER} ({exc})") from exc
