@@ -5,7 +5,7 @@ model.safetensors, tokenizer.json + tokenizer_config.json or chat_template.jinja
 generation_config.json; adapter_config.json + adapter_model.safetensors), so the toolchain reads
 them through its real loading code.
 
-    python samples/make_sample.py --output_dir /tmp/sample [--family qwen2|llama] [--size tiny|bench]
+    python samples/make_sample.py --output-dir /tmp/sample [--family qwen2|llama] [--size tiny|bench] [--vocab N]
 
 Families differ on purpose: qwen2 has tied embeddings, its chat template in
 tokenizer_config.json and 4 heads over 2 KV heads; llama is untied, keeps its template in
@@ -151,8 +151,13 @@ def train_tokenizer(recipe: FamilyRecipe, out_dir: Path, vocab_size: int) -> Non
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def make_model(family: str, out_dir: Path, size: str = "tiny", seed: int = 0, vocab_size: int = 512) -> Path:
-    """A randomly initialised decoder saved like a hub checkpoint, with its tokenizer."""
+def make_model(family: str, out_dir: Path, size: str = "tiny", seed: int = 0, vocab_size: int = 512,
+               model_vocab: int | None = None) -> Path:
+    """A randomly initialised decoder saved like a hub checkpoint, with its tokenizer.
+
+    ``model_vocab`` widens the embedding and lm_head past the trained tokenizer's ids (the extra
+    rows are never produced by the tokenizer): it gives a real vocabulary's memory and FLOPs.
+    """
     import torch
     from tokenizers import Tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -164,6 +169,7 @@ def make_model(family: str, out_dir: Path, size: str = "tiny", seed: int = 0, vo
     tokenizer = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
     ids = {token: tokenizer.token_to_id(token) for token in recipe.special_tokens}
     vocab = tokenizer.get_vocab_size() if size != "bench" else max(tokenizer.get_vocab_size(), BENCH_VOCAB)
+    vocab = max(vocab, model_vocab or 0)
     config = AutoConfig.for_model(
         recipe.model_type,
         vocab_size=vocab,
@@ -209,10 +215,11 @@ def make_adapter(model_dir: Path, out_dir: Path, recipe: AdapterRecipe, seed: in
     return out_dir
 
 
-def make_sample(out_dir: Path, family: str = "qwen2", size: str = "tiny", adapters: bool = True) -> Sample:
+def make_sample(out_dir: Path, family: str = "qwen2", size: str = "tiny", adapters: bool = True,
+                model_vocab: int | None = None) -> Sample:
     """Model in OUT/model, adapters in OUT/adapters/{a1,a2,a3} (bench size: b1..b4, r16 on all seven)."""
     out_dir = Path(out_dir)
-    model_dir = make_model(family, out_dir / "model", size)
+    model_dir = make_model(family, out_dir / "model", size, model_vocab=model_vocab)
     made = {}
     if adapters:
         for index, (name, recipe) in enumerate((BENCH_ADAPTERS if size == "bench" else ADAPTERS).items()):
@@ -222,13 +229,20 @@ def make_sample(out_dir: Path, family: str = "qwen2", size: str = "tiny", adapte
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", required=True, type=Path, help="folder to create (model/ and adapters/ inside)")
+    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, type=Path,
+                        help="folder to create (model/ and adapters/ inside)")
     parser.add_argument("--family", choices=sorted(RECIPES), default="qwen2", help="architecture of the sample model")
     parser.add_argument("--size", choices=("tiny", "bench"), default="tiny",
                         help="tiny: a few hundred KB for tests and the demo; bench: Qwen2.5-0.5B's shape (qwen2 only)")
-    parser.add_argument("--no_adapters", action="store_true", help="make only the base model")
+    parser.add_argument("--vocab", type=int, default=None, metavar="N",
+                        help=f"model vocabulary size (at least the tokenizer's; bench default {BENCH_VOCAB}); "
+                             "151936 is Qwen2.5's, where the tied lm_head is a quarter of the 0.5B model's weights")
+    parser.add_argument("--no-adapters", "--no_adapters", dest="no_adapters", action="store_true",
+                        help="make only the base model")
     args = parser.parse_args(argv)
-    sample = make_sample(args.output_dir, args.family, args.size, adapters=not args.no_adapters)
+    if args.vocab is not None and args.vocab < 1:
+        parser.error("--vocab must be a positive number")
+    sample = make_sample(args.output_dir, args.family, args.size, adapters=not args.no_adapters, model_vocab=args.vocab)
     print(f"model: {sample.model_dir}")
     for name, path in sample.adapters.items():
         print(f"adapter {name}: {path}")

@@ -11,21 +11,21 @@ edgelora() { "$PYTHON" -m edgelora "$@"; }
 
 rm -rf "$WORK" && mkdir -p "$WORK"
 echo "== 1. sample model, tokenizer and adapters -> $WORK/sample"
-"$PYTHON" samples/make_sample.py --output_dir "$WORK/sample"
+"$PYTHON" samples/make_sample.py --output-dir "$WORK/sample"
 echo "== 2. export"
-edgelora export --model_dir "$WORK/sample/model" --output_dir "$WORK/onnx"
+edgelora export --model-dir "$WORK/sample/model" --output-dir "$WORK/onnx"
 echo "== 3. insert-lora (all seven projections)"
-edgelora insert-lora --onnx_dir "$WORK/onnx"
+edgelora insert-lora --onnx-dir "$WORK/onnx"
 echo "== 4. process-lora"
 for name in a1 a2 a3; do
-  edgelora process-lora --input_dir "$WORK/sample/adapters/$name" --output_dir "$WORK/onnx/lora_weights/$name" \
-    --onnx_dir "$WORK/onnx"
+  edgelora process-lora --input-dir "$WORK/sample/adapters/$name" --output-dir "$WORK/onnx/lora_weights/$name" \
+    --onnx-dir "$WORK/onnx"
 done
 echo "== 5. merge-lora (a1 into the base weights, a plain HF folder)"
-edgelora merge-lora --model_dir "$WORK/sample/model" --lora_dir "$WORK/sample/adapters/a1" --output_dir "$WORK/merged_a1"
+edgelora merge-lora --model-dir "$WORK/sample/model" --lora-dir "$WORK/sample/adapters/a1" --output-dir "$WORK/merged_a1"
 echo "== 6. infer: one batch, rows on a1 / a2 / base / a3 / a1 (sampled) / base"
 cp samples/input.json "$WORK/input.json"
-edgelora infer --onnxDir "$WORK/onnx" --inputFile "$WORK/input.json" --outputFile "$WORK/output.json"
+edgelora infer --onnx-dir "$WORK/onnx" --input-file "$WORK/input.json" --output-file "$WORK/output.json"
 "$PYTHON" - "$WORK/output.json" <<'PY'
 import json, sys
 result = json.load(open(sys.argv[1]))

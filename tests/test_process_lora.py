@@ -166,3 +166,17 @@ def test_processing_succeeds_through_the_cli(tmp_path, exported, capsys):
                           "--onnx_dir", str(exported.onnx_dir)], capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == sorted([contract.PROCESSED_ADAPTER, contract.PROCESSED_CONFIG])
+
+
+def test_bfloat16_peft_adapter_is_read(qwen2_sample, tmp_path):
+    """PEFT adapters trained in bf16 (read through ml_dtypes) give the bf16 values, transposed and scaled."""
+    import ml_dtypes
+
+    adapter = _copy_adapter(qwen2_sample.adapters["a1"], tmp_path / "bf16")
+    tensors = {name: value.astype(ml_dtypes.bfloat16) for name, value in _peft_tensors(adapter).items()}
+    save_file(tensors, str(adapter / contract.PEFT_WEIGHTS))
+    config = process_adapter(adapter, tmp_path / "out", dtype="float32")
+    processed = load_file(str(tmp_path / "out" / contract.PROCESSED_ADAPTER))
+    lora_a = tensors[_peft_name(0, "q", "A")].astype(np.float32)
+    np.testing.assert_array_equal(processed[contract.lora_a_name(0, "q")], lora_a.T)
+    assert config.rank == lora_a.shape[0]

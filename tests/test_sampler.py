@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from edgelora.runtime import native
 
 DRAWS = 3000
+VOCAB = 151936  # Qwen's: large enough that the sampler must not sort it all for a small nucleus
 
 
 def _draw(logits, seed=0, temperature=1.0, top_k=0, top_p=1.0, draws=DRAWS) -> np.ndarray:
@@ -80,3 +83,80 @@ def test_sample_batch_rejects_bad_arguments():
         native.sample_batch(logits, [native.Sampler(0)] * 2, [1.0, 1.0], [0, 0], [0.0, 1.0])
     with pytest.raises(ValueError, match=r"\[batch, vocab\]"):
         native.sample_batch(np.zeros(4, np.float32), [native.Sampler(0)], [0.0], [0], [1.0])
+
+
+def _reference_nucleus(logits: np.ndarray, temperature: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The nucleus by the documented rule, with the C++ arithmetic: (tokens in order, running mass).
+
+    Largest logit first, ties by lower index; weights exp((logit - max) / temperature) in float64
+    through the C library's exp (math.exp), so they are the C++ weights bit for bit; running sums in
+    that order (np.cumsum adds one at a time); the nucleus is the first prefix reaching top_p * total.
+    """
+    finite = np.flatnonzero(np.isfinite(logits))
+    order = finite[np.lexsort((finite, -logits[finite]))]
+    top = float(logits[order[0]])
+    inverse_temperature = 1.0 / float(np.float32(temperature))
+    weights = np.array([math.exp((float(value) - top) * inverse_temperature) for value in logits[order]])
+    mass = np.cumsum(weights)
+    kept = int(np.argmax(mass >= float(np.float32(top_p)) * mass[-1])) + 1
+    return order[:kept], mass[:kept]
+
+
+def _reference_draws(logits, seed: int, temperature: float, top_p: float, draws: int) -> tuple[np.ndarray, int]:
+    """Tokens the rule gives for a twin Sampler's uniforms (one per step), and the nucleus size."""
+    nucleus, mass = _reference_nucleus(np.asarray(logits, np.float32), temperature, top_p)
+    twin = native.Sampler(seed)
+    points = np.array([twin.next_uniform() for _ in range(draws)]) * mass[-1]
+    picked = np.minimum(np.searchsorted(mass, points, side="right"), len(nucleus) - 1)  # first mass > point
+    return nucleus[picked], len(nucleus)
+
+
+# peaked: a nucleus of a few tokens; broad and flat: far more than the 64 a first guess would sort
+@pytest.mark.parametrize(("spread", "draws", "nucleus_sizes"),
+                         [(4.0, 200, (2, 64)), (2.0, 100, (5000, 50000)), (0.1, 30, (100000, VOCAB))])
+def test_top_p_on_a_large_vocabulary_matches_the_reference_rule(spread, draws, nucleus_sizes):
+    logits = (np.random.default_rng(11).standard_normal(VOCAB) * spread).astype(np.float32)
+    expected, nucleus_size = _reference_draws(logits, seed=5, temperature=0.8, top_p=0.9, draws=draws)
+    assert nucleus_sizes[0] <= nucleus_size <= nucleus_sizes[1]
+    picked = _draw(logits, seed=5, temperature=0.8, top_p=0.9, draws=draws)
+    np.testing.assert_array_equal(picked, expected)
+
+
+def test_top_p_breaks_ties_by_lower_index_when_the_target_is_hit_exactly():
+    # 128 tied tokens of weight exactly 1, the rest weigh exactly 0: top_p 0.5 reaches its target
+    # (64) at the 64th tied token exactly, so the nucleus is the 64 lowest indices of the tie.
+    rng = np.random.default_rng(12)
+    tied = np.sort(rng.choice(VOCAB, 128, replace=False))
+    logits = np.full(VOCAB, -1e4, np.float32)
+    logits[tied] = 0.0
+    picked = _draw(logits, seed=9, top_p=0.5, draws=100)
+    expected, nucleus_size = _reference_draws(logits, seed=9, temperature=1.0, top_p=0.5, draws=100)
+    assert nucleus_size == 64
+    assert set(picked) <= set(tied[:64]) and len(set(picked)) > 32
+    np.testing.assert_array_equal(picked, expected)
+
+
+def test_top_p_cut_inside_a_tie_keeps_the_lower_indices():
+    # 50 tokens at logit 1, 5000 tied at 0, the rest far below: the 0.5 nucleus ends inside the tie.
+    rng = np.random.default_rng(13)
+    logits = (rng.standard_normal(VOCAB) - 30.0).astype(np.float32)
+    positions = rng.permutation(VOCAB)
+    high, tied = np.sort(positions[:50]), np.sort(positions[50:5050])
+    logits[high], logits[tied] = 1.0, 0.0
+    picked = _draw(logits, seed=3, top_p=0.5, draws=300)
+    expected, nucleus_size = _reference_draws(logits, seed=3, temperature=1.0, top_p=0.5, draws=300)
+    assert 2000 < nucleus_size - 50 < 3000  # the cut lands inside the tied block
+    kept_tied = tied[: nucleus_size - 50]
+    assert set(picked) <= set(high) | set(kept_tied) and set(picked) & set(kept_tied)
+    np.testing.assert_array_equal(picked, expected)
+
+
+def test_sample_batch_top_p_on_a_large_vocabulary_matches_the_reference_rule():
+    rng = np.random.default_rng(14)
+    logits = (rng.standard_normal((3, VOCAB)) * np.array([[4.0], [3.0], [1.0]])).astype(np.float32)
+    seeds, temperatures, top_ps = [21, 22, 23], [0.8, 1.0, 0.5], [0.9, 0.6, 0.95]
+    samplers = [native.Sampler(seed) for seed in seeds]
+    picked = np.stack([native.sample_batch(logits, samplers, temperatures, [0, 0, 0], top_ps) for _ in range(20)], 1)
+    for row in range(3):
+        expected, _ = _reference_draws(logits[row], seeds[row], temperatures[row], top_ps[row], draws=20)
+        np.testing.assert_array_equal(picked[row], expected)

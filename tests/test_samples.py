@@ -37,3 +37,12 @@ def test_adapters_differ_in_rank_and_targets(qwen2_sample):
     assert len({c["r"] for c in configs.values()}) == 3
     assert len({tuple(sorted(c["target_modules"])) for c in configs.values()}) == 3
     assert any(c["use_rslora"] for c in configs.values())
+
+
+def test_vocab_option_widens_the_model_vocabulary(tmp_path):
+    from make_sample import main as make_sample_main
+
+    assert make_sample_main(["--output-dir", str(tmp_path / "wide"), "--vocab", "1000", "--no-adapters"]) == 0
+    config = json.loads((tmp_path / "wide" / "model" / "config.json").read_text())
+    tokens = json.loads((tmp_path / "wide" / "model" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert config["vocab_size"] == 1000 and len(tokens) < 1000

@@ -146,42 +146,17 @@ def _load_tensors(directory: Path) -> dict[str, np.ndarray]:
 
 
 def _upcast_bf16(path: Path) -> dict[str, np.ndarray]:
-    """Load a safetensors file as float32 numpy arrays; numpy has no bfloat16, so widen by bits."""
-    from safetensors import safe_open
+    """Load a safetensors file as float32 numpy arrays (bfloat16 through ml_dtypes, which safetensors uses)."""
+    from safetensors.numpy import load_file
 
-    tensors = {}
-    with safe_open(str(path), framework="numpy") as handle:
-        names = list(handle.keys())
-    header_dtypes = _header_dtypes(path)
-    if any(dtype == "BF16" for dtype in header_dtypes.values()):
-        raw = path.read_bytes()
-        header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + header_len])
-        base = 8 + header_len
-        for name in names:
-            info = header[name]
-            start, end = info["data_offsets"]
-            buf = np.frombuffer(raw, dtype=np.uint8, count=end - start, offset=base + start)
-            if info["dtype"] == "BF16":
-                bits = buf.view(np.uint16).astype(np.uint32) << 16
-                tensors[name] = bits.view(np.float32).reshape(info["shape"])
-            else:
-                tensors[name] = buf.view(_NUMPY_BY_SAFETENSORS[info["dtype"]]).reshape(info["shape"]).astype(np.float32)
-        return tensors
-    with safe_open(str(path), framework="numpy") as handle:
-        for name in names:
-            tensors[name] = handle.get_tensor(name).astype(np.float32)
-    return tensors
-
-
-_NUMPY_BY_SAFETENSORS = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+    return {name: value.astype(np.float32) for name, value in load_file(str(path)).items()}
 
 
 def _header_dtypes(path: Path) -> dict[str, str]:
-    with open(path, "rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(header_len))
-    return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        return {name: handle.get_slice(name).get_dtype() for name in handle.keys()}  # noqa: SIM118
 
 
 def read_peft_adapter(directory: Path) -> PeftAdapter:
