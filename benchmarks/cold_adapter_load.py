@@ -6,7 +6,9 @@ really is the first), creates the engine, registers ``--adapters``, then times:
 
 * ``first``: the first activation (read, validate, convert, copy into slot 1);
 * ``second``: activating another adapter into slot 2 (the pool is warm now);
-* ``reload``: deactivating and activating the first adapter again, from its file.
+* ``reload``: deactivating and activating the first adapter again, from its file;
+* ``touch_fresh_slot_bytes``: writing as many bytes of never-touched memory as one slot holds
+  (what first use of any new memory costs on this machine, whoever does it).
 
     python benchmarks/cold_adapter_load.py --onnx-dir bench_out/onnx \
         --adapters bench_out/onnx/lora_weights/b1 bench_out/onnx/lora_weights/b2 --trials 5
@@ -23,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def _trial(onnx_dir: str, adapters: list[str], max_loras: int, threads: int) -> dict:
@@ -49,6 +53,13 @@ def _trial(onnx_dir: str, adapters: list[str], max_loras: int, threads: int) -> 
         engine.adapters.activate(names[0])
         reloads.append(time.perf_counter() - started)
     timings["reload"] = statistics.median(reloads)
+    # What the machine charges for memory nobody touched yet: one slot's bytes, first written.
+    slot_bytes = sum(site.in_features + site.out_features for site in engine.manifest.sites) \
+        * engine.pool.rank_capacity * np.dtype(np.float32 if engine.spec.dtype == "float32" else np.float16).itemsize
+    fresh = np.empty(slot_bytes, np.uint8)
+    started = time.perf_counter()
+    fresh.fill(1)
+    timings["touch_fresh_slot_bytes"] = time.perf_counter() - started
     return {key: value * 1e3 for key, value in timings.items()}
 
 
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             samples.setdefault(key, []).append(value)
     medians = {key: statistics.median(values) for key, values in samples.items()}
     for key, value in medians.items():
-        print(f"{key:<7} {value:8.1f} ms median  ({', '.join(f'{v:.1f}' for v in samples[key])})")
+        print(f"{key:<22} {value:8.1f} ms median  ({', '.join(f'{v:.1f}' for v in samples[key])})")
     if args.json:
         args.json.write_text(json.dumps({"median_ms": medians, "samples_ms": samples}, indent=2) + "\n")
     return 0

@@ -192,7 +192,7 @@ def run_bench(options: BenchOptions) -> dict:
     for name, path in zip(names, options.adapters):
         engine.adapters.add(name, Path(path))
         engine.adapters.activate(name)
-    log.info("bench: %d adapters, batches %s, prompt %d, %d new tokens, %d repeats", len(names), options.batches,
+    log.info("bench: %d adapters, batches %s, prompt %d, %d tokens generated per row, %d repeats", len(names), options.batches,
              options.prompt_len, options.max_tokens, options.repeats)
     configs = _configurations(names, options.batches)
     for config in configs:  # warm-up: first runs pay for allocations

@@ -15,6 +15,9 @@ input of one run): rows ``e*rank .. e*rank+rank-1`` of A and B belong to stack e
 ``b`` of the batch uses stack entry ``lora_index[b] - 1``; ``lora_index[b] == 0`` means no
 adapter. Smaller ranks and untargeted modules are zero-padded. A processed adapter file stores
 the same names for one adapter, untransposed: ``A`` is ``[in, r]`` and ``B`` is ``[r, out]``.
+
+``lora_model.onnx`` also takes ``logits_positions`` (int64 [batch, kept]) and returns logits
+[batch, kept, vocab] at those sequence positions only; ``model.onnx`` keeps logits at every position.
 """
 
 from __future__ import annotations

@@ -94,25 +94,13 @@ void SlotBuffer::copy_rows_from(const SlotBuffer& source, std::size_t source_off
 
 void SlotBuffer::zero(std::size_t offset, std::size_t size) {
   if (size == 0) return;
-  if (kind_ != MemoryKind::Host) {
+  if (kind_ == MemoryKind::Host) {
+    std::memset(data_ + offset, 0, size);
+  } else {
 #ifdef EDGELORA_WITH_CUDA
     cuda::device_zero(data_ + offset, size);
 #endif
-    return;
   }
-  // memset the partial pages at both ends; drop the whole pages between (they read back as zero).
-  const std::size_t page = page_size();
-  const std::size_t begin = offset, end = offset + size;
-  const std::size_t inner_begin = (begin + page - 1) / page * page, inner_end = end / page * page;
-  if (inner_end <= inner_begin) {
-    std::memset(data_ + begin, 0, size);
-    return;
-  }
-  std::memset(data_ + begin, 0, inner_begin - begin);
-  if (madvise(data_ + inner_begin, inner_end - inner_begin, MADV_DONTNEED) != 0) {
-    std::memset(data_ + inner_begin, 0, inner_end - inner_begin);
-  }
-  std::memset(data_ + inner_end, 0, end - inner_end);
 }
 
 // -- AdapterPool --------------------------------------------------------------------------------
@@ -218,21 +206,25 @@ void AdapterPool::write(int slot, const ReadyAdapter& adapter) {
     }
   }
   if (adapter.rank > capacity_) grow(adapter.rank);
+  // Rows at or past a slot's rank are zero (a fresh mapping, or zeroed when the rank shrank), so a
+  // write touches only the rows it fills plus the old adapter's rows it must clear: a first write
+  // into a slot never faults in pages it does not need.
   const std::size_t es = element_size(dtype_), cap = capacity_, r = adapter.rank;
+  const std::size_t old_rank = static_cast<std::size_t>(slot_ranks_[slot - 1]);
   for (std::size_t i = 0; i < sites_.size(); ++i) {
     const std::size_t in = sites_[i].in_features, out = sites_[i].out_features;
-    const std::size_t a_bytes = cap * in * es, b_bytes = cap * out * es;
-    const std::size_t a_offset = (slot - 1) * a_bytes, b_offset = (slot - 1) * b_bytes;
+    const std::size_t a_offset = (slot - 1) * cap * in * es, b_offset = (slot - 1) * cap * out * es;
     if (adapter.a[i] == nullptr) {  // not targeted by this adapter: contributes nothing
-      a_[i]->zero(a_offset, a_bytes);
-      b_[i]->zero(b_offset, b_bytes);
+      a_[i]->zero(a_offset, old_rank * in * es);
+      b_[i]->zero(b_offset, old_rank * out * es);
       continue;
     }
-    // rows 0..r hold the adapter, rows r..cap are zero
     a_[i]->write(a_offset, adapter.a[i], r * in * es);
-    a_[i]->zero(a_offset + r * in * es, (cap - r) * in * es);
     b_[i]->write(b_offset, adapter.b[i], r * out * es);
-    b_[i]->zero(b_offset + r * out * es, (cap - r) * out * es);
+    if (old_rank > r) {
+      a_[i]->zero(a_offset + r * in * es, (old_rank - r) * in * es);
+      b_[i]->zero(b_offset + r * out * es, (old_rank - r) * out * es);
+    }
   }
   slot_ranks_[slot - 1] = adapter.rank;
 }
@@ -240,10 +232,11 @@ void AdapterPool::write(int slot, const ReadyAdapter& adapter) {
 void AdapterPool::clear(int slot) {
   check_slot(slot);
   const std::size_t es = element_size(dtype_), cap = capacity_;
+  const std::size_t rank = static_cast<std::size_t>(slot_ranks_[slot - 1]);  // rows past it are zero already
   for (std::size_t i = 0; i < sites_.size(); ++i) {
-    const std::size_t a_bytes = sites_[i].in_features * cap * es, b_bytes = cap * sites_[i].out_features * es;
-    a_[i]->zero((slot - 1) * a_bytes, a_bytes);
-    b_[i]->zero((slot - 1) * b_bytes, b_bytes);
+    const std::size_t in = sites_[i].in_features, out = sites_[i].out_features;
+    a_[i]->zero((slot - 1) * cap * in * es, rank * in * es);
+    b_[i]->zero((slot - 1) * cap * out * es, rank * out * es);
   }
   slot_ranks_[slot - 1] = 0;
 }

@@ -56,7 +56,7 @@ class SlotBuffer {
   // memory kind) to `offset` with pitch `pitch`: re-lays out slots when the rank capacity grows.
   void copy_rows_from(const SlotBuffer& source, std::size_t source_offset, std::size_t source_pitch,
                       std::size_t offset, std::size_t pitch, std::size_t width, std::size_t height);
-  // Zeroes a range; whole host pages inside it are handed back to the system (they read as zero).
+  // Zeroes a range.
   void zero(std::size_t offset, std::size_t size);
 
  private:
@@ -77,7 +77,8 @@ class AdapterPool {
  public:
   AdapterPool(std::vector<LoraSite> sites, int num_slots, int max_rank, ElementType dtype, MemoryKind memory);
 
-  // Copies a ready adapter into `slot` (1..num_slots), growing the rank capacity if needed.
+  // Copies a ready adapter into `slot` (1..num_slots), growing the rank capacity if needed; rows
+  // past its rank read as zero.
   void write(int slot, const ReadyAdapter& adapter);
   // Zeroes a slot (an empty slot contributes nothing).
   void clear(int slot);

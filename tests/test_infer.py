@@ -243,7 +243,13 @@ def test_over_long_request_is_refused_before_any_batch_runs(exported, tmp_path, 
     from edgelora.runtime.engine import Engine
 
     calls = []
-    monkeypatch.setattr(Engine, "generate", lambda self, rows, timings=None: calls.append(rows))
+    generate = Engine.generate
+
+    def spy(engine, rows, timings=None):
+        calls.append(len(rows))
+        return generate(engine, rows, timings)
+
+    monkeypatch.setattr(Engine, "generate", spy)
     path = _input_file(tmp_path, exported)
     payload = json.loads(path.read_text())
     payload["requests"][4]["max_generate_length"] = exported.spec.max_position_embeddings
@@ -266,11 +272,15 @@ def test_unusable_output_file_is_refused_before_loading(exported, tmp_path, caps
     assert code == 2 and "--output-file" in err and len(err.splitlines()) == 1, err
 
 
-def test_cuda_without_a_cuda_build_is_one_line(exported, tmp_path, capsys):
+def test_cuda_without_a_cuda_build_is_one_line(exported, tmp_path, capsys, monkeypatch):
+    """onnxruntime offers CUDA but our runtime was built without it: a user error, not a C++ ValueError."""
+    import onnxruntime as ort
+
     from edgelora.runtime import native
 
     if native.with_cuda():
         pytest.skip("the runtime has CUDA")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     _refused(exported, tmp_path, capsys, _input_file(tmp_path, exported), "built without CUDA", "--device", "cuda")
 
 
