@@ -117,7 +117,6 @@ class AdapterCache:
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU, oldest first
         self._slots: OrderedDict[int, str] = OrderedDict()  # slot -> name, least recently used first
         self.stats = CacheStats()
-        self.last_load_s = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def add(self, name: str, path: Path) -> RegisteredAdapter:
@@ -149,11 +148,10 @@ class AdapterCache:
         started = time.perf_counter()
         ready = self._host_copy(entry)
         self._pool.write(slot, ready.rank, ready.a, ready.b)
-        self.last_load_s = time.perf_counter() - started
-        self.stats.load_s.append(self.last_load_s)
+        self.stats.load_s.append(time.perf_counter() - started)
         entry.slot = slot
         self._slots[slot] = name
-        log.debug("adapter %s -> slot %d (%.1f ms)", name, slot, self.last_load_s * 1e3)
+        log.debug("adapter %s -> slot %d (%.1f ms)", name, slot, self.stats.load_s[-1] * 1e3)
         return slot
 
     def deactivate(self, name: str) -> None:

@@ -35,8 +35,6 @@ class KVCache:
 
         self.max_len = max_len  # the most positions this batch can write
         self.length = max_len if device.kind != "cpu" or initial_len is None else min(max_len, initial_len)
-        self.batch = batch
-        self._device = device
         shape = (batch, spec.num_kv_heads, self.length, spec.head_dim)
         dtype = NUMPY_DTYPES[spec.dtype]
         self._host: list[np.ndarray] = []  # keeps CPU buffers alive while ORT uses them
