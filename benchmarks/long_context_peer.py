@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
 
-    engine = Engine(args.onnx_dir, EngineConfig(max_batch_size=args.batch, num_threads=args.threads))
+    engine = Engine(args.onnx_dir, EngineConfig(num_threads=args.threads))
     engines = {"edgelora": lambda batch, context, steps: time_decode(engine, [None] * batch, context, steps)}
     if args.genai_dir:
         peer = genai_decode(args.genai_dir, args.threads)

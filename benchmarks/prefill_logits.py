@@ -30,7 +30,7 @@ MODES = ("every", "last")
 def _trial(onnx_dir: Path, mode: str, batch: int, prompt_len: int, repeats: int, threads: int) -> dict:
     from edgelora.runtime.engine import Engine, EngineConfig
 
-    engine = Engine(onnx_dir, EngineConfig(max_batch_size=batch, max_loras=1, max_cpu_loras=1, num_threads=threads))
+    engine = Engine(onnx_dir, EngineConfig(max_loras=1, max_cpu_loras=1, num_threads=threads))
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rng = np.random.default_rng(0)
     input_ids = rng.integers(0, engine.spec.vocab_size, (batch, prompt_len), dtype=np.int64)

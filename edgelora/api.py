@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from edgelora import contract
 from edgelora.errors import UserInputError
-from edgelora.runtime.engine import BatchTimings, Engine, EngineConfig, RowRequest
-from edgelora.runtime.scheduler import plan_batches
+from edgelora.runtime.engine import Engine, EngineConfig
+from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig
 from edgelora.runtime.tokenizer import ChatTokenizer
 
 # A prompt is raw text, a chat (list of {"role", "content"}), or token ids.
@@ -57,17 +58,26 @@ class LoRARequest:
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens. temperature 0 or top_k 1 is greedy; top_k 0 and top_p 1 switch those filters off."""
+    """How to pick tokens and when to stop. temperature 0 or top_k 1 is greedy; top_k 0 and top_p 1 switch those filters off.
 
-    max_tokens: int = 256
+    ``max_tokens=None`` generates up to the rest of the context; ``stop`` strings end the text
+    (they are not part of it); ``min_tokens`` and ``ignore_eos`` are vLLM's extensions.
+    """
+
+    max_tokens: int | None = 256
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     def validate(self, where: str = "sampling") -> None:
+        """Checks the values alone; lengths against the model are checked by the scheduler."""
         problems = []
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
+                                            or self.max_tokens < 1):
             problems.append(f"max tokens {self.max_tokens!r} (>= 1)")
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
             problems.append(f"temperature {self.temperature!r} (>= 0)")
@@ -117,7 +127,8 @@ class GenerationStats:
     decode_s: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    batches: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -125,16 +136,21 @@ class GenerationStats:
 
 
 class LLM:
-    """One base model in ONNX Runtime serving any number of LoRA adapters, mixed per batch."""
+    """One base model in ONNX Runtime serving any number of LoRA adapters, mixed in every step.
+
+    ``generate`` runs on the same step scheduler as the server: every prompt is submitted, rows
+    join as others finish, and the call returns when all are done.
+    """
 
     def __init__(self, model: str | Path, lora_config: LoraConfig | None = None, max_batch_size: int = 8,
-                 device: str = "cpu", num_threads: int | None = None):
+                 device: str = "cpu", num_threads: int | None = None, max_model_len: int | None = None):
         lora_config = lora_config or LoraConfig()
         self.engine = Engine(Path(model), EngineConfig(
             max_lora_rank=lora_config.max_lora_rank, max_loras=lora_config.max_loras,
-            max_cpu_loras=lora_config.max_cpu_loras, max_batch_size=max_batch_size, device=device,
-            num_threads=num_threads))
+            max_cpu_loras=lora_config.max_cpu_loras, device=device, num_threads=num_threads))
         self.tokenizer = ChatTokenizer(Path(model))
+        self.scheduler = Scheduler(self.engine, SchedulerConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len),
+                                   self.tokenizer)
         self.stats = GenerationStats()
         for path in lora_config.lora_dir:
             self.engine.adapters.add(Path(path).name, Path(path))
@@ -180,26 +196,19 @@ class LLM:
                     self.add_lora(request)
                 except UserInputError as exc:
                     raise type(exc)(f"{where} (adapter {request.lora_name!r}): {exc}") from exc
-            row = RowRequest(self._prompt_ids(prompt, where), request.lora_name if request else None,
-                             param.max_tokens, float(param.temperature), int(param.top_k), float(param.top_p),
-                             param.seed)
-            self.engine.check_request(row, where)
-            rows.append(row)
-        return self._run(rows, requests)
-
-    def _run(self, rows: list[RowRequest], requests: list[LoRARequest | None]) -> list[RequestOutput]:
+            rows.append(GenerationRequest(
+                self._prompt_ids(prompt, where), request.lora_name if request else None, param.max_tokens,
+                float(param.temperature), int(param.top_k), float(param.top_p), param.seed, param.ignore_eos,
+                param.min_tokens, list(param.stop)))
+        before = copy.copy(self.scheduler.stats)
         started = time.perf_counter()
-        timings = BatchTimings()
-        results: list[RequestOutput | None] = [None] * len(rows)
-        batches = plan_batches(rows, self.engine.config.max_batch_size, self.engine.config.max_loras)
-        for batch in batches:
-            outcomes = self.engine.generate([rows[i] for i in batch], timings)
-            for index, outcome in zip(batch, outcomes):
-                text_ids = [t for t in outcome.output_ids if t not in self.engine.spec.eos_token_ids]
-                completion = CompletionOutput(self.tokenizer.decode(text_ids), outcome.output_ids, outcome.finish_reason)
-                request = requests[index]
-                results[index] = RequestOutput(index, rows[index].prompt_ids, [completion],
-                                               request.lora_name if request else None)
-        self.stats = GenerationStats(time.perf_counter() - started, timings.prefill_s, timings.decode_s,
-                                     timings.prompt_tokens, timings.generated_tokens, len(batches))
-        return results
+        finished = self.scheduler.run_to_completion(rows, labels)
+        after = self.scheduler.stats
+        self.stats = GenerationStats(time.perf_counter() - started, after.prefill_s - before.prefill_s,
+                                     after.decode_s - before.decode_s, after.prompt_tokens - before.prompt_tokens,
+                                     after.generated_tokens - before.generated_tokens,
+                                     after.prefill_steps - before.prefill_steps, after.decode_steps - before.decode_steps)
+        return [RequestOutput(index, result.prompt_ids, [CompletionOutput(result.text, result.output_ids,
+                                                                          result.finish_reason)],
+                              request.lora_name if request else None)
+                for index, (result, request) in enumerate(zip(finished, requests))]

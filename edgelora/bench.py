@@ -21,7 +21,8 @@ from edgelora import contract
 from edgelora.errors import UserInputError
 from edgelora.fileio import write_text_atomic
 from edgelora.runtime import native
-from edgelora.runtime.engine import BatchTimings, Engine, EngineConfig, RowRequest
+from edgelora.runtime.engine import Engine, EngineConfig
+from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,11 @@ class ConfigResult:
     samples_prefill_ms: list[float] = field(default_factory=list)
 
 
-def _rows(adapters: list[str | None], prompt_len: int, max_tokens: int, vocab: int, seed: int) -> list[RowRequest]:
+def _rows(adapters: list[str | None], prompt_len: int, max_tokens: int, vocab: int, seed: int
+          ) -> list[GenerationRequest]:
     rng = np.random.default_rng(seed)
-    return [RowRequest(rng.integers(0, vocab, prompt_len).tolist(), adapter, max_tokens, temperature=0.0,
-                       ignore_eos=True) for adapter in adapters]
+    return [GenerationRequest(rng.integers(0, vocab, prompt_len).tolist(), adapter, max_tokens, temperature=0.0,
+                              ignore_eos=True) for adapter in adapters]
 
 
 def _configurations(names: list[str], batches: list[int]) -> list[ConfigResult]:
@@ -87,10 +89,12 @@ def _configurations(names: list[str], batches: list[int]) -> list[ConfigResult]:
 
 
 def _run_config(engine: Engine, config: ConfigResult, options: BenchOptions, seed: int) -> tuple[float, float]:
-    timings = BatchTimings()
-    engine.generate(_rows(config.adapters, options.prompt_len, options.max_tokens, engine.spec.vocab_size, seed), timings)
-    decode_tokens = config.batch * timings.decode_steps
-    return timings.prefill_s * 1e3, decode_tokens / timings.decode_s
+    """One batch on the step scheduler (every row admitted at once): prefill ms, decode tokens/s."""
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=config.batch))
+    scheduler.run_to_completion(_rows(config.adapters, options.prompt_len, options.max_tokens, engine.spec.vocab_size,
+                                      seed))
+    stats = scheduler.stats
+    return stats.prefill_s * 1e3, stats.decode_rows / stats.decode_s
 
 
 def _switch_ms(engine: Engine, names: list[str], rounds: int = 50) -> dict:
@@ -187,7 +191,7 @@ def run_bench(options: BenchOptions) -> dict:
     threads = options.num_threads
     names = [f"{Path(path).name}#{index}" for index, path in enumerate(options.adapters)]
     engine = Engine(Path(options.onnx_dir), EngineConfig(
-        max_loras=max(len(names), 1), max_cpu_loras=max(len(names), 1), max_batch_size=max(options.batches + [options.context_batch]),
+        max_loras=max(len(names), 1), max_cpu_loras=max(len(names), 1),
         device=options.device, num_threads=threads))
     for name, path in zip(names, options.adapters):
         engine.adapters.add(name, Path(path))

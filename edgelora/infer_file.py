@@ -149,7 +149,8 @@ def run_infer(options: InferOptions) -> dict:
         ],
         "stats": {
             "requests": len(outputs),
-            "batches": stats.batches,
+            "prefill_steps": stats.prefill_steps,
+            "decode_steps": stats.decode_steps,
             "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.generated_tokens,
             "prefill_s": round(stats.prefill_s, 4),
@@ -157,6 +158,7 @@ def run_infer(options: InferOptions) -> dict:
             "generate_s": round(stats.total_s, 4),
             "total_s": round(time.perf_counter() - started, 4),
             "tokens_per_s": round(stats.decode_tokens_per_s, 2),
+            # every token but each request's first comes from a decode step
             "decode_tokens_per_s": round((stats.generated_tokens - len(outputs)) / stats.decode_s, 2) if stats.decode_s else None,
         },
     }

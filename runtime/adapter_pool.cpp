@@ -241,4 +241,25 @@ void AdapterPool::clear(int slot) {
   slot_ranks_[slot - 1] = 0;
 }
 
+void AdapterPool::move(int from, int to) {
+  check_slot(from);
+  check_slot(to);
+  if (from == to) return;
+  const std::size_t es = element_size(dtype_), cap = capacity_;
+  const std::size_t rank = static_cast<std::size_t>(slot_ranks_[from - 1]);
+  const std::size_t old_rank = static_cast<std::size_t>(slot_ranks_[to - 1]);
+  for (std::size_t i = 0; i < sites_.size(); ++i) {
+    const std::size_t in = sites_[i].in_features, out = sites_[i].out_features;
+    const std::size_t a_width = rank * in * es, b_width = rank * out * es;
+    a_[i]->copy_rows_from(*a_[i], (from - 1) * cap * in * es, a_width, (to - 1) * cap * in * es, a_width, a_width, 1);
+    b_[i]->copy_rows_from(*b_[i], (from - 1) * cap * out * es, b_width, (to - 1) * cap * out * es, b_width, b_width, 1);
+    if (old_rank > rank) {  // rows past the moved adapter's rank must read as zero
+      a_[i]->zero((to - 1) * cap * in * es + a_width, (old_rank - rank) * in * es);
+      b_[i]->zero((to - 1) * cap * out * es + b_width, (old_rank - rank) * out * es);
+    }
+  }
+  slot_ranks_[to - 1] = slot_ranks_[from - 1];
+  clear(from);
+}
+
 }  // namespace edgelora

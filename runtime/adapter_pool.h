@@ -82,6 +82,9 @@ class AdapterPool {
   void write(int slot, const ReadyAdapter& adapter);
   // Zeroes a slot (an empty slot contributes nothing).
   void clear(int slot);
+  // Moves the adapter in slot `from` to slot `to` (whatever `to` held is overwritten) and clears
+  // `from`: the scheduler keeps the slots of running adapters contiguous so a step binds only them.
+  void move(int from, int to);
 
   // The buffers of a site and the byte offset of slot `first`'s block in them.
   const std::shared_ptr<SlotBuffer>& a_buffer(std::size_t site) const;

@@ -122,6 +122,8 @@ PYBIND11_MODULE(_runtime, m) {
            "Copy a ready adapter into slot (1..num_slots): per site A^T [rank, in] and B [rank, out] in the pool's "
            "dtype, or None for an untargeted site; rows past rank are zeroed")
       .def("clear", &AdapterPool::clear, py::arg("slot"))
+      .def("move", &AdapterPool::move, py::arg("source"), py::arg("target"),
+           "Move slot source's adapter into slot target (overwriting it) and clear source")
       .def("slot_rank", &AdapterPool::slot_rank, py::arg("slot"))
       .def(
           "a_view",
@@ -192,6 +194,21 @@ PYBIND11_MODULE(_runtime, m) {
       },
       py::arg("address"), py::arg("size_bytes"), py::call_guard<py::gil_scoped_release>(),
       "cudaMemset(address, 0, size_bytes): clears device KV cache rows");
+  m.def(
+      "copy_device_memory",
+      [](std::uintptr_t target, std::uintptr_t source, std::size_t size_bytes) {
+#ifdef EDGELORA_WITH_CUDA
+        edgelora::cuda::copy_device_to_device_2d(reinterpret_cast<void*>(target), size_bytes,
+                                                 reinterpret_cast<const void*>(source), size_bytes, size_bytes, 1);
+#else
+        (void)target;
+        (void)source;
+        (void)size_bytes;
+        throw edgelora::PoolError("this edgelora runtime was built without CUDA");
+#endif
+      },
+      py::arg("target"), py::arg("source"), py::arg("size_bytes"), py::call_guard<py::gil_scoped_release>(),
+      "cudaMemcpy device to device: moves a KV cache row when the scheduler packs live rows");
   m.def(
       "read_bandwidth",
       [](unsigned threads, std::size_t size_bytes, int repeats) {

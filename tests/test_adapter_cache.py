@@ -19,8 +19,6 @@ from edgelora import LLM, LoraConfig, LoRARequest, SamplingParams, contract
 from edgelora.errors import AdapterError, EdgeLoraError, UserInputError
 from edgelora.runtime import native
 from edgelora.runtime.adapter_cache import AdapterCache
-from edgelora.runtime.engine import RowRequest
-from edgelora.runtime.scheduler import plan_batches
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +105,6 @@ def test_name_registered_for_another_path_is_refused(qwen2):
     cache.add("a1", qwen2.processed["a1"] / contract.PROCESSED_ADAPTER)  # the same file: fine
     with pytest.raises(UserInputError, match="already registered"):
         cache.add("a1", qwen2.processed["a2"])
-
-
-def test_plan_batches_never_needs_more_adapters_than_slots():
-    rows = [RowRequest([1], adapter) for adapter in ("a1", "a2", "a3", None, "a1", "a2")]
-    assert plan_batches(rows, max_batch_size=8, max_loras=2) == [[0, 1], [2, 3, 4], [5]]
-    assert plan_batches(rows, max_batch_size=2, max_loras=8) == [[0, 1], [2, 3], [4, 5]]
-    assert plan_batches(rows, max_batch_size=8, max_loras=3) == [[0, 1, 2, 3, 4, 5]]
 
 
 def test_generate_over_more_adapters_than_both_levels(qwen2, tmp_path):

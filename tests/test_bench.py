@@ -16,17 +16,18 @@ def qwen2(exported_samples):
 
 
 def test_bench_reports_every_configuration(qwen2, tmp_path, capsys, monkeypatch):
-    from edgelora.runtime.engine import Engine
+    from edgelora.runtime.scheduler import Scheduler
 
-    measured = []  # (rows, decode_steps, decode_s, prefill_s) of every batch the engine really ran
-    generate = Engine.generate
+    measured = []  # (rows, decode_steps, decode_s, prefill_s) of every batch the scheduler really ran
+    run = Scheduler.run_to_completion
 
-    def spy(engine, rows, timings=None):
-        results = generate(engine, rows, timings)
-        measured.append((len(rows), timings.decode_steps, timings.decode_s, timings.prefill_s))
+    def spy(scheduler, requests, labels=None):
+        results = run(scheduler, requests, labels)
+        stats = scheduler.stats
+        measured.append((len(requests), stats.decode_steps, stats.decode_s, stats.prefill_s))
         return results
 
-    monkeypatch.setattr(Engine, "generate", spy)
+    monkeypatch.setattr(Scheduler, "run_to_completion", spy)
     adapters = [str(qwen2.processed[name]) for name in ("a1", "a2", "a3")]
     out = tmp_path / "bench.json"
     code = main(["bench", "--onnx-dir", str(qwen2.onnx_dir), "--adapters", *adapters, "--batch", "1,3",

@@ -11,7 +11,8 @@ import pytest
 from edgelora import LLM, LoraConfig, LoRARequest, SamplingParams, contract
 from edgelora.cli import main
 from edgelora.errors import RuntimeFailure, UserInputError
-from edgelora.runtime.engine import Engine, EngineConfig, RowRequest
+from edgelora.runtime.engine import Engine, EngineConfig
+from edgelora.runtime.scheduler import GenerationRequest, Scheduler
 
 PROMPTS = ["Hello", "Write a short poem about the sea.", "def add(a, b):"]
 
@@ -116,7 +117,7 @@ def test_nan_in_unused_cache_positions_never_reaches_the_logits(qwen2, monkeypat
 
     monkeypatch.setattr(kv_cache.KVCache, "__init__", poisoned_init)
     llm = LLM(qwen2.onnx_dir, LoraConfig(max_loras=2, max_cpu_loras=2))
-    llm.engine.config.kv_cache_headroom = 1  # grown positions (zeros by construction) get used, too
+    llm.scheduler.config.kv_cache_initial_len = 1  # grown positions (zeros by construction) get used, too
     requests = [LoRARequest("a2", 1, str(qwen2.processed["a2"])), None,
                 LoRARequest("a1", 2, str(qwen2.processed["a1"]))]
     poisoned = [out.token_ids for out in llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0), requests)]
@@ -142,13 +143,16 @@ def test_each_row_is_budgeted_with_its_own_prompt(qwen2):
     """A long prompt with a short budget and a short prompt with a long one share a batch."""
     engine = Engine(qwen2.onnx_dir, EngineConfig(max_loras=1, max_cpu_loras=1))
     engine.spec.max_position_embeddings = 64
+    scheduler = Scheduler(engine)
     rng = np.random.default_rng(0)
-    rows = [RowRequest(rng.integers(0, 100, 10).tolist(), None, max_tokens=50, temperature=0, ignore_eos=True),
-            RowRequest(rng.integers(0, 100, 40).tolist(), None, max_tokens=2, temperature=0, ignore_eos=True)]
-    results = engine.generate(rows)
+    rows = [GenerationRequest(rng.integers(0, 100, 10).tolist(), None, max_tokens=50, temperature=0, ignore_eos=True),
+            GenerationRequest(rng.integers(0, 100, 40).tolist(), None, max_tokens=2, temperature=0, ignore_eos=True)]
+    results = scheduler.run_to_completion(rows, ["row 0", "row 1"])
     assert [len(r.output_ids) for r in results] == [50, 2]
-    with pytest.raises(UserInputError, match="row 1: prompt \\(40 tokens\\) \\+ max tokens \\(30\\) exceeds the model's 64"):
-        engine.generate([rows[0], RowRequest(rows[1].prompt_ids, None, max_tokens=30)])
+    with pytest.raises(UserInputError, match="row 1: prompt \\(40 tokens\\) \\+ max tokens \\(30\\) exceeds the 64"):
+        scheduler.run_to_completion([rows[0], GenerationRequest(rows[1].prompt_ids, None, max_tokens=30)],
+                                    ["row 0", "row 1"])
+    assert not scheduler.has_unfinished_requests(), "a refused call queues nothing"
 
 
 def test_api_names_the_over_long_prompt(qwen2):

@@ -88,7 +88,7 @@ def test_response_fields(exported, infer_output):
         assert response["finish_reason"] == ("stop" if ended_on_eos else "length")
         assert isinstance(response["output_text"], str)
     stats = infer_output["stats"]
-    assert stats["requests"] == len(REQUESTS) and stats["batches"] == 1 and stats["tokens_per_s"] > 0
+    assert stats["requests"] == len(REQUESTS) and stats["prefill_steps"] == 1 and stats["tokens_per_s"] > 0
 
 
 def test_small_batches_give_the_same_ids(exported, infer_output, tmp_path):
@@ -96,15 +96,15 @@ def test_small_batches_give_the_same_ids(exported, infer_output, tmp_path):
     assert main(["infer", "--onnx-dir", str(exported.onnx_dir), "--input-file", str(_input_file(tmp_path, exported)),
                  "--output-file", str(output), "--max-batch-size", "2", "--quiet"]) == 0
     written = json.loads(output.read_text())
-    assert written["stats"]["batches"] == 3
+    assert written["stats"]["prefill_steps"] >= 3, "two rows at a time: at least three prefills"
     assert [r["output_ids"] for r in written["responses"]] == [r["output_ids"] for r in infer_output["responses"]]
 
 
-def _api_generate(exported, kv_cache_headroom: int | None = None):
+def _api_generate(exported, kv_cache_initial_len: int | None = None):
     """REQUESTS through the Python API, greedy, one LoRARequest (or None) per prompt."""
     llm = LLM(exported.onnx_dir, lora_config=LoraConfig(max_lora_rank=64, max_loras=3, max_cpu_loras=4))
-    if kv_cache_headroom is not None:
-        llm.engine.config.kv_cache_headroom = kv_cache_headroom
+    if kv_cache_initial_len is not None:
+        llm.scheduler.config.kv_cache_initial_len = kv_cache_initial_len
     ids = {"a1": 1, "a2": 2, "a3": 3}
     requests = [LoRARequest(name, ids[name], str(exported.processed[name])) if name else None for name, _ in REQUESTS]
     return llm.generate([_messages(text) for _, text in REQUESTS], SamplingParams(max_tokens=MAX_NEW, temperature=0),
@@ -126,49 +126,38 @@ def test_growing_kv_cache_gives_the_same_ids(exported, infer_output, monkeypatch
     grown = []
     reserve = kv_cache.KVCache.reserve
 
-    def spy(cache, positions, binding):
+    def spy(cache, positions):
         before = cache.length
-        reserve(cache, positions, binding)
+        changed = reserve(cache, positions)
         if cache.length != before:
             grown.append((before, cache.length))
+        return changed
 
     monkeypatch.setattr(kv_cache.KVCache, "reserve", spy)
-    outputs = _api_generate(exported, kv_cache_headroom=1)
+    outputs = _api_generate(exported, kv_cache_initial_len=1)
     assert grown and all(after > before for before, after in grown), "the cache grew during decode"
     assert [output.token_ids for output in outputs] == [r["output_ids"] for r in infer_output["responses"]]
 
 
 def test_kv_cache_reserve_doubles_and_keeps_contents(exported):
-    from edgelora import contract
     from edgelora.runtime.kv_cache import KVCache
     from edgelora.runtime.session import Device
-
-    class Binding:
-        def __init__(self):
-            self.bound = {}
-
-        def bind_ortvalue_input(self, name, value):
-            self.bound[name] = value
-
-        bind_ortvalue_output = bind_ortvalue_input
 
     cache = KVCache(exported.spec, 2, max_len=20, device=Device("cpu"), initial_len=5)
     assert cache.length == 5
     for index, buffer in enumerate(cache._host):
         buffer[...] = index + 1
-    binding = Binding()
-    cache.reserve(5, binding)
-    assert cache.length == 5 and not binding.bound, "room enough: nothing moves"
-    cache.reserve(7, binding)
-    assert cache.length == 10
+    generation = cache.generation
+    assert not cache.reserve(5) and cache.generation == generation, "room enough: nothing moves"
+    assert cache.reserve(7)
+    assert cache.length == 10 and cache.generation > generation
     for index, buffer in enumerate(cache._host):
         assert buffer.shape[2] == 10
         assert (buffer[:, :, :5] == index + 1).all() and (buffer[:, :, 5:] == 0).all()
-    assert binding.bound[contract.past_key_name(0)].numpy().shape[2] == 10
-    cache.reserve(19, binding)
+    cache.reserve(19)
     assert cache.length == 20, "never past max_len"
     with pytest.raises(ValueError):
-        cache.reserve(21, binding)
+        cache.reserve(21)
 
 
 def _ids_of(exported, tmp_path, name: str, **top_level) -> list[list[int]]:
@@ -243,19 +232,19 @@ def test_over_long_request_is_refused_before_any_batch_runs(exported, tmp_path, 
     from edgelora.runtime.engine import Engine
 
     calls = []
-    generate = Engine.generate
+    run_step = Engine.run_step
 
-    def spy(engine, rows, timings=None):
-        calls.append(len(rows))
-        return generate(engine, rows, timings)
+    def spy(engine, binding, *arrays):
+        calls.append(arrays[0].shape)
+        return run_step(engine, binding, *arrays)
 
-    monkeypatch.setattr(Engine, "generate", spy)
+    monkeypatch.setattr(Engine, "run_step", spy)
     path = _input_file(tmp_path, exported)
     payload = json.loads(path.read_text())
     payload["requests"][4]["max_generate_length"] = exported.spec.max_position_embeddings
     path.write_text(json.dumps(payload))
     _refused(exported, tmp_path, capsys, path, "requests[4]", "--max-batch-size", "1")
-    assert calls == [], "no batch ran before the check"
+    assert calls == [], "no model step ran before the check"
 
 
 @pytest.mark.parametrize("case", ["folder", "missing_parent", "parent_is_a_file"])

@@ -99,6 +99,7 @@ class CacheStats:
     host_hits: int = 0
     host_misses: int = 0
     host_evictions: int = 0
+    slot_moves: int = 0  # compactions: a running adapter moved down so a step binds only used slots
     load_s: list[float] = field(default_factory=list)
 
 
@@ -209,7 +210,57 @@ class AdapterCache:
             if entry is not None and entry.references:
                 entry.references -= 1
 
+    def compact(self, names: list[str]) -> None:
+        """Put these adapters (the ones running rows use) in slots 1..k, so a step binds k slots.
+
+        The graph computes every slot of the bound stack for every row, so a step whose adapters
+        sit in slots 1 and 8 would pay for eight. An adapter above k moves into a slot below k
+        that no listed adapter holds (one copy within the pool); that slot's idle occupant moves to a
+        free slot if there is one, else leaves the slots (it stays registered and host-ready).
+        A pinned idle occupant is never displaced, so compaction may stop short (still correct).
+        """
+        wanted = list(dict.fromkeys(names))
+        k = len(wanted)
+        movers = [name for name in wanted if self._registered[name].slot > k]
+        for name in movers:
+            target = next((slot for slot in range(1, k + 1)
+                           if self._slots.get(slot) not in wanted
+                           and not (slot in self._slots and self._registered[self._slots[slot]].pinned)), None)
+            if target is None:
+                return
+            occupant = self._slots.get(target)
+            if occupant is not None:
+                free = next((slot for slot in range(k + 1, self._pool.num_slots + 1) if slot not in self._slots), None)
+                if free is not None:
+                    self._move(occupant, free)
+                else:
+                    self.deactivate(occupant)
+                    self.stats.slot_evictions += 1
+            self._move(name, target)
+
+    def _move(self, name: str, target: int) -> None:
+        entry = self._registered[name]
+        self._pool.move(entry.slot, target)
+        order = list(self._slots.items())  # keep the LRU position, change the slot number
+        self._slots = OrderedDict((target if slot == entry.slot else slot, held) for slot, held in order)
+        entry.slot = target
+        self.stats.slot_moves += 1
+
     # -- inspection --------------------------------------------------------------------------
+    def is_resident(self, name: str) -> bool:
+        """In a slot now: a request for it needs no slot of its own."""
+        return bool(self._entry(name).slot)
+
+    def can_take_slot(self) -> bool:
+        """A slot is free, or held by an idle unpinned adapter (activation would evict it)."""
+        return len(self._slots) < self._pool.num_slots or any(
+            not self._registered[name].references and not self._registered[name].pinned for name in self._slots.values())
+
+    def held_lru(self) -> list[str]:
+        """Adapters in slots that running requests hold (and that are not pinned), least recently used first."""
+        return [name for name in self._slots.values()
+                if self._registered[name].references and not self._registered[name].pinned]
+
     def __contains__(self, name: str) -> bool:
         return name in self._registered
 

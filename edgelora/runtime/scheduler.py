@@ -1,23 +1,507 @@
-"""Splitting requests into batches: up to max_batch_size rows, whatever their adapters."""
+"""The step loop: requests join and leave a persistent batch one model step at a time.
+
+``add_request`` queues a request, ``abort_request`` cancels one, ``step`` runs one model step and
+returns what each request gained; offline generation is the same loop with every request added up
+front (``run_to_completion``). One step is either a prefill of newly admitted requests (alone or
+together, into free rows) or a decode step over every live row, so a new request's first token
+never waits behind a decode step and a decode step never waits for more than one prefill.
+
+::
+
+    add_request ──> waiting (FCFS) ──admit──> rows 0..n-1 of the KV cache (packed) ──step──> updates
+                         │  adapter in a slot: admit          │ finished / aborted: row leaves,
+                         │  a slot free or idle: load, admit  │ the last row moves into its place,
+                         └  every slot held: wait; the LRU    │ the adapter's reference is released
+                            held slot drains for it            ▼
+
+Admission is first come, first served. A request whose adapter needs a slot while every slot is
+held by running rows waits; requests behind it whose adapters already sit in a slot may go ahead,
+but the least recently used held slot takes no new rows from then on, so it drains and the
+waiting request gets it (hot adapters cannot starve a cold one). Running adapters are kept in
+slots 1..k (``AdapterCache.compact``), so a step's LoRA work is that of the adapters it uses.
+"""
 
 from __future__ import annotations
 
-from edgelora.runtime.engine import RowRequest
+import copy
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgelora import contract
+from edgelora.errors import EdgeLoraError, UserInputError
+from edgelora.runtime import native
+from edgelora.runtime.detokenizer import IncrementalDetokenizer
+from edgelora.runtime.engine import Engine
+from edgelora.runtime.kv_cache import KVCache
 
 
-def plan_batches(rows: list[RowRequest], max_batch_size: int, max_loras: int) -> list[list[int]]:
-    """Row indices per batch, in request order; a batch never needs more adapters than slots."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    adapters: set[str] = set()
-    for index, row in enumerate(rows):
-        needs_slot = row.adapter is not None and row.adapter not in adapters
-        if current and (len(current) == max_batch_size or (needs_slot and len(adapters) == max_loras)):
-            batches.append(current)
-            current, adapters = [], set()
-        current.append(index)
-        if row.adapter is not None:
-            adapters.add(row.adapter)
-    if current:
-        batches.append(current)
-    return batches
+class QueueFull(EdgeLoraError):
+    """The waiting queue is at ``max_waiting``: try again later (a 503 in the server)."""
+
+
+@dataclass
+class SchedulerConfig:
+    """Sizes of the persistent batch (vLLM's names)."""
+
+    max_num_seqs: int = 8  # rows decoded together
+    max_model_len: int | None = None  # prompt + generated tokens per request; None: the model's positions
+    max_waiting: int | None = None  # queued requests beyond the running ones; None: unbounded
+    # Positions a host KV cache holds at first; it doubles when a step needs more.
+    kv_cache_initial_len: int = 256
+
+    def validate(self) -> None:
+        problems = []
+        if self.max_num_seqs < 1:
+            problems.append(f"max_num_seqs {self.max_num_seqs} (>= 1)")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            problems.append(f"max_model_len {self.max_model_len} (>= 2)")
+        if self.max_waiting is not None and self.max_waiting < 0:
+            problems.append(f"max_waiting {self.max_waiting} (>= 0)")
+        if self.kv_cache_initial_len < 1:
+            problems.append(f"kv_cache_initial_len {self.kv_cache_initial_len} (>= 1)")
+        if problems:
+            raise UserInputError("invalid scheduler settings: " + "; ".join(problems))
+
+
+@dataclass
+class GenerationRequest:
+    """One request: prompt ids, its adapter (None: base), how to sample and when to stop."""
+
+    prompt_ids: list[int]
+    adapter: str | None = None
+    max_tokens: int | None = None  # None: the rest of max_model_len (as vLLM)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    min_tokens: int = 0  # eos and stop strings do not end the request before this many tokens
+    stop: list[str] = field(default_factory=list)  # stop strings (not part of the returned text)
+
+
+@dataclass
+class SequenceUpdate:
+    """What one request gained in one step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str  # complete characters only; text that may begin a stop string is held back
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int
+    completion_tokens: int  # so far
+    error: str | None = None  # finish_reason "error": why (an adapter that could not be loaded)
+
+
+@dataclass
+class FinishedRequest:
+    """A request's whole result (``run_to_completion``)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+@dataclass
+class StepStats:
+    """The last step: what ran and where the time went."""
+
+    prefill_rows: int = 0
+    decode_rows: int = 0
+    run_s: float = 0.0  # inside ONNX Runtime
+    total_s: float = 0.0  # the whole step, scheduling and sampling included
+
+
+@dataclass
+class SchedulerStats:
+    """Totals since the scheduler started (benchmarks, infer's stats, the server's metrics)."""
+
+    prefill_steps: int = 0
+    prefill_s: float = 0.0
+    prefill_run_s: float = 0.0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+    decode_run_s: float = 0.0
+    decode_rows: int = 0  # summed over decode steps
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    request: GenerationRequest
+    sampler: object
+    detokenizer: IncrementalDetokenizer | None
+    output_ids: list[int] = field(default_factory=list)
+    row: int = -1
+    total: int = 0  # tokens in this row's cache
+    pending: int = 0  # the last sampled token, not yet in the cache
+    emitted: int = 0  # characters of text handed out
+    finish_reason: str | None = None
+    error: str | None = None
+    text: str = ""  # the final text once finished (stop string cut off)
+
+
+class Scheduler:
+    """Continuous batching over one Engine: join, step, leave."""
+
+    def __init__(self, engine: Engine, config: SchedulerConfig | None = None, tokenizer=None):
+        self.engine = engine
+        self.config = config or SchedulerConfig()
+        self.config.validate()
+        positions = engine.spec.max_position_embeddings or 0
+        limit = self.config.max_model_len or positions
+        if not limit:
+            raise UserInputError("the model does not say how many positions it has; set max_model_len")
+        if positions and limit > positions:
+            raise UserInputError(f"max_model_len {limit} is above the model's {positions} positions")
+        self.max_model_len = limit
+        self._decode = tokenizer.decode if tokenizer is not None else None
+        self._waiting: OrderedDict[str, _Sequence] = OrderedDict()
+        self._running: list[_Sequence] = []  # index = row
+        self._aborts: list[str] = []
+        self._finished: list[SequenceUpdate] = []  # updates owed for requests that ended outside a step
+        self._draining: str | None = None  # adapter whose slot takes no new rows (a request waits for a slot)
+        self._cache: KVCache | None = None
+        self._decode_binding = None
+        self._decode_bound: tuple | None = None
+        self._logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._eos = set(engine.eos_ids)
+        self._eos_index = np.array(engine.eos_ids, np.int64)
+        self.last_step = StepStats()
+        self.stats = SchedulerStats()
+
+    # -- requests ------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._running or self._waiting or self._aborts or self._finished)
+
+    def uses_adapter(self, name: str) -> bool:
+        """A waiting or running request names this adapter (it cannot be removed yet)."""
+        return any(seq.request.adapter == name for seq in (*self._running, *self._waiting.values()))
+
+    def check(self, request: GenerationRequest, where: str = "request") -> GenerationRequest:
+        """Refuse what cannot run; return a copy with ``max_tokens`` filled in (the rest of the context)."""
+        self.engine.check_prompt(request.prompt_ids, where)
+        room = self.max_model_len - len(request.prompt_ids)
+        problems = []
+        max_tokens = request.max_tokens if request.max_tokens is not None else room
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            problems.append(f"max_tokens {request.max_tokens!r} (>= 1)")
+        if not isinstance(request.temperature, (int, float)) or not math.isfinite(request.temperature) \
+                or request.temperature < 0:
+            problems.append(f"temperature {request.temperature!r} (>= 0)")
+        if isinstance(request.top_k, bool) or not isinstance(request.top_k, int) or request.top_k < 0:
+            problems.append(f"top_k {request.top_k!r} (>= 0)")
+        if not isinstance(request.top_p, (int, float)) or not 0 < request.top_p <= 1:
+            problems.append(f"top_p {request.top_p!r} (0 < top_p <= 1)")
+        if request.seed is not None and (isinstance(request.seed, bool) or not isinstance(request.seed, int)
+                                         or request.seed < 0):
+            problems.append(f"seed {request.seed!r} (a non-negative integer)")
+        if isinstance(request.min_tokens, bool) or not isinstance(request.min_tokens, int) or request.min_tokens < 0:
+            problems.append(f"min_tokens {request.min_tokens!r} (>= 0)")
+        if not isinstance(request.stop, list) or not all(isinstance(s, str) and s for s in request.stop):
+            problems.append("stop (a list of non-empty strings)")
+        elif request.stop and self._decode is None:
+            problems.append("stop strings (this scheduler has no tokenizer)")
+        if problems:
+            raise UserInputError(f"{where}: invalid " + "; ".join(problems))
+        if room < 1 or max_tokens > room:
+            raise UserInputError(f"{where}: prompt ({len(request.prompt_ids)} tokens) + max tokens ({max_tokens}) "
+                                 f"exceeds the {self.max_model_len} positions a request may use"
+                                 + (" (max_model_len)" if self.max_model_len != self.engine.spec.max_position_embeddings
+                                    else " (the model's positions)"))
+        if request.min_tokens > max_tokens:
+            raise UserInputError(f"{where}: min_tokens {request.min_tokens} is above max_tokens {max_tokens}")
+        if request.adapter is not None and request.adapter not in self.engine.adapters:
+            raise UserInputError(f"{where}: unknown adapter {request.adapter!r}")
+        checked = copy.copy(request)
+        checked.max_tokens = max_tokens
+        checked.prompt_ids = list(request.prompt_ids)
+        checked.stop = list(request.stop)
+        return checked
+
+    def add_request(self, request_id: str, request: GenerationRequest, where: str | None = None) -> None:
+        """Check and queue a request; it runs once a row (and its adapter's slot) is free."""
+        if request_id in self._waiting or any(seq.request_id == request_id for seq in self._running):
+            raise UserInputError(f"request id {request_id!r} is already in use")
+        checked = self.check(request, where or f"request {request_id}")
+        if self.config.max_waiting is not None and len(self._waiting) >= self.config.max_waiting:
+            raise QueueFull(f"the queue is full ({self.config.max_waiting} waiting requests); try again later")
+        seed = checked.seed if checked.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        detokenizer = IncrementalDetokenizer(self._decode, checked.prompt_ids) if self._decode else None
+        self._waiting[request_id] = _Sequence(request_id, checked, native.Sampler(seed), detokenizer)
+
+    def abort_request(self, request_id: str) -> None:
+        """Cancel a request; its final update (finish_reason "abort") comes from the next step."""
+        self._aborts.append(request_id)
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self) -> list[SequenceUpdate]:
+        """Handle aborts, then run one prefill (if requests can be admitted) or one decode step."""
+        started = time.perf_counter()
+        self.last_step = StepStats()
+        updates = self._take_aborts() + self._finished
+        self._finished = []
+        admitted = self._admit()
+        if admitted:
+            updates += self._prefill(admitted)
+        elif self._running:
+            updates += self._decode_step()
+        self._leave([seq for seq in self._running if seq.finish_reason])
+        if not self._running and self._cache is not None:
+            self._cache.shrink(0)
+        self.last_step.total_s = time.perf_counter() - started
+        if admitted:
+            self.stats.prefill_s += self.last_step.total_s
+        elif self.last_step.decode_rows:
+            self.stats.decode_s += self.last_step.total_s
+        return updates
+
+    def run_to_completion(self, requests: list[GenerationRequest], labels: list[str] | None = None
+                          ) -> list[FinishedRequest]:
+        """Offline generation: add every request (checked first, all of them), step until all finish."""
+        labels = labels or [f"request {index}" for index in range(len(requests))]
+        checked = [self.check(request, where) for request, where in zip(requests, labels)]
+        ids = [f"offline-{index}" for index in range(len(requests))]
+        for request_id, request, where in zip(ids, checked, labels):
+            self.add_request(request_id, request, where)
+        results: dict[str, FinishedRequest] = {}
+        outputs: dict[str, list[int]] = {request_id: [] for request_id in ids}
+        texts: dict[str, list[str]] = {request_id: [] for request_id in ids}
+        while len(results) < len(ids):
+            for update in self.step():
+                outputs[update.request_id] += update.new_token_ids
+                texts[update.request_id].append(update.new_text)
+                if update.finished:
+                    if update.finish_reason == "error":
+                        raise UserInputError(f"{labels[ids.index(update.request_id)]}: {update.error}")
+                    results[update.request_id] = FinishedRequest(
+                        update.request_id, checked[ids.index(update.request_id)].prompt_ids,
+                        outputs[update.request_id], "".join(texts[update.request_id]), update.finish_reason)
+        return [results[request_id] for request_id in ids]
+
+    # -- admission -----------------------------------------------------------------------------
+    def _admit(self) -> list[_Sequence]:
+        """Move waiting requests into free rows, first come first served (see the module docstring)."""
+        free_rows = self.config.max_num_seqs - len(self._running)
+        adapters = self.engine.adapters
+        admitted: list[_Sequence] = []
+        waiting_for_slot = False
+        for seq in list(self._waiting.values()):
+            if free_rows == 0:
+                break
+            name = seq.request.adapter
+            if name is not None:
+                if name not in adapters:  # removed while it waited
+                    self._fail(seq, f"adapter {name!r} was removed")
+                    continue
+                if adapters.is_resident(name):
+                    if name == self._draining:
+                        continue
+                elif waiting_for_slot or not adapters.can_take_slot():
+                    if not waiting_for_slot and self._draining is None:
+                        held = [held for held in adapters.held_lru() if held not in {s.request.adapter for s in admitted}]
+                        self._draining = held[0] if held else None
+                    waiting_for_slot = True
+                    continue
+                try:
+                    adapters.acquire([name])
+                except EdgeLoraError as exc:
+                    self._fail(seq, str(exc))
+                    continue
+            del self._waiting[seq.request_id]
+            admitted.append(seq)
+            free_rows -= 1
+        if not waiting_for_slot:
+            self._draining = None
+        return admitted
+
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        del self._waiting[seq.request_id]
+        self._finished.append(SequenceUpdate(seq.request_id, [], "", True, "error", len(seq.request.prompt_ids), 0,
+                                             message))
+
+    # -- model steps ---------------------------------------------------------------------------
+    def _kv(self) -> KVCache:
+        if self._cache is None:
+            self._cache = KVCache(self.engine.spec, self.config.max_num_seqs, self.max_model_len, self.engine.device,
+                                  initial_len=min(self.max_model_len, self.config.kv_cache_initial_len))
+        return self._cache
+
+    def _slots(self, seqs: list[_Sequence]) -> list[int]:
+        return [self.engine.adapters.slot_of(seq.request.adapter) if seq.request.adapter else 0 for seq in seqs]
+
+    def _prefill(self, admitted: list[_Sequence]) -> list[SequenceUpdate]:
+        """Prefill the admitted requests together into rows n..n+k-1 (right-padded prompts)."""
+        engine, cache = self.engine, self._kv()
+        first_row = len(self._running)
+        for offset, seq in enumerate(admitted):
+            seq.row = first_row + offset
+            self._running.append(seq)
+        self._compact()
+        count = len(admitted)
+        lengths = np.array([len(seq.request.prompt_ids) for seq in admitted], np.int64)
+        width = int(lengths.max())
+        cache.reserve(width)
+        cache.clear_rows(range(first_row, first_row + count))
+        binding = engine.session.io_binding()
+        cache.bind_rows(binding, first_row, first_row + count)
+        binding.bind_cpu_input(contract.LORA_INDEX, engine.bind_adapters(binding, self._slots(admitted)))
+        input_ids = np.full((count, width), engine.pad_id, np.int64)
+        for index, seq in enumerate(admitted):
+            input_ids[index, : lengths[index]] = seq.request.prompt_ids
+        attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        position_ids = np.tile(np.arange(width, dtype=np.int64), (count, 1))
+        logits = engine.bind_logits(binding, (lengths - 1).reshape(count, 1))
+        run_started = time.perf_counter()
+        engine.run_step(binding, input_ids, attention_mask, position_ids)
+        self.last_step.run_s = time.perf_counter() - run_started
+        cache.note_written(first_row, np.full(count, width))
+        for seq, length in zip(admitted, lengths):
+            seq.total = int(length)
+        tokens = self._sample(admitted, logits)
+        self.last_step.prefill_rows = count
+        self.stats.prefill_steps += 1
+        self.stats.prefill_run_s += self.last_step.run_s
+        self.stats.prompt_tokens += int(lengths.sum())
+        return [self._accept(seq, int(token)) for seq, token in zip(admitted, tokens)]
+
+    def _decode_step(self) -> list[SequenceUpdate]:
+        """One token for every live row: rows 0..n-1, each at its own position."""
+        engine, cache = self.engine, self._kv()
+        rows = self._running
+        count = len(rows)
+        totals = np.array([seq.total for seq in rows], np.int64)  # the pending token goes at position total
+        width = int(totals.max()) + 1
+        changed = cache.reserve(width)
+        self._compact()
+        if self._decode_binding is None:
+            self._decode_binding = engine.session.io_binding()
+        binding = self._decode_binding
+        if changed or self._decode_bound != (count, cache.generation):
+            cache.bind_rows(binding, 0, count)
+            self._decode_bound = (count, cache.generation)
+        positions, logits = self._logits_buffers(count)
+        engine.bind_logits(binding, positions, logits)
+        binding.bind_cpu_input(contract.LORA_INDEX, engine.bind_adapters(binding, self._slots(rows)))
+        attention_mask = (np.arange(width)[None, :] <= totals[:, None]).astype(np.int64)
+        input_ids = np.array([[seq.pending] for seq in rows], np.int64)
+        run_started = time.perf_counter()
+        engine.run_step(binding, input_ids, attention_mask, totals.reshape(count, 1))
+        self.last_step.run_s = time.perf_counter() - run_started
+        cache.note_written(0, totals + 1)
+        for seq in rows:
+            seq.total += 1
+        tokens = self._sample(rows, logits)
+        self.last_step.decode_rows = count
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += count
+        self.stats.decode_run_s += self.last_step.run_s
+        return [self._accept(seq, int(token)) for seq, token in zip(rows, tokens)]
+
+    def _logits_buffers(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """logits_positions zeros [n, 1] and a logits buffer [n, 1, vocab], made once per row count."""
+        if count not in self._logits:
+            self._logits[count] = (np.zeros((count, 1), np.int64),
+                                   np.empty((count, 1, self.engine.spec.vocab_size), self.engine.float_dtype))
+        return self._logits[count]
+
+    def _compact(self) -> None:
+        names = [seq.request.adapter for seq in self._running if seq.request.adapter]
+        if names:
+            self.engine.adapters.compact(names)
+
+    def _sample(self, seqs: list[_Sequence], logits: np.ndarray) -> np.ndarray:
+        rows = np.ascontiguousarray(logits[:, 0], dtype=np.float32)
+        if self._eos_index.size:
+            for index, seq in enumerate(seqs):
+                if len(seq.output_ids) < seq.request.min_tokens and not seq.request.ignore_eos:
+                    rows[index, self._eos_index] = -np.inf  # vLLM's min_tokens: eos cannot be sampled yet
+        requests = [seq.request for seq in seqs]
+        return native.sample_batch(rows, [seq.sampler for seq in seqs], [float(r.temperature) for r in requests],
+                                   [int(r.top_k) for r in requests], [float(r.top_p) for r in requests])
+
+    # -- tokens out ----------------------------------------------------------------------------
+    def _accept(self, seq: _Sequence, token: int) -> SequenceUpdate:
+        """Record a sampled token; decide whether the request ends; hand out the text it completes."""
+        request = seq.request
+        seq.output_ids.append(token)
+        self.stats.generated_tokens += 1
+        enough = len(seq.output_ids) >= request.min_tokens
+        if token in self._eos and not request.ignore_eos and enough:
+            seq.finish_reason = "stop"
+        text = ""
+        if seq.detokenizer is not None:
+            seq.detokenizer.add(token)
+            if seq.finish_reason or len(seq.output_ids) >= request.max_tokens:
+                seq.detokenizer.flush()
+            text = seq.detokenizer.text
+            if request.stop and enough:
+                cut = _find_stop(text, request.stop, max(0, seq.emitted - max(map(len, request.stop))))
+                if cut is not None:
+                    text = text[:cut]
+                    seq.finish_reason = "stop"
+        if seq.finish_reason is None and len(seq.output_ids) >= request.max_tokens:
+            seq.finish_reason = "length"
+        if seq.finish_reason is None:
+            seq.pending = token
+            held = max(map(len, request.stop)) - 1 if request.stop else 0  # may be the start of a stop string
+            release = max(seq.emitted, len(text) - held)
+        else:
+            release = len(text)
+            seq.text = text
+        piece = text[seq.emitted:release]
+        seq.emitted = release
+        return SequenceUpdate(seq.request_id, [token], piece, seq.finish_reason is not None, seq.finish_reason,
+                              len(request.prompt_ids), len(seq.output_ids))
+
+    def _take_aborts(self) -> list[SequenceUpdate]:
+        updates = []
+        for request_id in self._aborts:
+            seq = self._waiting.pop(request_id, None)
+            if seq is None:
+                seq = next((s for s in self._running if s.request_id == request_id and not s.finish_reason), None)
+                if seq is None:
+                    continue  # unknown or already finished
+            seq.finish_reason = "abort"
+            updates.append(SequenceUpdate(request_id, [], "", True, "abort", len(seq.request.prompt_ids),
+                                          len(seq.output_ids)))
+        self._aborts = []
+        self._leave([seq for seq in self._running if seq.finish_reason == "abort"])
+        return updates
+
+    def _leave(self, finished: list[_Sequence]) -> None:
+        """Finished rows leave: release their adapters, move the last live row into each hole."""
+        for seq in finished:
+            if seq.request.adapter:
+                self.engine.adapters.release([seq.request.adapter])
+            last = len(self._running) - 1
+            row = self._running.index(seq)
+            if row != last:
+                moved = self._running[last]
+                self._kv().move_row(last, row)
+                moved.row = row
+                self._running[row] = moved
+            self._running.pop()
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+    """Where the earliest stop string begins in text[start:] (absolute index), or None."""
+    found = [index for index in (text.find(stop, start) for stop in stops) if index >= 0]
+    return min(found) if found else None

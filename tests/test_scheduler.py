@@ -1,0 +1,266 @@
+"""The step scheduler: rows join and leave a persistent batch; every result equals the request run alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgelora.errors import UserInputError
+from edgelora.runtime.detokenizer import IncrementalDetokenizer
+from edgelora.runtime.engine import Engine, EngineConfig
+from edgelora.runtime.scheduler import GenerationRequest, QueueFull, Scheduler, SchedulerConfig
+from edgelora.runtime.tokenizer import ChatTokenizer
+
+
+@pytest.fixture(scope="module")
+def qwen2(exported_samples):
+    return exported_samples["qwen2"]
+
+
+def _engine(sample, max_loras: int = 3, max_cpu_loras: int = 3) -> Engine:
+    engine = Engine(sample.onnx_dir, EngineConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras, num_threads=1))
+    for name, path in sample.processed.items():
+        engine.adapters.add(name, path)
+    return engine
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 400, length).tolist()
+
+
+def _request(seed: int, adapter: str | None, max_tokens: int, length: int = 6, **extra) -> GenerationRequest:
+    return GenerationRequest(_prompt(seed, length), adapter, max_tokens, temperature=0.0, ignore_eos=True, **extra)
+
+
+def _alone(sample, request: GenerationRequest) -> list[int]:
+    scheduler = Scheduler(_engine(sample), SchedulerConfig(max_num_seqs=1))
+    return scheduler.run_to_completion([request])[0].output_ids
+
+
+def _drive(scheduler: Scheduler, arrivals: dict[int, list[tuple[str, GenerationRequest]]], limit: int = 500):
+    """Step the scheduler, adding requests at the given step numbers; return ids per request and step log."""
+    outputs: dict[str, list[int]] = {}
+    finished: dict[str, str] = {}
+    log = []
+    for step in range(limit):
+        for request_id, request in arrivals.get(step, []):
+            scheduler.add_request(request_id, request)
+            outputs[request_id] = []
+        if not scheduler.has_unfinished_requests() and step > max(arrivals):
+            break
+        for update in scheduler.step():
+            outputs[update.request_id] += update.new_token_ids
+            if update.finished:
+                finished[update.request_id] = update.finish_reason
+        log.append((scheduler.last_step.prefill_rows, scheduler.last_step.decode_rows))
+    return outputs, finished, log
+
+
+# -- continuous batching ------------------------------------------------------------------------
+
+
+def test_rows_joining_and_leaving_mid_decode_give_the_ids_they_get_alone(qwen2):
+    """Different adapters, prompt lengths and budgets; requests arrive while others decode."""
+    requests = {
+        "long-a1": _request(1, "a1", 24, length=9),
+        "short-base": _request(2, None, 3, length=4),
+        "mid-a2": _request(3, "a2", 10, length=12),
+        "late-a3": _request(4, "a3", 6, length=5),
+        "late-a1": _request(5, "a1", 8, length=7),
+    }
+    arrivals = {0: [("long-a1", requests["long-a1"]), ("short-base", requests["short-base"])],
+                3: [("mid-a2", requests["mid-a2"])], 6: [("late-a3", requests["late-a3"])],
+                9: [("late-a1", requests["late-a1"])]}
+    scheduler = Scheduler(_engine(qwen2), SchedulerConfig(max_num_seqs=4))
+    outputs, finished, log = _drive(scheduler, arrivals)
+    for request_id, request in requests.items():
+        assert outputs[request_id] == _alone(qwen2, request), request_id
+        assert finished[request_id] == "length"
+    assert max(decode for _, decode in log) >= 3, "rows decoded together"
+    assert all(prefill == 0 or decode == 0 for prefill, decode in log), "a step is a prefill or a decode"
+    assert scheduler.num_running == 0
+    assert all(scheduler.engine.adapters.get(name).references == 0 for name in ("a1", "a2", "a3"))
+
+
+def test_decode_steps_run_only_live_rows(qwen2):
+    scheduler = Scheduler(_engine(qwen2), SchedulerConfig(max_num_seqs=8))
+    _, _, log = _drive(scheduler, {0: [("a", _request(1, None, 2)), ("b", _request(2, None, 6))]})
+    decode_rows = [decode for _, decode in log if decode]
+    assert decode_rows == [2] + [1] * 4, "a 2-token row leaves after its first decode step; 8 rows are never paid for"
+
+
+def test_a_step_binds_only_the_slots_its_rows_use(qwen2, monkeypatch):
+    """Adapters left in slots 1 and 3 by earlier requests: the running pair is compacted into 1..2."""
+    engine = _engine(qwen2, max_loras=3)
+    for name in ("a1", "a2", "a3"):
+        engine.adapters.activate(name)
+    assert engine.adapters.slot_table() == {1: "a1", 2: "a2", 3: "a3"}
+    bound = []
+    original = Engine.bind_adapters
+
+    def spy(self, binding, slots):
+        bound.append(sorted({s for s in slots if s}))
+        return original(self, binding, slots)
+
+    monkeypatch.setattr(Engine, "bind_adapters", spy)
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=4))
+    results = scheduler.run_to_completion([_request(1, "a1", 4), _request(2, "a3", 4)])
+    assert all(max(slots) <= 2 for slots in bound if slots), bound
+    assert engine.adapters.stats.slot_moves >= 1
+    assert [r.output_ids for r in results] == [_alone(qwen2, _request(1, "a1", 4)), _alone(qwen2, _request(2, "a3", 4))]
+
+
+# -- admission ----------------------------------------------------------------------------------
+
+
+def test_a_request_waits_for_a_slot_and_the_lru_slot_drains_for_it(qwen2):
+    """max_loras 2, both slots held: a1 (held longest) drains for a3; a2 rows may still go ahead."""
+    engine = _engine(qwen2, max_loras=2)
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=8))
+    admitted = []
+    scheduler.add_request("A-a1", _request(1, "a1", 6))
+    scheduler.step()
+    scheduler.add_request("B-a2", _request(2, "a2", 12))
+    scheduler.step()
+    for request_id, adapter in (("C-a3", "a3"), ("D-a2", "a2"), ("E-a1", "a1")):
+        scheduler.add_request(request_id, _request(3, adapter, 3))
+    order = []
+    for _ in range(60):
+        if not scheduler.has_unfinished_requests():
+            break
+        running_before = {seq.request_id for seq in scheduler._running}
+        scheduler.step()
+        order += [seq.request_id for seq in scheduler._running if seq.request_id not in running_before]
+        admitted.append(set(engine.adapters.slot_table().values()))
+    assert order.index("D-a2") < order.index("C-a3"), "a request whose adapter is in a slot goes ahead"
+    assert order.index("C-a3") < order.index("E-a1"), "the draining a1 slot takes no new rows: C gets it first"
+    assert engine.adapters.stats.slot_evictions >= 1
+
+
+def test_queue_full_is_refused_and_the_queue_keeps_working(qwen2):
+    scheduler = Scheduler(_engine(qwen2), SchedulerConfig(max_num_seqs=1, max_waiting=1))
+    scheduler.add_request("a", _request(1, None, 3))
+    with pytest.raises(QueueFull, match="queue is full"):
+        scheduler.add_request("b", _request(2, None, 3))
+    results = []
+    while scheduler.has_unfinished_requests():
+        results += [u for u in scheduler.step() if u.finished]
+    assert [u.request_id for u in results] == ["a"]
+
+
+def test_abort_releases_the_row_and_the_adapter(qwen2):
+    engine = _engine(qwen2)
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=4))
+    scheduler.add_request("keep", _request(1, "a1", 10))
+    scheduler.add_request("drop", _request(2, "a2", 50))
+    scheduler.add_request("queued", _request(3, "a3", 5))
+    kept = []
+    for _ in range(3):
+        kept += [t for u in scheduler.step() if u.request_id == "keep" for t in u.new_token_ids]
+    scheduler.abort_request("drop")
+    scheduler.abort_request("nobody")  # unknown ids are ignored
+    updates = scheduler.step()
+    assert [(u.request_id, u.finish_reason) for u in updates if u.finished] == [("drop", "abort")]
+    kept += [t for u in updates if u.request_id == "keep" for t in u.new_token_ids]
+    assert engine.adapters.get("a2").references == 0
+    while scheduler.has_unfinished_requests():
+        kept += [t for u in scheduler.step() if u.request_id == "keep" for t in u.new_token_ids]
+    assert kept == _alone(qwen2, _request(1, "a1", 10))
+
+
+# -- stopping -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(qwen2):
+    return ChatTokenizer(qwen2.onnx_dir)
+
+
+def test_stop_string_ends_the_text_before_it(qwen2, tokenizer):
+    scheduler = Scheduler(_engine(qwen2), SchedulerConfig(max_num_seqs=2), tokenizer)
+    full = scheduler.run_to_completion([_request(7, "a1", 30)])[0]
+    assert len(full.text) > 12
+    stop = full.text[6:9]
+    cut = full.text.index(stop)
+    stopped = scheduler.run_to_completion([_request(7, "a1", 30, stop=[stop, "never-there"])])[0]
+    assert stopped.text == full.text[:cut] and stopped.finish_reason == "stop"
+    assert stopped.output_ids == full.output_ids[: len(stopped.output_ids)]
+    assert len(stopped.output_ids) < len(full.output_ids)
+
+
+def test_streamed_pieces_never_split_a_character_and_join_to_the_text(tokenizer):
+    ids = tokenizer.encode("héllo жук 😀 мир 🎉!")
+    pieces = []
+    detokenizer = IncrementalDetokenizer(tokenizer.decode)
+    for token in ids:
+        pieces.append(detokenizer.add(token))
+    pieces.append(detokenizer.flush())
+    assert "".join(pieces) == tokenizer.decode(ids) == "héllo жук 😀 мир 🎉!"
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert sum(1 for piece in pieces if piece == "") > 0, "some tokens hold only part of a character"
+
+
+def test_min_tokens_masks_eos_and_ignore_eos_runs_to_max_tokens(qwen2):
+    free = Scheduler(_engine(qwen2), SchedulerConfig(max_num_seqs=1))
+    greedy = free.run_to_completion([_request(11, None, 12)])[0].output_ids
+    engine = _engine(qwen2)
+    engine.eos_ids = [greedy[3]]  # make the 4th greedy token the end of sequence
+    eos_at = greedy.index(greedy[3])
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=1))
+    ends = scheduler.run_to_completion([GenerationRequest(_prompt(11, 6), None, 12, temperature=0.0)])[0]
+    assert ends.output_ids == greedy[: eos_at + 1] and ends.finish_reason == "stop"
+    late = scheduler.run_to_completion([GenerationRequest(_prompt(11, 6), None, 12, temperature=0.0,
+                                                          min_tokens=eos_at + 3)])[0]
+    assert greedy[3] not in late.output_ids[: eos_at + 2], "eos cannot be sampled before min_tokens"
+    ignored = scheduler.run_to_completion([GenerationRequest(_prompt(11, 6), None, 12, temperature=0.0,
+                                                             ignore_eos=True)])[0]
+    assert ignored.output_ids == greedy and ignored.finish_reason == "length"
+
+
+def test_max_tokens_defaults_to_the_rest_of_max_model_len(qwen2):
+    scheduler = Scheduler(_engine(qwen2), SchedulerConfig(max_num_seqs=2, max_model_len=16))
+    result = scheduler.run_to_completion([GenerationRequest(_prompt(1, 10), None, None, temperature=0.0,
+                                                            ignore_eos=True)])[0]
+    assert len(result.output_ids) == 6 and result.finish_reason == "length"
+    assert scheduler._cache.max_len == 16, "the KV cache never grows past max_model_len"
+    with pytest.raises(UserInputError, match=r"prompt \(10 tokens\) \+ max tokens \(7\) exceeds the 16 positions"):
+        scheduler.check(GenerationRequest(_prompt(1, 10), None, 7))
+    with pytest.raises(UserInputError, match="above the model's"):
+        Scheduler(scheduler.engine, SchedulerConfig(max_model_len=qwen2.spec.max_position_embeddings + 1))
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", -2),
+                                         ("min_tokens", -1), ("stop", ["ok", ""]), ("seed", -5)])
+def test_bad_request_fields_are_refused(qwen2, tokenizer, field, value):
+    scheduler = Scheduler(_engine(qwen2), tokenizer=tokenizer)
+    request = GenerationRequest(_prompt(1, 4), None, 4)
+    setattr(request, field, value)
+    with pytest.raises(UserInputError, match=field):
+        scheduler.add_request("x", request)
+    assert not scheduler.has_unfinished_requests()
+
+
+def test_unknown_adapter_is_refused(qwen2):
+    with pytest.raises(UserInputError, match="unknown adapter 'zz'"):
+        Scheduler(_engine(qwen2)).add_request("x", GenerationRequest(_prompt(1, 4), "zz", 4))
+
+
+# -- KV rows --------------------------------------------------------------------------------------
+
+
+def test_move_row_packs_and_clears_what_the_target_held(qwen2):
+    from edgelora.runtime.kv_cache import KVCache
+    from edgelora.runtime.session import Device
+
+    cache = KVCache(qwen2.spec, 3, max_len=8, device=Device("cpu"))
+    cache.clear_rows(range(3))
+    for buffer in cache.host_buffers():
+        buffer[0, :, :6] = 1.0
+        buffer[2, :, :3] = 2.0
+    cache.note_written(0, [6, 0, 3])
+    cache.move_row(2, 0)
+    for buffer in cache.host_buffers():
+        assert (buffer[0, :, :3] == 2.0).all() and (buffer[0, :, 3:] == 0).all()
+    cache.clear_rows([2])
+    for buffer in cache.host_buffers():
+        assert (buffer[2] == 0).all()
