@@ -125,6 +125,23 @@ def test_clear_zeroes_a_slot(pool):
         assert not slot_a.any() and not slot_b.any()
 
 
+def test_move_takes_the_adapter_to_another_slot_and_clears_the_source(pool):
+    big_a, big_b = _ready(4)
+    small_a, small_b = _ready(2, skip=(1,))
+    pool.write(1, 4, big_a, big_b)  # the target holds a larger rank: its extra rows must not survive
+    pool.write(3, 2, small_a, small_b)
+    pool.move(3, 1)
+    assert [pool.slot_rank(slot) for slot in (1, 2, 3)] == [2, 0, 0]
+    slot_a, slot_b = _slot(pool, 0, 1)
+    np.testing.assert_array_equal(slot_a, _padded(small_a[0], 4))
+    np.testing.assert_array_equal(slot_b, _padded(small_b[0], 4))
+    for site in (0, 1):
+        assert not any(array.any() for array in _slot(pool, site, 3))
+    assert not any(array.any() for array in _slot(pool, 1, 1)), "an untargeted site moves as zeros"
+    with pytest.raises(ValueError, match="outside 1..3"):
+        pool.move(0, 1)
+
+
 def test_float16_pool(tmp_path):
     pool = native.AdapterPool(SITES, 2, 8, "float16", "cpu")
     a, b = _ready(3, np.float16)

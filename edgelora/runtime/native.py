@@ -65,3 +65,8 @@ def read_bandwidth(threads: int = 0, size_bytes: int = 512 << 20, repeats: int =
 def zero_device_memory(address: int, size_bytes: int) -> None:
     """Zero CUDA device memory (KV cache rows); needs a CUDA build."""
     _module().zero_device_memory(address, size_bytes)
+
+
+def copy_device_memory(target: int, source: int, size_bytes: int) -> None:
+    """Copy CUDA device memory (moving a KV cache row when live rows are packed); needs a CUDA build."""
+    _module().copy_device_memory(target, source, size_bytes)
