@@ -87,6 +87,7 @@ class LevelResult:
 
     concurrency: int
     requests: int
+    output_tokens: int = 0  # of the last repeat (requests x max_tokens: ignore_eos)
     request_throughput: float = 0.0  # requests/s
     output_tokens_per_s: float = 0.0
     ttft_p50_ms: float = 0.0
@@ -188,8 +189,8 @@ class _ServerProcess:
         options = self.options
         command = [sys.executable, "-m", "edgelora", "serve", "--onnx-dir", str(options.onnx_dir),
                    "--port", str(port), "--quiet"]
-        for name, path in options.lora_modules.items():
-            command += ["--lora-modules", f"{name}={path}"]
+        if options.lora_modules:
+            command += ["--lora-modules", *(f"{name}={path}" for name, path in options.lora_modules.items())]
         for flag, value in (("--threads", options.threads), ("--max-loras", options.max_loras),
                             ("--max-num-seqs", options.max_num_seqs or max(options.concurrency))):
             if value is not None:
@@ -280,7 +281,8 @@ def _measure(options: BenchServeOptions, url: str, vocab: int | None) -> dict:
             after = _scrape(url, api_key)
             ttfts += [t.ttft_s for t in timings]
             itls += [gap for t in timings for gap in t.itl_s]
-            tputs.append(sum(t.output_tokens for t in timings) / wall_s)
+            level.output_tokens = sum(t.output_tokens for t in timings)
+            tputs.append(level.output_tokens / wall_s)
             level.request_throughput = len(timings) / wall_s
             if _delta(after, before, f"{PREFILL_SECONDS}_count"):
                 prefill.append(_delta(after, before, f"{PREFILL_SECONDS}_sum")

@@ -76,6 +76,26 @@ def _bench(args: argparse.Namespace) -> None:
                            args.contexts, args.context_batch, args.context_steps, args.threads, args.device, args.json))
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from edgelora.server import ServeOptions, serve
+    from edgelora.server.adapters import parse_lora_modules
+
+    serve(ServeOptions(args.onnx_dir, parse_lora_modules(args.lora_modules), args.served_model_name, args.max_loras,
+                       args.max_cpu_loras, args.max_lora_rank, args.max_num_seqs, args.max_model_len, args.host,
+                       args.port, args.api_key, args.api_keys, args.lora_root, args.lora_cache_dir,
+                       args.enable_lora_updates, args.max_waiting, args.device, args.threads, args.shutdown_timeout))
+
+
+def _bench_serve(args: argparse.Namespace) -> None:
+    from edgelora.bench_serve import BenchServeOptions, run_bench_serve
+    from edgelora.server.adapters import parse_lora_modules
+
+    run_bench_serve(BenchServeOptions(args.adapters, args.url, args.onnx_dir, parse_lora_modules(args.lora_modules),
+                                      args.concurrency, args.requests, args.prompt_len, args.max_tokens, args.repeats,
+                                      args.threads, args.max_loras, args.max_num_seqs, args.compare_offline,
+                                      args.api_key, args.json))
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag under its one documented spelling; the aliases are accepted but not listed."""
 
@@ -189,6 +209,67 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider")
     bench.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
+
+    serve = _add(subparsers, "serve", _serve, "OpenAI-compatible server: many adapters, one batch",
+                 "Serve the model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models; "
+                 "vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter with --enable-lora-updates), plus /health "
+                 "and Prometheus /metrics. Requests on different adapters share every decode step (continuous "
+                 "batching). 'model' is the served name (base), an adapter name, or NAME:ADAPTER. SIGTERM stops "
+                 "accepting, lets running requests finish (up to --shutdown-timeout) and exits 0.")
+    _flag(serve, "--onnx-dir", required=True, type=Path, help="folder with lora_model.onnx (export + insert-lora)")
+    _flag(serve, "--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+          help="adapters served from the start: processed folders, or PEFT folders (processed at startup)")
+    _flag(serve, "--served-model-name", default=None, help="the base model's name in the API; default: the onnx folder's name")
+    _flag(serve, "--max-loras", type=int, default=8, help="adapter slots a step can use at once")
+    _flag(serve, "--max-cpu-loras", type=int, default=None,
+          help="adapters kept ready in host memory; default: max(16, --max-loras)")
+    _flag(serve, "--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (1..64)")
+    _flag(serve, "--max-num-seqs", "--max-batch-size", "--max_batch_size", "--maxBatchSize", type=int, default=8,
+          help="requests decoded together (rows of the batch)")
+    _flag(serve, "--max-model-len", type=int, default=None,
+          help="prompt + generated tokens per request; default: the model's positions")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (another than loopback without a key logs a warning)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    keys = serve.add_mutually_exclusive_group()
+    _flag(keys, "--api-key", default=None, help="one key with every adapter and admin rights (Authorization: Bearer KEY)")
+    _flag(keys, "--api-keys", type=Path, default=None,
+          help='JSON file {"KEY": {"adapters": ["a", ...] | "*", "admin": bool, "max_concurrent": N}}')
+    _flag(serve, "--lora-root", type=Path, default=None, help="run-time adapter paths must resolve inside this folder")
+    _flag(serve, "--lora-cache-dir", type=Path, default=None,
+          help="where PEFT adapters are processed to; default: ONNX_DIR/.lora_cache")
+    _flag(serve, "--enable-lora-updates", action="store_true",
+          help="allow /v1/load_lora_adapter and /v1/unload_lora_adapter (admin keys; needs --lora-root)")
+    _flag(serve, "--max-waiting", type=int, default=None,
+          help="requests that may wait for a row; beyond it a request gets 503; default: unbounded")
+    serve.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider (cuda needs onnxruntime-gpu)")
+    serve.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime; default: all cores")
+    _flag(serve, "--shutdown-timeout", type=float, default=30.0,
+          help="seconds SIGTERM waits for running requests before it cancels them")
+
+    load = _add(subparsers, "bench-serve", _bench_serve, "load-test a server with the openai client (streaming)",
+                "Send --requests streaming completions at each --concurrency level (random token-id prompts, greedy, "
+                "ignore_eos, adapters round robin) and report request throughput, output tokens/s, time to first "
+                "token and inter-token latency p50/p99, the server's mean prefill step and the share of each decode "
+                "step spent outside ONNX Runtime (from its /metrics). Give --url of a running server, or --onnx-dir "
+                "to start one on a free loopback port for the run.")
+    load.add_argument("--url", default=None, help="base URL of a running edgelora serve (http://HOST:PORT or .../v1)")
+    _flag(load, "--onnx-dir", type=Path, default=None, help="start 'edgelora serve' on this folder for the run")
+    _flag(load, "--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+          help="with --onnx-dir: adapters the started server serves")
+    load.add_argument("--adapters", nargs="+", required=True, metavar="NAME",
+                      help="models requested round robin: adapter names, or 'base' for the served base model")
+    load.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="concurrent clients per level, comma-separated")
+    load.add_argument("--requests", type=int, default=32, help="requests per level (and per repeat)")
+    _flag(load, "--prompt-len", type=int, default=32, help="prompt tokens per request")
+    _flag(load, "--max-tokens", type=int, default=64, help="tokens generated per request (EOS ignored)")
+    load.add_argument("--repeats", type=int, default=1, help="rounds per level (medians reported)")
+    load.add_argument("--threads", type=int, default=None, help="with --onnx-dir: CPU threads of the server (and offline run)")
+    _flag(load, "--max-loras", type=int, default=None, help="with --onnx-dir: the server's adapter slots")
+    _flag(load, "--max-num-seqs", type=int, default=None, help="with --onnx-dir: the server's rows; default: the highest level")
+    _flag(load, "--compare-offline", action="store_true",
+          help="with --onnx-dir: also time LLM.generate of the same requests in one batch, interleaved with the server")
+    _flag(load, "--api-key", default=None, help="key for the server (and for /metrics)")
+    load.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     return parser
 
 

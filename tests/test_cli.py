@@ -75,3 +75,11 @@ def test_bad_input_from_a_subprocess_has_no_traceback(tmp_path):
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_lora_modules_given_twice_add_up():
+    from edgelora.cli import build_parser
+
+    for command in (["serve", "--onnx-dir", "x"], ["bench-serve", "--adapters", "a"]):
+        args = build_parser().parse_args([*command, "--lora-modules", "a=1", "b=2", "--lora-modules", "c=3"])
+        assert args.lora_modules == ["a=1", "b=2", "c=3"]

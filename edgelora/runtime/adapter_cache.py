@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,8 @@ from edgelora.processed_adapter import (
 )
 
 log = logging.getLogger(__name__)
+
+RECENT_LOADS = 1024  # load times kept for metrics; counts and totals are kept forever
 
 
 @dataclass
@@ -100,7 +102,14 @@ class CacheStats:
     host_misses: int = 0
     host_evictions: int = 0
     slot_moves: int = 0  # compactions: a running adapter moved down so a step binds only used slots
-    load_s: list[float] = field(default_factory=list)
+    loads: int = 0  # activations that copied an adapter into a slot
+    load_s_total: float = 0.0
+    recent_load_s: deque = field(default_factory=lambda: deque(maxlen=RECENT_LOADS))  # bounded: servers run for weeks
+
+    def record_load(self, seconds: float) -> None:
+        self.loads += 1
+        self.load_s_total += seconds
+        self.recent_load_s.append(seconds)
 
 
 class AdapterCache:
@@ -149,10 +158,10 @@ class AdapterCache:
         started = time.perf_counter()
         ready = self._host_copy(entry)
         self._pool.write(slot, ready.rank, ready.a, ready.b)
-        self.stats.load_s.append(time.perf_counter() - started)
+        self.stats.record_load(time.perf_counter() - started)
         entry.slot = slot
         self._slots[slot] = name
-        log.debug("adapter %s -> slot %d (%.1f ms)", name, slot, self.stats.load_s[-1] * 1e3)
+        log.debug("adapter %s -> slot %d (%.1f ms)", name, slot, self.stats.recent_load_s[-1] * 1e3)
         return slot
 
     def deactivate(self, name: str) -> None:

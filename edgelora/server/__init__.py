@@ -1,0 +1,191 @@
+"""``edgelora serve``: an OpenAI-compatible multi-LoRA server over the step scheduler.
+
+    from edgelora.server import ServeOptions, serve
+    serve(ServeOptions(onnx_dir=Path("llm_onnx"), lora_modules={"french": Path("adapters/french")}))
+
+Startup order: check the options, bind the port, prepare the ``--lora-modules`` (PEFT folders are
+processed), load the model on the engine thread, then serve with uvicorn until SIGTERM/SIGINT;
+on SIGTERM new connections are refused, running requests finish (up to ``shutdown_timeout_s``)
+and ``serve`` returns normally.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgelora import contract
+from edgelora.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ServeOptions", "serve"]
+
+
+@dataclass
+class ServeOptions:
+    """Every setting of ``edgelora serve`` (vLLM's flag names)."""
+
+    onnx_dir: Path
+    lora_modules: dict[str, Path] = field(default_factory=dict)  # name -> PEFT or processed folder
+    served_model_name: str | None = None  # default: the onnx folder's name
+    max_loras: int = 8
+    max_cpu_loras: int | None = None  # default: max(16, max_loras)
+    max_lora_rank: int = contract.MAX_LORA_RANK
+    max_num_seqs: int = 8
+    max_model_len: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    api_keys: Path | None = None
+    lora_root: Path | None = None
+    lora_cache_dir: Path | None = None  # default: <onnx_dir>/.lora_cache
+    enable_lora_updates: bool = False
+    max_waiting: int | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    shutdown_timeout_s: float = 30.0
+
+    def validate(self) -> None:
+        """Everything that can be refused before the model loads, all problems at once."""
+        problems = []
+        if self.enable_lora_updates and self.lora_root is None:
+            problems.append("--enable-lora-updates needs --lora-root DIR (run-time adapters must come from inside it)")
+        if self.lora_root is not None and not Path(self.lora_root).is_dir():
+            problems.append(f"--lora-root {self.lora_root}: no such folder")
+        if self.api_key is not None and self.api_keys is not None:
+            problems.append("give --api-key or --api-keys, not both")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"--port {self.port} (0..65535)")
+        if self.max_waiting is not None and self.max_waiting < 0:
+            problems.append(f"--max-waiting {self.max_waiting} (>= 0)")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"--threads {self.threads} (>= 1)")
+        if self.shutdown_timeout_s < 0:
+            problems.append(f"--shutdown-timeout {self.shutdown_timeout_s} (>= 0)")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            problems.append("--served-model-name is empty")
+        if problems:
+            raise UserInputError("; ".join(problems))
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or Path(self.onnx_dir).resolve().name
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the port before the model loads, so a taken port fails at once with one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+    # without it a response whose headers and body are two writes waits for a delayed ACK (40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def serve(options: ServeOptions) -> None:
+    """Run the server until SIGTERM or SIGINT (KeyboardInterrupt); raises our errors on bad settings."""
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise UserInputError(f"edgelora serve needs {exc.name}: pip install 'edgelora[serve]'") from exc
+
+    from edgelora.runtime.engine import EngineConfig
+    from edgelora.runtime.scheduler import SchedulerConfig
+    from edgelora.runtime.tokenizer import ChatTokenizer
+    from edgelora.server.adapters import AdapterSources
+    from edgelora.server.app import AppState, create_app
+    from edgelora.server.engine_loop import EngineLoop, EngineSettings
+    from edgelora.server.metrics import ServerMetrics
+    from edgelora.server.tenants import Tenants
+
+    options.validate()
+    onnx_dir = Path(options.onnx_dir)
+    if not (onnx_dir / contract.LORA_MODEL_ONNX).is_file():
+        raise UserInputError(f"{onnx_dir}: no {contract.LORA_MODEL_ONNX}; run 'edgelora insert-lora --onnx-dir {onnx_dir}'")
+    if options.api_keys is not None:
+        tenants = Tenants.load(options.api_keys)
+    elif options.api_key is not None:
+        tenants = Tenants.single(options.api_key)
+    else:
+        tenants = Tenants.none()
+    if tenants.open and not _is_loopback(options.host):
+        log.warning("listening on %s with no API key: anyone who can reach it may use it "
+                    "(give --api-key or --api-keys)", options.host)
+    sock = _listen(options.host, options.port)
+    try:
+        sources = AdapterSources(onnx_dir, Path(options.lora_cache_dir or onnx_dir / ".lora_cache"), options.lora_root)
+        startup = {}
+        for name, path in options.lora_modules.items():
+            try:
+                startup[name] = sources.prepare(path)
+            except UserInputError as exc:
+                raise type(exc)(f"--lora-modules {name}: {exc}") from exc
+        if options.name in startup:
+            raise UserInputError(f"--lora-modules {options.name}: the served model has that name")
+        max_cpu_loras = options.max_cpu_loras if options.max_cpu_loras is not None else max(16, options.max_loras)
+        settings = EngineSettings(
+            onnx_dir,
+            EngineConfig(max_lora_rank=options.max_lora_rank, max_loras=options.max_loras, max_cpu_loras=max_cpu_loras,
+                         device=options.device, num_threads=options.threads),
+            SchedulerConfig(max_num_seqs=options.max_num_seqs, max_model_len=options.max_model_len,
+                            max_waiting=options.max_waiting),
+            startup)
+        metrics = ServerMetrics()
+        engine = EngineLoop(settings, metrics)
+        info = engine.start()
+        try:
+            state = AppState(options.name, engine, tenants, metrics, sources, ChatTokenizer(onnx_dir),
+                             info.max_model_len, options.enable_lora_updates, set(info.adapters))
+            config = uvicorn.Config(create_app(state), log_config=None, lifespan="on",
+                                    timeout_graceful_shutdown=options.shutdown_timeout_s)
+            server = uvicorn.Server(config)
+            log.info("serving %s (%d adapters) on http://%s:%d/v1", options.name, len(info.adapters),
+                     options.host, sock.getsockname()[1])
+            _run_until_signal(server, sock)
+        finally:
+            engine.stop()
+    finally:
+        sock.close()
+
+
+def _run_until_signal(server, sock: socket.socket) -> None:
+    """Run uvicorn; SIGTERM means a graceful stop and a normal return (exit 0).
+
+    uvicorn handles SIGTERM itself while it runs, then restores the previous handler and raises the
+    signal again; ours only asks the server to exit (a no-op by then, and a prompt stop if the
+    signal comes before uvicorn has installed its own).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        server.run(sockets=[sock])
+        return
+
+    def stop(signum, frame) -> None:
+        server.should_exit = True
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)

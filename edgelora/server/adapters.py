@@ -1,0 +1,98 @@
+"""Where adapters come from: ``--lora-root`` checks, and PEFT folders processed into a cache folder.
+
+A processed folder (``processed_adapter_model.safetensors`` + ``config.json``) is used as is. A
+PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``) goes through the same
+``process_adapter`` as ``edgelora process-lora``, checked against the served model, into
+``--lora-cache-dir`` under a key of its path and file stamps, so a changed adapter is processed
+again and an unchanged one only once. The server never imports torch, so a ``.bin``-only PEFT
+adapter is refused with what to do instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgelora import contract
+from edgelora.errors import AdapterError, UserInputError
+
+log = logging.getLogger(__name__)
+
+
+class ForbiddenPath(UserInputError):
+    """An adapter path outside ``--lora-root`` (after following symlinks): a 403."""
+
+
+@dataclass
+class AdapterSources:
+    """Turns a path a caller names into a processed folder the engine can register."""
+
+    onnx_dir: Path
+    cache_dir: Path
+    root: Path | None = None  # run-time loads must resolve inside it
+
+    def inside_root(self, path: str | Path) -> Path:
+        """The path with symlinks followed and ``..`` folded; ForbiddenPath unless it lies in the root."""
+        if self.root is None:
+            raise ForbiddenPath("run-time adapter loading needs --lora-root")
+        root = self.root.resolve()
+        candidate = Path(path).expanduser()
+        if not candidate.is_absolute():
+            candidate = root / candidate
+        resolved = candidate.resolve()
+        if not resolved.is_relative_to(root):
+            raise ForbiddenPath(f"{path}: outside the adapter root (--lora-root)")
+        return resolved
+
+    def prepare(self, path: Path) -> Path:
+        """A processed folder for ``path``: itself when processed, else the processed copy of the PEFT folder."""
+        path = Path(path)
+        if path.is_file() and path.name == contract.PROCESSED_ADAPTER:
+            return path.parent
+        if not path.is_dir():
+            raise UserInputError(f"{path}: no such adapter folder")
+        if (path / contract.PROCESSED_ADAPTER).is_file():
+            return path
+        if not (path / contract.PEFT_CONFIG).is_file():
+            raise AdapterError(f"{path}: neither a processed adapter ({contract.PROCESSED_ADAPTER}) nor a PEFT "
+                               f"adapter ({contract.PEFT_CONFIG})")
+        if not (path / contract.PEFT_WEIGHTS).is_file():
+            if (path / contract.PEFT_WEIGHTS_BIN).is_file():
+                raise AdapterError(f"{path}: only {contract.PEFT_WEIGHTS_BIN}; the server does not read PyTorch "
+                                   f"pickles. Convert it to {contract.PEFT_WEIGHTS} (PeftModel.save_pretrained("
+                                   "..., safe_serialization=True)) or run 'edgelora process-lora' on it")
+            raise AdapterError(f"{path}: no {contract.PEFT_WEIGHTS}")
+        target = self.cache_dir / self._cache_key(path)
+        if (target / contract.PROCESSED_ADAPTER).is_file() and (target / contract.PROCESSED_CONFIG).is_file():
+            return target
+        from edgelora.adapters import process_adapter  # numpy + safetensors only for a safetensors PEFT folder
+
+        log.info("processing PEFT adapter %s -> %s", path, target)
+        process_adapter(path, target, self.onnx_dir)
+        return target
+
+    @staticmethod
+    def _cache_key(path: Path) -> str:
+        """Folder name + a digest of the resolved path and the files' sizes and times."""
+        resolved = path.resolve()
+        digest = hashlib.sha256(str(resolved).encode())
+        for name in (contract.PEFT_CONFIG, contract.PEFT_WEIGHTS):
+            stat = (resolved / name).stat()
+            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return f"{resolved.name}-{digest.hexdigest()[:16]}"
+
+
+def parse_lora_modules(entries: list[str]) -> dict[str, Path]:
+    """``NAME=PATH`` pairs of ``--lora-modules``, names unique."""
+    modules: dict[str, Path] = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise UserInputError(f"--lora-modules {entry!r}: expected NAME=PATH")
+        if name in modules:
+            raise UserInputError(f"--lora-modules: adapter name {name!r} is given twice")
+        modules[name] = Path(path)
+    return modules
