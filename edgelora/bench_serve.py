@@ -116,14 +116,16 @@ async def _one(client, model: str, prompt: list[int], max_tokens: int) -> Reques
     output_tokens = 0
     stream = await client.completions.create(
         model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "return_token_ids": True})
     async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
+        # A chunk per step that produced tokens (vLLM's token_ids), text or not: a random model's
+        # tokens may decode to nothing, and a character split over tokens arrives with its last one.
+        if chunk.choices and (chunk.choices[0].text or (chunk.choices[0].model_extra or {}).get("token_ids")):
             stamps.append(time.perf_counter())
         if chunk.usage is not None:
             output_tokens = chunk.usage.completion_tokens
     if not stamps:
-        raise UserInputError(f"model {model!r}: the stream carried no text")
+        raise UserInputError(f"model {model!r}: the stream carried no tokens")
     return RequestTiming(stamps[0] - started, list(np.diff(stamps)), output_tokens, time.perf_counter() - started)
 
 

@@ -90,6 +90,8 @@ def _bench_serve(args: argparse.Namespace) -> None:
     from edgelora.bench_serve import BenchServeOptions, run_bench_serve
     from edgelora.server.adapters import parse_lora_modules
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+
     run_bench_serve(BenchServeOptions(args.adapters, args.url, args.onnx_dir, parse_lora_modules(args.lora_modules),
                                       args.concurrency, args.requests, args.prompt_len, args.max_tokens, args.repeats,
                                       args.threads, args.max_loras, args.max_num_seqs, args.compare_offline,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on the built-in sample, nothing fetched from a hub:
 #   make a tiny Qwen2 model + tokenizer + three PEFT adapters -> export -> insert-lora
-#   -> process-lora (x3) -> merge-lora (one adapter) -> infer one batch mixing a1, a2, a3 and base rows.
+#   -> process-lora (x3) -> merge-lora (one adapter) -> infer one batch mixing a1, a2, a3 and base rows
+#   -> serve: the same model behind the OpenAI API, queried with the official client (base and adapters).
 # Usage: samples/run_demo.sh [WORK_DIR]   (default build/demo; PYTHON overrides the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,4 +35,36 @@ for index, response in enumerate(result["responses"]):
           f"{response['completion_tokens']:3} tokens: {response['output_text'][:60]!r}")
 print("stats:", json.dumps(result["stats"]))
 PY
-echo "== done: $WORK/output.json"
+echo "== 7. serve: OpenAI-compatible server on a free loopback port, queried with the openai client"
+PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$PYTHON" -m edgelora serve --onnx-dir "$WORK/onnx" --served-model-name demo --port "$PORT" --threads 2 \
+  --lora-modules a1="$WORK/onnx/lora_weights/a1" a2="$WORK/onnx/lora_weights/a2" a3="$WORK/sample/adapters/a3" \
+  > "$WORK/serve.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+"$PYTHON" - "$PORT" <<'PY'
+import sys, time
+import httpx
+from openai import OpenAI
+url = f"http://127.0.0.1:{sys.argv[1]}"
+for _ in range(240):
+    try:
+        if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            break
+    except httpx.HTTPError:
+        time.sleep(0.5)
+else:
+    sys.exit("the server did not start; see serve.log")
+client = OpenAI(base_url=f"{url}/v1", api_key="none")
+print("models:", [m.id for m in client.models.list().data])
+chat = [{"role": "user", "content": "Tell me about the sea."}]
+for model in ("demo", "a1", "demo:a2", "a3"):
+    reply = client.chat.completions.create(model=model, messages=chat, max_tokens=12, temperature=0)
+    print(f"{model:8} {reply.choices[0].finish_reason:6} {reply.usage.completion_tokens:3} tokens: "
+          f"{reply.choices[0].message.content[:60]!r}")
+stream = client.chat.completions.create(model="a1", messages=chat, max_tokens=12, temperature=0, stream=True)
+print("a1 streamed:", repr("".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)[:60]))
+PY
+kill -TERM $SERVER && wait $SERVER && echo "server stopped (SIGTERM, exit 0)"
+trap - EXIT
+echo "== done: $WORK/output.json, $WORK/serve.log"
