@@ -31,6 +31,7 @@ from edgelora.runtime.tokenizer import ChatTokenizer
 
 SERVED = "tiny"
 PROMPT = "The quick brown fox"
+MODEL_LEN = 640  # --max-model-len of the main server fixture (its longest request: 600 tokens)
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 # Characters outside the tokenizer's training text: each is several byte-level tokens.
 MULTIBYTE_PROMPTS = ["Say ж and 🙂 please", "Ж🙂ж", "Translate to German: ж good morning 🙂"]
@@ -98,7 +99,8 @@ def server(sample, lora_root):
     with _serving(["--onnx-dir", str(sample.onnx_dir), "--served-model-name", SERVED,
                    "--lora-modules", f"a1={sample.processed['a1']}", f"a2={sample.processed['a2']}",
                    f"a3={sample.adapters['a3']}", "--enable-lora-updates", "--lora-root", str(lora_root),
-                   "--lora-cache-dir", str(lora_root.parent / "cache"), "--max-num-seqs", "4", "--threads", "1"]) as served:
+                   "--lora-cache-dir", str(lora_root.parent / "cache"), "--max-num-seqs", "4", "--max-model-len", str(MODEL_LEN),
+                   "--threads", "1"]) as served:
         yield served
 
 
@@ -333,6 +335,17 @@ def test_seeded_sampling_equals_offline_generate(client, offline, sample):
         assert _ids(answer) == expected.token_ids and answer.text == expected.text
 
 
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_omitted_max_tokens_is_the_rest_of_the_context(client, route):
+    if route == "completions":
+        response = client.completions.create(model="a1", prompt=PROMPT, temperature=0, extra_body={"ignore_eos": True})
+    else:
+        response = client.chat.completions.create(model="a1", messages=CHAT, temperature=0,
+                                                  extra_body={"ignore_eos": True})
+    assert response.usage.prompt_tokens + response.usage.completion_tokens == MODEL_LEN
+    assert response.choices[0].finish_reason == "length"
+
+
 def test_unknown_model_is_404_in_openai_shape(server, client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
@@ -439,7 +452,7 @@ def test_clients_that_disconnect_mid_stream_leave_no_rows_and_adapters_unloadabl
     def leave_before_the_answer(index: int) -> None:
         with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
             httpx.post(server.v1 + "/completions", json={**body, "model": ("d1", SERVED)[index % 2],
-                                                          "max_tokens": 3000}, timeout=0.3)
+                                                          "max_tokens": MODEL_LEN - 20}, timeout=0.3)
 
     aborted_before = _metric(server, "edgelora_requests_total", outcome="abort")
     with ThreadPoolExecutor(24) as pool:

@@ -101,7 +101,7 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     # Text, token ids, or a list holding one text (the openai client sends prompts that way too).
     prompt: str | list[int] | list[str]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's and vLLM's default for completions
+    max_tokens: int | None = Field(default=None, ge=1)  # None: the rest of the context (issue 14; vLLM does so for chat)
     logprobs: int | None = None
     echo: bool = False
 
