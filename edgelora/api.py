@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 from edgelora import contract
 from edgelora.errors import UserInputError
 from edgelora.runtime.engine import Engine, EngineConfig
-from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig
+from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig, sampling_problems
 from edgelora.runtime.tokenizer import ChatTokenizer
 
 # A prompt is raw text, a chat (list of {"role", "content"}), or token ids.
@@ -75,18 +74,8 @@ class SamplingParams:
 
     def validate(self, where: str = "sampling") -> None:
         """Checks the values alone; lengths against the model are checked by the scheduler."""
-        problems = []
-        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
-                                            or self.max_tokens < 1):
-            problems.append(f"max tokens {self.max_tokens!r} (>= 1)")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            problems.append(f"temperature {self.temperature!r} (>= 0)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            problems.append(f"top_k {self.top_k!r} (>= 0)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            problems.append(f"top_p {self.top_p!r} (0 < top_p <= 1)")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            problems.append(f"seed {self.seed!r} (a non-negative integer)")
+        problems = sampling_problems(self.max_tokens, self.temperature, self.top_k, self.top_p, self.seed,
+                                     self.min_tokens, self.stop)
         if problems:
             raise UserInputError(f"{where}: invalid " + "; ".join(problems))
 

@@ -199,25 +199,10 @@ class Scheduler:
         """Refuse what cannot run; return a copy with ``max_tokens`` filled in (the rest of the context)."""
         self.engine.check_prompt(request.prompt_ids, where)
         room = self.max_model_len - len(request.prompt_ids)
-        problems = []
         max_tokens = request.max_tokens if request.max_tokens is not None else room
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            problems.append(f"max_tokens {request.max_tokens!r} (>= 1)")
-        if not isinstance(request.temperature, (int, float)) or not math.isfinite(request.temperature) \
-                or request.temperature < 0:
-            problems.append(f"temperature {request.temperature!r} (>= 0)")
-        if isinstance(request.top_k, bool) or not isinstance(request.top_k, int) or request.top_k < 0:
-            problems.append(f"top_k {request.top_k!r} (>= 0)")
-        if not isinstance(request.top_p, (int, float)) or not 0 < request.top_p <= 1:
-            problems.append(f"top_p {request.top_p!r} (0 < top_p <= 1)")
-        if request.seed is not None and (isinstance(request.seed, bool) or not isinstance(request.seed, int)
-                                         or request.seed < 0):
-            problems.append(f"seed {request.seed!r} (a non-negative integer)")
-        if isinstance(request.min_tokens, bool) or not isinstance(request.min_tokens, int) or request.min_tokens < 0:
-            problems.append(f"min_tokens {request.min_tokens!r} (>= 0)")
-        if not isinstance(request.stop, list) or not all(isinstance(s, str) and s for s in request.stop):
-            problems.append("stop (a list of non-empty strings)")
-        elif request.stop and self._decode is None:
+        problems = sampling_problems(request.max_tokens, request.temperature, request.top_k, request.top_p,
+                                     request.seed, request.min_tokens, request.stop)
+        if request.stop and self._decode is None:
             problems.append("stop strings (this scheduler has no tokenizer)")
         if problems:
             raise UserInputError(f"{where}: invalid " + "; ".join(problems))
@@ -499,6 +484,29 @@ class Scheduler:
                 moved.row = row
                 self._running[row] = moved
             self._running.pop()
+
+
+def sampling_problems(max_tokens, temperature, top_k, top_p, seed, min_tokens=0, stop=()) -> list[str]:
+    """What is wrong with these values by themselves (lengths against the model are checked in ``check``)."""
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    problems = []
+    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 1):
+        problems.append(f"max_tokens {max_tokens!r} (>= 1)")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        problems.append(f"temperature {temperature!r} (>= 0)")
+    if not is_int(top_k) or top_k < 0:
+        problems.append(f"top_k {top_k!r} (>= 0)")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        problems.append(f"top_p {top_p!r} (0 < top_p <= 1)")
+    if seed is not None and (not is_int(seed) or seed < 0):
+        problems.append(f"seed {seed!r} (a non-negative integer)")
+    if not is_int(min_tokens) or min_tokens < 0:
+        problems.append(f"min_tokens {min_tokens!r} (>= 0)")
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        problems.append("stop (a list of non-empty strings)")
+    return problems
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:
