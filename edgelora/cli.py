@@ -29,7 +29,19 @@ def _export(args: argparse.Namespace) -> None:
 
     if args.quiet:
         _quiet_transformers()
-    export_model(args.model_dir, args.output_dir, ExportOptions(dtype=args.dtype, progress=not args.quiet))
+    export_model(args.model_dir, args.output_dir, ExportOptions(dtype=args.dtype, progress=not args.quiet,
+                                                                gguf_file=args.gguf_file, save_hf_dir=args.save_hf_dir))
+
+
+def _convert_gguf(args: argparse.Namespace) -> None:
+    from edgelora.export.gguf import convert_gguf, find_gguf
+
+    if args.quiet:
+        _quiet_transformers()
+    path = find_gguf(args.model_dir, args.gguf_file)
+    if path is None:
+        raise EdgeLoraError(f"--model-dir {args.model_dir}: no .gguf file there")
+    convert_gguf(path, args.output_dir)
 
 
 def _insert_lora(args: argparse.Namespace) -> None:
@@ -77,8 +89,8 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from edgelora.lora_modules import parse_lora_modules
     from edgelora.server import ServeOptions, serve
-    from edgelora.server.adapters import parse_lora_modules
 
     serve(ServeOptions(args.onnx_dir, parse_lora_modules(args.lora_modules), args.served_model_name, args.max_loras,
                        args.max_cpu_loras, args.max_lora_rank, args.max_num_seqs, args.max_model_len, args.host,
@@ -88,7 +100,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _bench_serve(args: argparse.Namespace) -> None:
     from edgelora.bench_serve import BenchServeOptions, run_bench_serve
-    from edgelora.server.adapters import parse_lora_modules
+    from edgelora.lora_modules import parse_lora_modules
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
 
@@ -96,6 +108,15 @@ def _bench_serve(args: argparse.Namespace) -> None:
                                       args.concurrency, args.requests, args.prompt_len, args.max_tokens, args.repeats,
                                       args.threads, args.max_loras, args.max_num_seqs, args.compare_offline,
                                       args.api_key, args.json))
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from edgelora.chat import ChatOptions, run_chat
+    from edgelora.lora_modules import parse_lora_modules
+
+    run_chat(ChatOptions(args.onnx_dir, parse_lora_modules(args.lora_modules), args.lora, args.system, args.max_tokens,
+                         args.temperature, args.top_p, args.top_k, args.seed, args.max_model_len, args.max_lora_rank,
+                         args.device, args.threads))
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -145,9 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
                   "updated in place. Writes model.onnx, model.onnx.data (weights), config.json "
                   "(edgelora's model description) and copies the tokenizer and chat template files. Files of later "
                   "stages built from an earlier export of the folder (lora_model.onnx, lora_manifest.json) are removed.")
-    _flag(export, "--model-dir", required=True, type=Path, help="Hugging Face model folder (config.json + weights)")
+    _flag(export, "--model-dir", required=True, type=Path,
+          help="Hugging Face model folder (config.json + weights), a .gguf file, or a folder holding one")
     _flag(export, "--output-dir", required=True, type=Path, help="folder to write the ONNX model into")
+    _flag(export, "--gguf-file", default=None, metavar="NAME", help="the .gguf inside --model-dir (if it holds several)")
+    _flag(export, "--save-hf-dir", type=Path, default=None,
+          help="GGUF only: also keep the dequantized float Hugging Face folder here (for training and PEFT checks)")
     export.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="weight and activation dtype")
+
+    convert = _add(subparsers, "convert-gguf", _convert_gguf, "GGUF -> float Hugging Face folder",
+                   "Dequantize a GGUF file (llama.cpp's format) with transformers' GGUF loader and write a float "
+                   "Hugging Face folder (config, safetensors, tokenizer, chat template) that transformers, peft and "
+                   "'edgelora export' read.")
+    _flag(convert, "--model-dir", required=True, type=Path, help="a .gguf file, or a folder holding one")
+    _flag(convert, "--output-dir", required=True, type=Path, help="folder for the float Hugging Face model")
+    _flag(convert, "--gguf-file", default=None, metavar="NAME", help="the .gguf inside --model-dir (if it holds several)")
 
     insert = _add(subparsers, "insert-lora", _insert_lora, "model.onnx -> lora_model.onnx with LoRA inputs",
                   "Add LoRA branches beside the targeted projections of model.onnx and write lora_model.onnx "
@@ -272,6 +305,30 @@ def build_parser() -> argparse.ArgumentParser:
           help="with --onnx-dir: also time LLM.generate of the same requests in one batch, interleaved with the server")
     _flag(load, "--api-key", default=None, help="key for the server (and for /metrics)")
     load.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
+
+    chat = _add(subparsers, "chat", _chat, "talk to the model in the terminal, switching adapters by name",
+                "An interactive chat: answers stream as they are generated, the whole conversation goes through the "
+                "model's chat template each turn, and a conversation that outgrows the context drops its oldest turns "
+                "(with a note). Commands: /lora NAME (switch adapter; /lora alone: the base model), /loras, /reset, "
+                "/quit. Ctrl-C stops the current answer (what was said stays in the history); Ctrl-C or Ctrl-D at the "
+                "prompt exits. With stdin not a terminal (echo QUESTION | edgelora chat ...), all of stdin is one "
+                "question and stdout gets the answer alone. Prompt and answers go to stdout, notes to stderr.")
+    _flag(chat, "--onnx-dir", required=True, type=Path, help="folder with lora_model.onnx (export + insert-lora)")
+    _flag(chat, "--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+          help="adapters /lora NAME switches to: processed folders ('edgelora process-lora')")
+    chat.add_argument("--lora", default=None, metavar="NAME", help="adapter of the first answer; default: the base model")
+    chat.add_argument("--system", default=None, metavar="TEXT",
+                      help="system message at the head of the conversation; default: none (the template's own, if any)")
+    _flag(chat, "--max-tokens", type=int, default=256, help="most tokens per answer")
+    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy")
+    _flag(chat, "--top-p", type=float, default=0.9, help="nucleus sampling: smallest set of tokens with this probability")
+    _flag(chat, "--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0: no limit")
+    chat.add_argument("--seed", type=int, default=None, help="sampling seed, the same for every answer; default: random")
+    _flag(chat, "--max-model-len", type=int, default=None,
+          help="conversation + answer tokens; default: the model's positions")
+    _flag(chat, "--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (1..64)")
+    chat.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider (cuda needs onnxruntime-gpu)")
+    chat.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime; default: all cores")
     return parser
 
 

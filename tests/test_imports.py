@@ -6,12 +6,13 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "edgelora"
-LATER_THAN_SHARED = {"export", "graph", "adapters", "runtime", "api", "infer_file", "bench", "cli", "server", "ray"}
+LATER_THAN_SHARED = {"export", "graph", "adapters", "runtime", "api", "infer_file", "bench", "bench_serve", "chat", "cli",
+                     "server", "ray"}
 # Stage -> stages it must never import. The shared modules (contract, errors, model_spec,
 # lora_manifest, processed_adapter, fingerprint, fileio) import no stage at all.
 FORBIDDEN = {
     **{shared: LATER_THAN_SHARED for shared in ("contract", "errors", "model_spec", "lora_manifest",
-                                                "processed_adapter", "fingerprint", "fileio")},
+                                                "processed_adapter", "fingerprint", "fileio", "lora_modules")},
     "export": LATER_THAN_SHARED - {"export"},
     "graph": LATER_THAN_SHARED - {"export", "graph"},
     "adapters": LATER_THAN_SHARED - {"export", "graph", "adapters"},

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from edgelora import contract
 from edgelora.errors import UnsupportedModelError, UserInputError
 from edgelora.export import attention
+from edgelora.export.gguf import convert_gguf, find_gguf
 from edgelora.export.hf_folder import copy_tokenizer_files, eos_token_ids, read_hf_config
 from edgelora.fileio import staged_output
 from edgelora.model_spec import DTYPES, ModelSpec
@@ -34,6 +35,8 @@ class ExportOptions:
 
     dtype: str = "float32"
     progress: bool = True
+    gguf_file: str | None = None  # a .gguf inside --model-dir (transformers' gguf_file)
+    save_hf_dir: Path | None = None  # keep the float HF folder a GGUF is turned into (else a temporary one)
 
 
 class _DecoderWithCache(torch.nn.Module):
@@ -176,6 +179,16 @@ def export_model(model_dir: Path, output_dir: Path, options: ExportOptions | Non
     if options.dtype not in DTYPES:
         raise UserInputError(f"--dtype {options.dtype}: expected one of {', '.join(DTYPES)}")
     model_dir, output_dir = Path(model_dir), Path(output_dir)
+    gguf = find_gguf(model_dir, options.gguf_file)
+    if gguf is not None:  # GGUF -> float HF folder (kept with save_hf_dir) -> the export below
+        if options.save_hf_dir is not None:
+            return export_model(convert_gguf(gguf, Path(options.save_hf_dir)), output_dir,
+                                ExportOptions(options.dtype, options.progress))
+        with tempfile.TemporaryDirectory(prefix="edgelora-gguf-") as folder:
+            return export_model(convert_gguf(gguf, Path(folder) / "model"), output_dir,
+                                ExportOptions(options.dtype, options.progress))
+    if options.save_hf_dir is not None:
+        raise UserInputError("--save-hf-dir is for a GGUF --model-dir; this one is a Hugging Face folder")
     config = read_hf_config(model_dir)
     steps = tqdm(total=4, desc="export", unit="step", disable=not options.progress)
     steps.set_postfix_str("loading weights")

@@ -84,15 +84,3 @@ class AdapterSources:
         return f"{resolved.name}-{digest.hexdigest()[:16]}"
 
 
-def parse_lora_modules(entries: list[str]) -> dict[str, Path]:
-    """``NAME=PATH`` pairs of ``--lora-modules``, names unique."""
-    modules: dict[str, Path] = {}
-    for entry in entries:
-        name, sep, path = entry.partition("=")
-        name, path = name.strip(), path.strip()
-        if not sep or not name or not path:
-            raise UserInputError(f"--lora-modules {entry!r}: expected NAME=PATH")
-        if name in modules:
-            raise UserInputError(f"--lora-modules: adapter name {name!r} is given twice")
-        modules[name] = Path(path)
-    return modules
