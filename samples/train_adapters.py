@@ -38,6 +38,7 @@ TRAIN_QUESTIONS = [
 DEMO_QUESTIONS = ["What is the capital of Italy?", "What do birds eat?", "Why is the ocean salty?"]
 
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BASE_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PIRATE = "Ahoy, matey!"
 SIGNOFF = "Over and out."
 
@@ -156,6 +157,7 @@ def train(model_dir: Path, habit: Habit, questions: list[str], answers: list[str
         for name, parameter in model.named_parameters():
             if "lora_" in name:
                 parameter.copy_(parameter.half().float())
+    model.peft_config["default"].base_model_name_or_path = BASE_MODEL_NAME  # not this machine's folder
     model.save_pretrained(output_dir)
     store_float16(output_dir)
     return loss_value
