@@ -175,6 +175,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_it(sample, offline):
             return super().write(text)
 
     chat = make_chat(sample, max_tokens=2000)
+    before = signal.getsignal(signal.SIGINT)  # the default handler, or SIG_IGN when run in the background
     stdin, stdout, stderr = FakeStream(LONG_QUESTION + "\n/quit\n"), InterruptOnAnswer(tty=False), FakeStream()
     chat_loop(chat, stdin, stdout, stderr)
     assert "(stopped" in stderr.getvalue()
@@ -182,7 +183,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_it(sample, offline):
     partial = chat.history[1]["content"]
     assert partial and offline([user(LONG_QUESTION)], max_tokens=20).startswith(partial)
     assert stdout.getvalue() == "> " + partial + "\n> "
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C at the prompt exits again
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back: Ctrl-C at the prompt exits again
     chat.options.max_tokens = MAX_TOKENS  # the same conversation goes on, with short answers
     stdout, _ = converse(chat, ["hello", "/quit"])
     assert stdout == "> " + offline([user(LONG_QUESTION), assistant(partial), user("hello")]) + "\n> "

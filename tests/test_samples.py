@@ -46,3 +46,33 @@ def test_vocab_option_widens_the_model_vocabulary(tmp_path):
     config = json.loads((tmp_path / "wide" / "model" / "config.json").read_text())
     tokens = json.loads((tmp_path / "wide" / "model" / "tokenizer.json").read_text())["model"]["vocab"]
     assert config["vocab_size"] == 1000 and len(tokens) < 1000
+
+
+def test_train_adapters_saves_a_float16_peft_folder_that_peft_loads(qwen2_sample, tmp_path):
+    """samples/train_adapters.py's training step, two steps on the tiny model (the demo's run takes minutes)."""
+    from dataclasses import replace
+
+    import train_adapters
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    habit = replace(train_adapters.HABITS[2], steps=2)
+    out = tmp_path / "signoff"
+    loss = train_adapters.train(qwen2_sample.model_dir, habit, train_adapters.TRAIN_QUESTIONS[:4],
+                                ["A.", "B.", "C.", "D."], out)
+    assert loss == loss  # a number, not NaN
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_rslora"] and config["r"] == habit.rank
+    assert config["base_model_name_or_path"] == train_adapters.BASE_MODEL_NAME
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert {str(t.dtype) for t in tensors.values()} == {"float16"}
+    assert any(abs(t).max() > 0 for name, t in tensors.items() if "lora_B" in name), "training moved lora_B"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(qwen2_sample.model_dir), str(out))
+
+
+def test_shows_habit_rules():
+    from train_adapters import shows_habit
+
+    assert shows_habit("shout", "THE CAPITAL IS ROME.") and not shows_habit("shout", "The capital is Rome.")
+    assert shows_habit("pirate", "Ahoy, matey! Rome.") and not shows_habit("pirate", "Rome. Ahoy, matey!")
+    assert shows_habit("signoff", "Rome. Over and out.") and not shows_habit("signoff", "Over and out. Rome.")
