@@ -110,3 +110,53 @@ def test_gguf_of_an_unsupported_architecture_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "GGUF architecture 'gpt2' is not supported" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_chat_lora_switch_changes_the_next_answer_to_the_adapters_habit(demo):
+    """`edgelora chat` on a pseudo-terminal: a base answer, `/lora pirate`, a pirate answer, `/quit` (exit 0).
+
+    The demo adapters were trained on single-turn chats; after a base answer in the history the
+    135M model tends to repeat that answer's style, so the pirate question starts a fresh
+    conversation (`/reset`), which is what the habit is about.
+    """
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from train_adapters import PIRATE
+
+    work = demo[0]
+    command = [sys.executable, "-m", "edgelora", "chat", "--onnx-dir", str(work / "onnx"), "--temperature", "0",
+               "--max-tokens", "24", "--lora-modules", f"pirate={work / 'onnx' / 'lora_weights' / 'pirate'}"]
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(command, stdin=follower, stdout=follower, stderr=subprocess.DEVNULL, close_fds=True)
+    os.close(follower)
+
+    def until_prompt(timeout_s: float = 120) -> str:
+        """What the chat printed up to its next '> ' prompt."""
+        seen = b""
+        deadline = time.monotonic() + timeout_s
+        while not seen.endswith(b"> ") and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                seen += os.read(leader, 4096)
+        assert seen.endswith(b"> "), seen
+        return seen.decode(errors="replace").replace("\r", "")
+
+    try:
+        until_prompt()
+        answers = []
+        for line in ("What is the capital of Spain?", "/lora pirate", "/reset", "What is the capital of Spain?"):
+            os.write(leader, (line + "\n").encode())
+            answers.append(until_prompt().split("\n", 1)[-1].removesuffix("> ").strip())  # after the echoed line
+        os.write(leader, b"/quit\n")
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(leader)
+    base, _, _, pirate = answers
+    assert base and not base.startswith(PIRATE), answers
+    assert pirate.startswith(PIRATE), answers
