@@ -50,6 +50,13 @@ def _insert_lora(args: argparse.Namespace) -> None:
     insert_lora(args.onnx_dir, args.target_modules)
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from edgelora.graph.quantize import QuantizeOptions, quantize_export
+
+    quantize_export(args.onnx_dir, args.output_dir, QuantizeOptions(args.mode, args.block_size, args.asymmetric,
+                                                                    args.accuracy_level))
+
+
 def _process_lora(args: argparse.Namespace) -> None:
     from edgelora.adapters import process_adapter
 
@@ -181,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(convert, "--model-dir", required=True, type=Path, help="a .gguf file, or a folder holding one")
     _flag(convert, "--output-dir", required=True, type=Path, help="folder for the float Hugging Face model")
     _flag(convert, "--gguf-file", default=None, metavar="NAME", help="the .gguf inside --model-dir (if it holds several)")
+
+    quantize = _add(subparsers, "quantize", _quantize, "export -> weight-only int4/int8 export (MatMulNBits)",
+                    "Quantize every projection and the lm_head of an export with ONNX Runtime's weight-only quantizer "
+                    "(MatMulNBits) into a new export folder; the embedding, norms and attention stay float. Run "
+                    "insert-lora on the quantized folder as on a float one: LoRA branches stay float, so the same "
+                    "processed adapters serve both.")
+    _flag(quantize, "--onnx-dir", required=True, type=Path, help="float export folder (edgelora export)")
+    _flag(quantize, "--output-dir", required=True, type=Path, help="folder for the quantized export")
+    quantize.add_argument("--mode", default="int4", choices=["int4", "int8"], help="weight bits")
+    _flag(quantize, "--block-size", type=int, default=32, help="weights per scale (a power of two >= 16)")
+    quantize.add_argument("--asymmetric", action="store_true", help="a zero point per block (default: symmetric)")
+    _flag(quantize, "--accuracy-level", type=int, default=None,
+          help="MatMulNBits compute precision: 0 = the activations' float, 4 = int8 (faster on CPUs with VNNI)")
 
     insert = _add(subparsers, "insert-lora", _insert_lora, "model.onnx -> lora_model.onnx with LoRA inputs",
                   "Add LoRA branches beside the targeted projections of model.onnx and write lora_model.onnx "

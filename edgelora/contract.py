@@ -102,6 +102,16 @@ def projection_node_name(layer: int, module: str) -> str:
     return f"/model/layers.{layer}/{info.block}/{info.hf_name}/MatMul"
 
 
+# ONNX Runtime's weight-only quantizer renames each MatMul it replaces with MatMulNBits: NAME_Q4 / NAME_Q8.
+QUANTIZED_SUFFIXES = ("_Q4", "_Q8")
+
+
+def projection_node_names(layer: int, module: str) -> tuple[str, ...]:
+    """The projection's node in a float export, then its names in a quantized one (edgelora quantize)."""
+    base = projection_node_name(layer, module)
+    return (base, *(base + suffix for suffix in QUANTIZED_SUFFIXES))
+
+
 def lora_a_name(layer: int, module: str) -> str:
     """Graph input (stacked) and processed-adapter tensor (single) holding LoRA A."""
     return f"lora.layers.{layer}.{module}.A"

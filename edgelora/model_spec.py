@@ -39,6 +39,7 @@ class ModelSpec:
     module_shapes: dict[str, list[int]] = field(default_factory=dict)
     tie_word_embeddings: bool = False
     source_model: str = ""
+    quantization: str | None = None  # e.g. "int4, blocks of 32, symmetric" (edgelora quantize); None: float
     format: str = SPEC_FORMAT
     version: int = SPEC_VERSION
 

@@ -105,7 +105,7 @@ def _keep_logits_positions(graph: gs.Graph) -> gs.Variable:
     """
     logits = next((out for out in graph.outputs if out.name == contract.LOGITS), None)
     producer = logits.inputs[0] if logits is not None and logits.inputs else None
-    if producer is None or producer.op != "MatMul":
+    if producer is None or producer.op not in ("MatMul", "MatMulNBits"):  # float, or quantized (edgelora quantize)
         raise UserInputError(f"the graph's '{contract.LOGITS}' output does not come from the lm_head MatMul")
     prefix = "/lora/logits_positions"
     positions = gs.Variable(contract.LOGITS_POSITIONS, dtype=np.int64, shape=["batch", "kept_positions"])
@@ -165,10 +165,10 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
     mask = None
     for layer in range(spec.num_layers):
         for module in targets:
-            node_name = contract.projection_node_name(layer, module)
-            matmul = nodes.get(node_name)
+            candidates = contract.projection_node_names(layer, module)
+            matmul = next((nodes[name] for name in candidates if name in nodes), None)
             if matmul is None:
-                raise UserInputError(f"{source}: projection {node_name} not found")
+                raise UserInputError(f"{source}: projection {candidates[0]} not found")
             in_features, out_features = spec.module_in_out(module)
             site = LoraSite(layer, module, contract.lora_a_name(layer, module), contract.lora_b_name(layer, module),
                             in_features, out_features)
