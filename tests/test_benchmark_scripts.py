@@ -48,3 +48,16 @@ def test_sampler_cost_reports_every_setting(tmp_path):
     out = tmp_path / "sampler.json"
     assert _script("sampler_cost").main(["--vocab", "4096", "--steps", "2", "--rounds", "1", "--json", str(out)]) == 0
     assert json.loads(out.read_text())
+
+
+def test_quant_quality_compares_quantized_logits_with_float(qwen2, tmp_path):
+    from edgelora.graph.quantize import QuantizeOptions, quantize_export
+
+    int8 = tmp_path / "q8"
+    quantize_export(qwen2.onnx_dir, int8, QuantizeOptions(mode="int8"))
+    out = tmp_path / "quality.json"
+    assert _script("quant_quality").main(["--float-dir", str(qwen2.onnx_dir), "--quantized-dir", str(int8),
+                                          str(qwen2.onnx_dir), "--tokens", "40", "--json", str(out)]) == 0
+    quantized, itself = json.loads(out.read_text())
+    assert quantized["quantization"].startswith("int8") and 0 < quantized["mean_abs"] < quantized["max_abs"]
+    assert itself["max_abs"] == 0 and itself["top1_agreement"] == 1.0, "the float model against itself"

@@ -73,3 +73,18 @@ def test_bad_settings_and_a_quantized_source_are_refused(qwen2, quantized, tmp_p
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--block-size 24" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_chat_takes_the_quantized_folder_unchanged(qwen2, quantized):
+    """The piped chat answer on the quantized folder equals LLM.generate on it (one engine for both kinds)."""
+    import subprocess
+    import sys
+
+    _, folder = quantized
+    result = subprocess.run([sys.executable, "-m", "edgelora", "chat", "--onnx-dir", str(folder), "--temperature", "0",
+                             "--max-tokens", "6", "--threads", "1"], input="Hello there", capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    expected = LLM(folder, num_threads=1).generate([[{"role": "user", "content": "Hello there"}]],
+                                                   SamplingParams(max_tokens=6, temperature=0))[0].text
+    assert result.stdout == expected + "\n"
