@@ -17,9 +17,7 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +27,7 @@ import numpy as np
 
 from edgelora.errors import UserInputError
 from edgelora.fileio import write_text_atomic
+from edgelora.serve_process import running_server
 
 log = logging.getLogger(__name__)
 
@@ -175,52 +174,18 @@ def _delta(after: dict, before: dict, name: str) -> float:
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
-class _ServerProcess:
-    """``edgelora serve`` on a free loopback port, stopped on exit."""
-
-    def __init__(self, options: BenchServeOptions):
-        self.options = options
-        self.process = None
-
-    def __enter__(self) -> str:
-        import httpx
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        options = self.options
-        command = [sys.executable, "-m", "edgelora", "serve", "--onnx-dir", str(options.onnx_dir),
-                   "--port", str(port), "--quiet"]
-        if options.lora_modules:
-            command += ["--lora-modules", *(f"{name}={path}" for name, path in options.lora_modules.items())]
-        for flag, value in (("--threads", options.threads), ("--max-loras", options.max_loras),
-                            ("--max-num-seqs", options.max_num_seqs or max(options.concurrency))):
-            if value is not None:
-                command += [flag, str(value)]
-        if options.api_key:
-            command += ["--api-key", options.api_key]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise UserInputError("the server did not start: " + (self.process.stderr.read().strip() or "no output"))
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise UserInputError("the server did not answer /health within 300 s")
-
-    def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def _server_args(options: BenchServeOptions) -> list[str]:
+    """The flags of the ``edgelora serve`` that ``--onnx-dir`` starts."""
+    args = ["--onnx-dir", str(options.onnx_dir), "--quiet"]
+    if options.lora_modules:
+        args += ["--lora-modules", *(f"{name}={path}" for name, path in options.lora_modules.items())]
+    for flag, value in (("--threads", options.threads), ("--max-loras", options.max_loras),
+                        ("--max-num-seqs", options.max_num_seqs or max(options.concurrency))):
+        if value is not None:
+            args += [flag, str(value)]
+    if options.api_key:
+        args += ["--api-key", options.api_key]
+    return args
 
 
 def _offline(options: BenchServeOptions, prompts: list[list[int]]):
@@ -254,7 +219,7 @@ def run_bench_serve(options: BenchServeOptions) -> dict:
         missing = [name for name in options.adapters if name != "base" and name not in options.lora_modules]
         if missing:
             raise UserInputError(f"--adapters {', '.join(missing)}: not given by --lora-modules NAME=PATH")
-        with _ServerProcess(options) as url:
+        with running_server(*_server_args(options), timeout_s=300) as (url, _):
             return _measure(options, url, vocab)
     return _measure(options, options.url.rstrip("/").removesuffix("/v1"), None)
 

@@ -2,58 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Iterator
-
 import httpx
+
+from edgelora import serve_process
+from edgelora.serve_process import free_port
+
+__all__ = ["free_port", "metric", "running_server"]
 
 STARTUP_TIMEOUT_S = 120.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(*args: str, timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Yield (base url, process) once /health answers 200; terminate (then kill) it on the way out."""
-    port = free_port()
-    command = [sys.executable, "-m", "edgelora", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a chatty server never blocks on a full pipe
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-        try:
-            yield _wait_healthy(f"http://127.0.0.1:{port}", process, log, timeout_s), process
-        finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, log, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            log.seek(0)
-            raise AssertionError(f"the server exited with {process.returncode}: {log.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the server did not answer /health within {timeout_s} s")
-        try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                return url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+def running_server(*args: str, timeout_s: float = STARTUP_TIMEOUT_S):
+    """The library's own launcher (edgelora/serve_process.py), with the tests' startup timeout."""
+    return serve_process.running_server(*args, timeout_s=timeout_s)
 
 
 def metric(url: str, name: str, api_key: str | None = None) -> float:

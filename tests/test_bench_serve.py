@@ -31,3 +31,13 @@ def test_bench_serve_measures_every_level_against_offline(exported_samples, tmp_
 def test_bench_serve_needs_a_server_or_a_model(tmp_path, capsys):
     assert main(["bench-serve", "--adapters", "base", "--quiet"]) == 2
     assert "--url" in capsys.readouterr().err
+
+
+def test_a_server_that_cannot_start_says_why(tmp_path):
+    import pytest
+
+    from edgelora.serve_process import ServerStartError, running_server
+
+    with pytest.raises(ServerStartError, match=r"exited with 2: .*no lora_model.onnx"), \
+            running_server("--onnx-dir", str(tmp_path), timeout_s=60):
+        pass
