@@ -41,6 +41,8 @@ class BenchOptions:
     num_threads: int | None = None
     device: str = "cpu"
     json_path: Path | None = None
+    rows: list[list[str | None]] = field(default_factory=list)  # explicit configurations (--rows); None = base
+    prompt_file: Path | None = None  # token-id prompts, row i takes prompt i (the peers' workload)
 
     def validate(self) -> None:
         problems = []
@@ -54,8 +56,40 @@ class BenchOptions:
             problems.append("--repeats must be >= 1")
         if any(c < 1 for c in self.contexts) or self.context_steps < 1:
             problems.append("--contexts and --context-steps must be >= 1")
+        known = {adapter_name(path) for path in self.adapters}
+        for rows in self.rows:
+            unknown = sorted({name for name in rows if name is not None and name not in known})
+            if unknown:
+                problems.append(f"--rows {','.join(name or '-' for name in rows)}: no adapter folder named "
+                                f"{', '.join(unknown)} among --adapters ({', '.join(sorted(known))})")
         if problems:
             raise UserInputError("; ".join(problems))
+
+
+def adapter_name(path: Path) -> str:
+    """The name --rows uses for an adapter: its folder's name."""
+    return Path(path).name
+
+
+def parse_rows(text: str) -> list[str | None]:
+    """``A,B,C,-`` -> ["A", "B", "C", None]: one batch, a row per entry, ``-`` a base row."""
+    rows = [None if part.strip() == "-" else part.strip() for part in text.split(",")]
+    if not rows or any(row == "" for row in rows):
+        raise UserInputError(f"--rows {text}: expected adapter names or - (base), comma-separated")
+    return rows
+
+
+def load_prompt_file(path: Path) -> list[list[int]]:
+    """Prompts as token ids: a JSON list of id lists, or an object with a "prompts" list (a peer workload)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"--prompt-file {path}: {exc}") from exc
+    prompts = data.get("prompts") if isinstance(data, dict) else data
+    if (not isinstance(prompts, list) or not prompts
+            or not all(isinstance(p, list) and p and all(isinstance(t, int) and t >= 0 for t in p) for p in prompts)):
+        raise UserInputError(f"--prompt-file {path}: expected a non-empty list of non-empty token-id lists")
+    return prompts
 
 
 @dataclass
@@ -69,16 +103,23 @@ class ConfigResult:
     decode_tokens_per_s: float = 0.0
     samples_decode_tokens_per_s: list[float] = field(default_factory=list)
     samples_prefill_ms: list[float] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)  # greedy ids per row, last round
 
 
-def _rows(adapters: list[str | None], prompt_len: int, max_tokens: int, vocab: int, seed: int
-          ) -> list[GenerationRequest]:
-    rng = np.random.default_rng(seed)
-    return [GenerationRequest(rng.integers(0, vocab, prompt_len).tolist(), adapter, max_tokens, temperature=0.0,
-                              ignore_eos=True) for adapter in adapters]
+def _rows(adapters: list[str | None], options: BenchOptions, vocab: int, seed: int,
+          prompts: list[list[int]] | None) -> list[GenerationRequest]:
+    if prompts:  # the given prompts, the same every round (the peers see the same workload)
+        chosen = [prompts[row % len(prompts)] for row in range(len(adapters))]
+    else:
+        rng = np.random.default_rng(seed)
+        chosen = [rng.integers(0, vocab, options.prompt_len).tolist() for _ in adapters]
+    return [GenerationRequest(prompt, adapter, options.max_tokens, temperature=0.0, ignore_eos=True)
+            for prompt, adapter in zip(chosen, adapters)]
 
 
-def _configurations(names: list[str], batches: list[int]) -> list[ConfigResult]:
+def _configurations(names: list[str], batches: list[int], rows: list[list[str | None]]) -> list[ConfigResult]:
+    if rows:
+        return [ConfigResult(_kind(config), len(config), list(config)) for config in rows]
     configs = []
     for batch in batches:
         configs.append(ConfigResult("base", batch, [None] * batch))
@@ -88,11 +129,18 @@ def _configurations(names: list[str], batches: list[int]) -> list[ConfigResult]:
     return configs
 
 
-def _run_config(engine: Engine, config: ConfigResult, options: BenchOptions, seed: int) -> tuple[float, float]:
+def _kind(rows: list[str | None]) -> str:
+    if all(row is None for row in rows):
+        return "base"
+    return "single" if len(set(rows)) == 1 else "mixed"
+
+
+def _run_config(engine: Engine, config: ConfigResult, options: BenchOptions, seed: int,
+                prompts: list[list[int]] | None = None) -> tuple[float, float]:
     """One batch on the step scheduler (every row admitted at once): prefill ms, decode tokens/s."""
     scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=config.batch))
-    scheduler.run_to_completion(_rows(config.adapters, options.prompt_len, options.max_tokens, engine.spec.vocab_size,
-                                      seed))
+    finished = scheduler.run_to_completion(_rows(config.adapters, options, engine.spec.vocab_size, seed, prompts))
+    config.tokens = [request.output_ids for request in finished]
     stats = scheduler.stats
     return stats.prefill_s * 1e3, stats.decode_rows / stats.decode_s
 
@@ -189,7 +237,9 @@ def run_bench(options: BenchOptions) -> dict:
     """Measure everything, print the table, optionally write JSON; return the figures."""
     options.validate()
     threads = options.num_threads
-    names = [f"{Path(path).name}#{index}" for index, path in enumerate(options.adapters)]
+    names = [adapter_name(path) for path in options.adapters]
+    if len(set(names)) < len(names):  # two folders of one name: tell them apart by position
+        names = [f"{name}#{index}" for index, name in enumerate(names)]
     engine = Engine(Path(options.onnx_dir), EngineConfig(
         max_loras=max(len(names), 1), max_cpu_loras=max(len(names), 1),
         device=options.device, num_threads=threads))
@@ -198,14 +248,15 @@ def run_bench(options: BenchOptions) -> dict:
         engine.adapters.activate(name)
     log.info("bench: %d adapters, batches %s, prompt %d, %d tokens generated per row, %d repeats", len(names), options.batches,
              options.prompt_len, options.max_tokens, options.repeats)
-    configs = _configurations(names, options.batches)
+    prompts = load_prompt_file(options.prompt_file) if options.prompt_file else None
+    configs = _configurations(names, options.batches, options.rows)
     for config in configs:  # warm-up: first runs pay for allocations
-        _run_config(engine, config, options, seed=0)
+        _run_config(engine, config, options, 0, prompts)
     bandwidths = []  # measured every round, between the configurations: the machine's mood drifts
     for round_index in range(options.repeats):
         order = configs[round_index % len(configs):] + configs[: round_index % len(configs)]
         for config in order:
-            prefill_ms, tokens_per_s = _run_config(engine, config, options, seed=round_index + 1)
+            prefill_ms, tokens_per_s = _run_config(engine, config, options, round_index + 1, prompts)
             config.samples_prefill_ms.append(prefill_ms)
             config.samples_decode_tokens_per_s.append(tokens_per_s)
         bandwidths.append(native.read_bandwidth(threads or 0, repeats=3))

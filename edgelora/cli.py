@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from edgelora.errors import EdgeLoraError
 
@@ -89,10 +90,11 @@ def _int_list(text: str) -> list[int]:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from edgelora.bench import BenchOptions, run_bench
+    from edgelora.bench import BenchOptions, parse_rows, run_bench
 
     run_bench(BenchOptions(args.onnx_dir, args.adapters, args.batch, args.prompt_len, args.max_tokens, args.repeats,
-                           args.contexts, args.context_batch, args.context_steps, args.threads, args.device, args.json))
+                           args.contexts, args.context_batch, args.context_steps, args.threads, args.device, args.json,
+                           [parse_rows(text) for text in args.rows or []], args.prompt_file))
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -158,8 +160,15 @@ def _add(subparsers, name: str, handler: Callable[[argparse.Namespace], None], h
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line and exit 2, like every other bad input (subcommands inherit this)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="edgelora",
         description="Multi-LoRA toolchain and runtime on ONNX Runtime: export a Hugging Face decoder once, "
                     "insert LoRA inputs once, then serve any number of adapters, mixed in one batch.",
@@ -255,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--adapters", required=True, type=Path, nargs="+", metavar="DIR",
                        help="processed adapter folders; the first is 'one adapter', all of them rotate in the mixed batch")
     bench.add_argument("--batch", type=_int_list, default=[1, 4, 8], help="batch sizes, comma-separated")
+    bench.add_argument("--rows", action="append", metavar="A,B,-",
+                       help="one batch per use, a row per entry: an adapter folder's name, or - for a base row "
+                            "(e.g. --rows - --rows b2 --rows b1,b2,b3,-); replaces the --batch configurations")
+    _flag(bench, "--prompt-file", type=Path, default=None,
+          help="JSON list of token-id prompts (or an object with a \"prompts\" list); row i takes prompt i, "
+               "the same every round; default: random prompts of --prompt-len tokens")
     _flag(bench, "--prompt-len", type=int, default=32, help="prompt tokens per row")
     _flag(bench, "--max-tokens", "--new-tokens", type=int, default=64, help="tokens generated per row (EOS ignored)")
     bench.add_argument("--repeats", type=int, default=3, help="interleaved rounds per configuration (medians reported)")
@@ -354,7 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error, already printed as one line (--help exits 0 as argparse does)
+        if not exc.code:
+            raise
+        return int(exc.code)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="edgelora: %(message)s")
     # torch's C++ side prints shape-inference chatter for our custom attention op; keep stderr for errors.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")

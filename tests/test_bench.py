@@ -57,6 +57,45 @@ def test_bench_reports_every_configuration(qwen2, tmp_path, capsys, monkeypatch)
     assert "switch to a cached adapter" in table and "ratio mixed/single b3" in table
 
 
+def test_bench_runs_explicit_rows_on_a_prompt_file(qwen2, tmp_path):
+    """--rows A,B,- and --prompt-file: the peers' workload; each row's greedy ids equal LLM.generate's."""
+    from edgelora.api import LLM, LoraConfig, LoRARequest, SamplingParams
+
+    prompts = [[5, 9, 13, 2, 7], [11, 3, 8], [4, 4, 6, 10], [12, 1]]
+    prompt_file = tmp_path / "workload.json"
+    prompt_file.write_text(json.dumps({"prompts": prompts, "max_tokens": 4}))
+    adapters = [str(qwen2.processed[name]) for name in ("a1", "a2", "a3")]
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--onnx-dir", str(qwen2.onnx_dir), "--adapters", *adapters, "--rows", "-", "--rows", "a2",
+                 "--rows", "a1,a2,a3,-", "--prompt-file", str(prompt_file), "--max-tokens", "4", "--repeats", "1",
+                 "--contexts", "8", "--context-steps", "1", "--context-batch", "1", "--threads", "1",
+                 "--json", str(out), "--quiet"])
+    assert code == 0
+    configs = json.loads(out.read_text())["configs"]
+    assert [(c["kind"], c["adapters"]) for c in configs] == [
+        ("base", [None]), ("single", ["a2"]), ("mixed", ["a1", "a2", "a3", None])]
+    llm = LLM(qwen2.onnx_dir, LoraConfig(max_loras=3, max_cpu_loras=3), num_threads=1)
+    requests = {name: LoRARequest(name, index + 1, adapters[index]) for index, name in enumerate(("a1", "a2", "a3"))}
+    rows = configs[-1]["adapters"]
+    want = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                        [requests[name] if name else None for name in rows])
+    assert configs[-1]["tokens"] == [output.token_ids for output in want]
+    base = llm.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert configs[0]["tokens"] == [base[0].token_ids]
+
+
+def test_bench_rejects_unknown_rows_and_bad_prompt_files(qwen2, tmp_path, capsys):
+    adapter = str(qwen2.processed["a1"])
+    for extra, message in ((["--rows", "a1,zz"], "no adapter folder named zz"),
+                           (["--rows", "a1,,-"], "--rows a1,,-"),
+                           (["--prompt-file", str(tmp_path / "missing.json")], "--prompt-file")):
+        code = main(["bench", "--onnx-dir", str(qwen2.onnx_dir), "--adapters", adapter, *extra,
+                     "--json", str(tmp_path / "b.json"), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "b.json").exists()
+
+
 def test_bench_rejects_missing_adapter(qwen2, tmp_path, capsys):
     code = main(["bench", "--onnx-dir", str(qwen2.onnx_dir), "--adapters", str(tmp_path / "nope"),
                  "--json", str(tmp_path / "b.json")])
