@@ -76,7 +76,8 @@ def test_bad_settings_and_a_quantized_source_are_refused(qwen2, quantized, tmp_p
              (["--onnx-dir", str(not_export)], "no model.onnx"),
              (["--onnx-dir", str(half_export)], "config.json"),
              (["--onnx-dir", str(folder)], "already quantized"),
-             (["--onnx-dir", str(qwen2.onnx_dir), "--block-size", "24"], "--block-size 24")]
+             (["--onnx-dir", str(qwen2.onnx_dir), "--block-size", "24"], "--block-size 24"),
+             (["--onnx-dir", str(qwen2.onnx_dir), "--gguf-file", str(tmp_path / "nope.gguf")], "--gguf-file")]
     for index, (flags, message) in enumerate(cases):
         target = tmp_path / f"out{index}"
         code = main(["quantize", *flags, "--output-dir", str(target), "--quiet"])

@@ -1,0 +1,474 @@
+"""onnxruntime-genai as a benchmark peer: decode tokens/s of one workload, base and LoRA columns.
+
+Run with the python of a separate venv holding onnxruntime-genai (it pins its own onnxruntime):
+
+    GENAI_PY benchmarks/peers/genai.py --workload W.json --hf-dir HF_DIR --adapter A=PEFT_DIR ... \
+        --precision fp32|int4 --rounds 3 --threads 2 --work-dir DIR --out RESULT.json
+
+Model and adapters (cached in --work-dir, reused when their sources are unchanged):
+  * each PEFT adapter is built by the model builder (``--extra_options adapter_path=DIR``, fp32),
+    which bakes its LoRA A/B weights (B pre-scaled by alpha/r) into the graph as initializers;
+    those are read back and written as an ``.onnx_adapter`` file (``onnxruntime.AdapterFormat``),
+  * the base model is the builder's output for the first adapter, with every LoRA weight turned into
+    a graph input of dynamic rank whose default is an empty (rank 0) initializer: ORT's multi-LoRA
+    model contract (what Olive's ExtractAdapters produces), so no adapter active means the base model.
+    For int4 the LoRA MatMuls are excluded from quantization (``nodes_to_exclude``) so they stay
+    fp32 inputs; everything else uses the builder's int4 CPU defaults (reported in the notes).
+
+Timing: greedy, exactly ``max_tokens`` new tokens per row (``min_length = max_length`` = prompt +
+max_tokens keeps EOS out). genai runs the prefill inside ``append_tokens``; the first
+``generate_next_token()`` only picks a token from the prefill logits, so it and its token are left
+out: tokens/s = rows * (max_tokens - 1) / time of the other ``generate_next_token()`` calls, each of
+which is one decode step. genai cannot give rows of one batch different adapters, so a column
+that mixes them runs one batch per adapter group, one after another, and its tokens/s is the
+total timed tokens over the summed decode time of its groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+LORA_MARKERS = ("/lora_A/", "/lora_B/")
+RANK_DIM = "lora_rank"
+
+
+class InputError(Exception):
+    """Bad command line or workload: reported as one line, exit status 2."""
+
+
+class RunError(Exception):
+    """A step failed for a reason other than the input (a build, the runtime): exit status 1."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line (the default prints the usage too)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(message)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One workload column: row i uses prompts[i] and adapter rows[i] (None = base)."""
+
+    name: str
+    rows: tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The prompts, the new tokens per row and the columns to time, as the compare script writes them."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    max_tokens: int
+    columns: tuple[Column, ...]
+
+
+# ---------------------------------------------------------------- input
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; values are checked further by the loaders."""
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", type=Path, required=True, help="workload JSON")
+    parser.add_argument("--hf-dir", type=Path, required=True, help="Hugging Face model folder")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PEFT_DIR", help="a PEFT adapter")
+    parser.add_argument("--precision", choices=("fp32", "int4"), required=True)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    parser.add_argument("--work-dir", type=Path, required=True, help="where built models are cached")
+    parser.add_argument("--out", type=Path, required=True, help="result JSON")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.threads < 1:
+        raise InputError("--rounds and --threads must be at least 1")
+    if not (args.hf_dir / "config.json").is_file():
+        raise InputError(f"--hf-dir {args.hf_dir}: no config.json there")
+    return args
+
+
+def parse_adapters(specs: list[str]) -> dict[str, Path]:
+    """NAME=PEFT_DIR pairs, in order; the first one gives the base model its LoRA structure."""
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise InputError(f"--adapter {spec!r}: expected NAME=PEFT_DIR")
+        if name in adapters:
+            raise InputError(f"--adapter {name}: given twice")
+        path = Path(folder)
+        if not (path / "adapter_config.json").is_file():
+            raise InputError(f"--adapter {name}: no adapter_config.json in {path}")
+        adapters[name] = path.resolve()
+    return adapters
+
+
+def _int_list(value: Any, what: str) -> tuple[int, ...]:
+    """A non-empty list of plain ints (JSON booleans are not token ids)."""
+    if not isinstance(value, list) or not value or not all(type(x) is int for x in value):
+        raise InputError(f"workload: {what} must be a non-empty list of integers")
+    return tuple(value)
+
+
+def load_workload(path: Path, adapter_names: set[str], vocab_size: int) -> Workload:
+    """Read and check the workload, so that bad input fails before any build."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"workload {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise InputError("workload: expected a JSON object")
+    prompts_raw = data.get("prompts")
+    if not isinstance(prompts_raw, list) or not prompts_raw:
+        raise InputError("workload: 'prompts' must be a non-empty list")
+    prompts = tuple(_int_list(p, f"prompts[{i}]") for i, p in enumerate(prompts_raw))
+    for i, prompt in enumerate(prompts):
+        if min(prompt) < 0 or max(prompt) >= vocab_size:
+            raise InputError(f"workload: prompts[{i}] has a token id outside [0, {vocab_size})")
+    max_tokens = data.get("max_tokens")
+    if type(max_tokens) is not int or max_tokens < 2:
+        raise InputError("workload: 'max_tokens' must be an integer >= 2 (the first token is not timed)")
+    columns_raw = data.get("columns")
+    if not isinstance(columns_raw, list) or not columns_raw:
+        raise InputError("workload: 'columns' must be a non-empty list")
+    columns = tuple(_column(c, i, len(prompts), adapter_names) for i, c in enumerate(columns_raw))
+    names = [c.name for c in columns]
+    if len(set(names)) != len(names):
+        raise InputError("workload: column names must be unique")
+    for column in columns:
+        for group in adapter_groups(column).values():
+            if len({len(prompts[row]) for row in group}) != 1:
+                raise InputError(f"workload: column {column.name!r} batches prompts of different lengths")
+    return Workload(prompts, max_tokens, columns)
+
+
+def _column(value: Any, index: int, n_prompts: int, adapter_names: set[str]) -> Column:
+    """One checked column."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise InputError(f"workload: columns[{index}] needs a string 'name'")
+    rows = value.get("rows")
+    if not isinstance(rows, list) or not rows or len(rows) > n_prompts:
+        raise InputError(f"workload: column {value['name']!r} needs 1 to {n_prompts} rows")
+    for row in rows:
+        if row is not None and row not in adapter_names:
+            raise InputError(f"workload: column {value['name']!r} uses adapter {row!r}, not given by --adapter")
+    return Column(value["name"], tuple(rows))
+
+
+def adapter_groups(column: Column) -> dict[str | None, list[int]]:
+    """Row indices per adapter, in order of first use: genai runs one adapter per batch."""
+    groups: dict[str | None, list[int]] = {}
+    for row, adapter in enumerate(column.rows):
+        groups.setdefault(adapter, []).append(row)
+    return groups
+
+
+# ---------------------------------------------------------------- build
+
+
+def run_builder(hf_dir: Path, out_dir: Path, precision: str, extra: list[str], log: Path) -> None:
+    """The genai model builder in a child process (its peak memory stays out of ours)."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir)]
+    command += ["-p", precision, "-e", "cpu", "-c", str(out_dir.parent / "hf_cache"), "--extra_options", *extra]
+    with log.open("w") as stream:
+        done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0 or not (out_dir / "model.onnx").is_file():
+        raise RunError(f"model builder failed (exit {done.returncode}); see {log}")
+
+
+def lora_weights(model: Any) -> dict[str, str]:
+    """LoRA MatMul node name -> the name of its weight (the builder names them .../lora_A|B/MatMul)."""
+    return {
+        node.name: node.input[1]
+        for node in model.graph.node
+        if node.op_type == "MatMul" and any(marker in node.name for marker in LORA_MARKERS)
+    }
+
+
+def sources_stamp(*paths: Path) -> list[list[Any]]:
+    """Path, size and mtime of every file under the sources: a cache entry is stale when they change."""
+    stamp = []
+    for root in paths:
+        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+            info = file.stat()
+            stamp.append([str(file), info.st_size, info.st_mtime_ns])
+    return stamp
+
+
+def cached(meta_path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored build record when it was made from the same sources, else None."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("key") == key else None
+
+
+def build_adapter(hf_dir: Path, name: str, peft_dir: Path, work: Path) -> dict[str, Any]:
+    """NAME.onnx_adapter from the builder's fp32 LoRA graph; returns its record (with the LoRA node names)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    folder = work / "adapters"
+    target, meta_path = folder / f"{name}.onnx_adapter", folder / f"{name}.json"
+    key = {"hf": sources_stamp(hf_dir), "peft": sources_stamp(peft_dir)}
+    meta = cached(meta_path, key)
+    if meta and target.is_file():
+        return meta
+    folder.mkdir(parents=True, exist_ok=True)
+    scratch = work / f"scratch-{name}"
+    run_builder(hf_dir, scratch, "fp32", [f"adapter_path={peft_dir}"], work / f"build-adapter-{name}.log")
+    model = onnx.load(str(scratch / "model.onnx"), load_external_data=False)
+    weights = lora_weights(model)
+    if not weights:
+        raise RunError(f"adapter {name}: the builder made no LoRA MatMuls")
+    wanted = set(weights.values())
+    tensors = {t.name: t for t in model.graph.initializer if t.name in wanted}
+    arrays = {n: numpy_helper.to_array(t, base_dir=str(scratch)) for n, t in tensors.items()}
+    adapter = ort.AdapterFormat()
+    adapter.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for n, a in arrays.items()})
+    adapter.export_adapter(str(target))
+    shutil.rmtree(scratch)
+    meta = {"key": key, "lora_nodes": sorted(weights), "params": {n: list(a.shape) for n, a in arrays.items()}}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def expose_lora_inputs(model_dir: Path) -> int:
+    """Turn every LoRA weight into an input of dynamic rank with an empty default; returns their count.
+
+    The external data file is left as it is: the other initializers keep pointing into it, and the
+    LoRA bytes that stay behind in it are never read.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = model_dir / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    names = set(lora_weights(model).values())
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    lora = [t for t in model.graph.initializer if t.name in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for tensor in lora:
+        rows, cols = tensor.dims
+        is_a = ".lora_A." in tensor.name or "/lora_A/" in tensor.name
+        shape, empty = ([rows, RANK_DIM], (rows, 0)) if is_a else ([RANK_DIM, cols], (0, cols))
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        model.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, shape))
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(empty, dtype=dtype), tensor.name))
+    onnx.save(model, str(path))
+    return len(lora)
+
+
+def build_base(hf_dir: Path, precision: str, first: tuple[str, Path, dict[str, Any]], work: Path) -> Path:
+    """The multi-LoRA base model for this precision, built (or reused) under the work dir."""
+    name, peft_dir, adapter_meta = first
+    target = work / f"base-{precision}"
+    key = {"hf": sources_stamp(hf_dir), "structure_from": sources_stamp(peft_dir), "precision": precision}
+    if cached(target / "edgelora-build.json", key):
+        return target
+    extra = [f"adapter_path={peft_dir}"]
+    if precision == "int4":  # LoRA weights must stay float graph inputs, not MatMulNBits constants
+        extra.append("nodes_to_exclude=" + ",".join(adapter_meta["lora_nodes"]))
+    scratch = work / f"scratch-base-{precision}"
+    run_builder(hf_dir, scratch, precision, extra, work / f"build-base-{precision}.log")
+    count = expose_lora_inputs(scratch)
+    if count != len(adapter_meta["lora_nodes"]):
+        raise RunError(f"base {precision}: {count} LoRA weights exposed, expected {len(adapter_meta['lora_nodes'])}")
+    (scratch / "edgelora-build.json").write_text(json.dumps({"key": key, "structure_adapter": name}, indent=1))
+    if target.exists():
+        shutil.rmtree(target)
+    scratch.rename(target)
+    return target
+
+
+def set_threads(model_dir: Path, threads: int) -> None:
+    """genai reads its thread counts only from genai_config.json's session options."""
+    path = model_dir / "genai_config.json"
+    config = json.loads(path.read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    options.update(intra_op_num_threads=threads, inter_op_num_threads=1)
+    path.write_text(json.dumps(config, indent=4))
+
+
+def describe_build(model_dir: Path) -> list[str]:
+    """What the builder chose (MatMulNBits block size, accuracy level), read from the graph itself."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    ops: dict[str, int] = {}
+    settings: set[tuple[Any, ...]] = set()
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            settings.add((node.op_type, attrs.get("bits"), attrs.get("block_size"), attrs.get("accuracy_level")))
+    notes = [f"graph ops: {json.dumps(dict(sorted(ops.items())))}"]
+    for op, bits, block, level in sorted(settings, key=str):
+        notes.append(f"{op}: bits={bits} block_size={block} accuracy_level={level}")
+    return notes
+
+
+# ---------------------------------------------------------------- run
+
+
+@dataclass
+class GroupRun:
+    """One batch of rows sharing an adapter: decode time, timed tokens and the generated ids per row."""
+
+    seconds: float
+    tokens: int
+    generated: list[list[int]]
+
+
+def run_group(og: Any, model: Any, adapters: Any, adapter: str | None, prompts: list[tuple[int, ...]], max_tokens: int) -> GroupRun:
+    """Greedy generation of exactly max_tokens per row; times every decode step after the first token."""
+    prompt_len = len(prompts[0])
+    length = prompt_len + max_tokens
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=length, min_length=length, batch_size=len(prompts))
+    generator = og.Generator(model, params)
+    if adapter is not None:
+        generator.set_active_adapter(adapters, adapter)
+    generator.append_tokens(np.array(prompts, dtype=np.int32))  # runs the prefill
+    generator.generate_next_token()  # picks token 1 from the prefill logits: not timed
+    started = time.perf_counter()
+    for _ in range(max_tokens - 1):
+        generator.generate_next_token()
+    seconds = time.perf_counter() - started
+    generated = [[int(t) for t in generator.get_sequence(i)[prompt_len:]] for i in range(len(prompts))]
+    if any(len(row) != max_tokens for row in generated) or not generator.is_done():
+        raise RunError(f"expected {max_tokens} new tokens per row, got {[len(row) for row in generated]}")
+    return GroupRun(seconds, len(prompts) * (max_tokens - 1), generated)
+
+
+def run_column(og: Any, model: Any, adapters: Any, workload: Workload, column: Column) -> tuple[float, list[list[int]]]:
+    """Decode tokens/s of one column (adapter groups in sequence) and its generated ids in row order."""
+    seconds, tokens = 0.0, 0
+    generated: list[list[int]] = [[] for _ in column.rows]
+    for adapter, rows in adapter_groups(column).items():
+        result = run_group(og, model, adapters, adapter, [workload.prompts[r] for r in rows], workload.max_tokens)
+        seconds += result.seconds
+        tokens += result.tokens
+        for row, ids in zip(rows, result.generated):
+            generated[row] = ids
+    return tokens / seconds, generated
+
+
+def measure(og: Any, model_dir: Path, adapter_files: dict[str, Path], workload: Workload, rounds: int) -> tuple[dict[str, Any], list[str]]:
+    """One untimed pass over every column, then `rounds` rounds interleaving the columns in order."""
+    model = og.Model(str(model_dir))
+    adapters = og.Adapters(model)
+    used = {a for c in workload.columns for a in c.rows if a is not None}
+    for name in sorted(used):
+        adapters.load(str(adapter_files[name]), name)
+    for column in workload.columns:
+        run_column(og, model, adapters, workload, column)
+    results: dict[str, Any] = {c.name: {"tokens_per_s": [], "tokens": []} for c in workload.columns}
+    unstable: set[str] = set()
+    for _ in range(rounds):
+        for column in workload.columns:
+            rate, generated = run_column(og, model, adapters, workload, column)
+            entry = results[column.name]
+            if entry["tokens"] and entry["tokens"] != generated:
+                unstable.add(column.name)
+            entry["tokens_per_s"].append(round(rate, 3))
+            entry["tokens"] = generated
+    notes = [f"greedy tokens differed between rounds in: {sorted(unstable)}"] if unstable else []
+    return results, notes
+
+
+def check_adapters(model_dir: Path, metas: dict[str, dict[str, Any]]) -> None:
+    """Every adapter parameter must be a LoRA input of the base (same modules as the first adapter)."""
+    import onnx
+
+    model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    inputs = {i.name for i in model.graph.input}
+    for name, meta in metas.items():
+        missing = sorted(set(meta["params"]) - inputs)
+        if missing:
+            raise InputError(f"adapter {name} targets modules the first adapter does not (e.g. {missing[0]})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build or reuse, measure, write the result JSON."""
+    try:
+        args = parse_args(argv)
+        adapters = parse_adapters(args.adapter)
+        if not adapters:
+            raise InputError("give at least one --adapter: the base model takes its LoRA structure from the first")
+        hf_config = json.loads((args.hf_dir / "config.json").read_text())
+        workload = load_workload(args.workload, set(adapters), int(hf_config.get("vocab_size", 0)))
+        context = int(hf_config.get("max_position_embeddings", 0))
+        longest = max(len(p) for p in workload.prompts) + workload.max_tokens
+        if context and longest > context:
+            raise InputError(f"workload: prompt + max_tokens = {longest} exceeds the model's {context} positions")
+        try:
+            import onnxruntime_genai as og
+        except ImportError as error:
+            raise RunError(f"onnxruntime_genai is not importable here ({error}); run with the genai venv's python") from None
+        work = args.work_dir.resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        hf_dir = args.hf_dir.resolve()
+        metas = {name: build_adapter(hf_dir, name, path, work) for name, path in adapters.items()}
+        first = next(iter(adapters))
+        model_dir = build_base(hf_dir, args.precision, (first, adapters[first], metas[first]), work)
+        check_adapters(model_dir, metas)
+        set_threads(model_dir, args.threads)
+        files = {name: work / "adapters" / f"{name}.onnx_adapter" for name in adapters}
+        columns, run_notes = measure(og, model_dir, files, workload, args.rounds)
+    except InputError as error:
+        print(f"genai.py: error: {error}", file=sys.stderr)
+        return 2
+    except RunError as error:
+        print(f"genai.py: failed: {error}", file=sys.stderr)
+        return 1
+    notes = [
+        f"model builder: -p {args.precision} -e cpu --extra_options adapter_path=<{first}>"
+        + (" nodes_to_exclude=<its LoRA MatMuls>" if args.precision == "int4" else "")
+        + "; LoRA weights then made graph inputs of dynamic rank with empty defaults (multi-LoRA contract)",
+        "adapters: builder fp32 LoRA initializers -> onnxruntime.AdapterFormat .onnx_adapter; "
+        "og.Adapters.load + Generator.set_active_adapter per batch",
+        "base rows run the same LoRA-input model with no adapter active (rank-0 LoRA MatMuls still execute); "
+        "the builder does not fuse q/k/v when LoRA is present",
+        *describe_build(model_dir),
+        f"threads: intra_op_num_threads={args.threads}, inter_op_num_threads=1 (genai_config.json)",
+        f"tokens/s = rows*(max_tokens-1) / time of generate_next_token() calls 2..{workload.max_tokens}; "
+        "call 1 only picks the token from the prefill logits (prefill runs in append_tokens)",
+        "EOS: min_length = max_length = prompt + max_tokens; every row checked to have max_tokens new tokens",
+        "mixed columns: one batch per adapter group, run in sequence; tokens/s over their summed decode time",
+        f"rounds: {args.rounds} after one untimed warm-up pass over every column; columns interleaved per round",
+        "peak_rss_mb: this process only (builds run in child processes)",
+        *run_notes,
+    ]
+    result = {
+        "engine": f"onnxruntime-genai {args.precision}",
+        "version": og.__version__,
+        "columns": columns,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "notes": notes,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for name, entry in columns.items():
+        print(f"{name:>12}: {' '.join(f'{r:.1f}' for r in entry['tokens_per_s'])} tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

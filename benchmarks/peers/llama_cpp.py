@@ -1,0 +1,643 @@
+"""llama.cpp (llama-server) as a benchmark peer: decode tokens/s of one workload, base and LoRA columns.
+
+Build llama.cpp first with ``benchmarks/build_llama_cpp.sh PREFIX``, then:
+
+    python benchmarks/peers/llama_cpp.py --workload W.json --llama-dir PREFIX --hf-dir HF_DIR \
+        --adapter A=PEFT_DIR ... --quant f32|q4_0 --rounds 3 --threads 2 --work-dir DIR --out RESULT.json
+
+Model and adapters (cached in --work-dir, reused while newer than their sources and the converter):
+  * the HF folder goes through llama.cpp's own ``convert_hf_to_gguf.py --outtype f32``, then
+    ``llama-quantize ... Q4_0`` for q4_0 (its defaults: some tensors, e.g. the output, keep a wider type;
+    the result's notes count the tensor types);
+  * each PEFT adapter goes through ``convert_lora_to_gguf.py --base HF_DIR --outtype f32``. That
+    converter scales by lora_alpha / r and ignores ``use_rslora``: such adapters get a warning note.
+  * Where the converter does not know a BPE tokenizer's pre-tokenizer hash (e.g. a made-up test
+    tokenizer) it would stop; it is then told 'gpt-2' (HF's ByteLevel regex) and a note says so. Text
+    tokenization plays no part here: prompts go in and outputs come back as token ids.
+
+Server: ``llama-server`` on 127.0.0.1 and a free port, ``--lora`` for each adapter with
+``--lora-init-without-apply`` (every adapter at scale 0 unless a request asks for it), ``--parallel``
+= the biggest column, ``-c`` = that many times (longest prompt + max_tokens) so each slot (ctx/parallel)
+holds a whole row, ``--no-cont-batching`` (a prompt is never prefilled inside a decode step),
+``--cache-ram 0`` and ``cache_prompt: false`` per request (no prompt reuse between requests).
+
+Requests: a column's rows are grouped by adapter; each group is one ``/completion`` request whose
+``prompt`` is the list of its rows' token-id lists (so llama-server admits the whole group in one
+step and prefills it in one batch), and the groups are sent concurrently. Each request is greedy
+(``temperature 0, top_k 1``), ``n_predict = max_tokens``, ``ignore_eos``, ``return_tokens`` and
+``lora = [{"id": i, "scale": s_i}]`` over every adapter in --adapter order, s_i = 1 for the row's
+adapter and 0 for the others. A base row sends all of them at scale 0: llama.cpp drops zero-scale
+adapters from the graph, so that is the base model with no LoRA work, the same set as an empty
+``lora`` list (which means "the server's global scales", all 0 here) but not dependent on them.
+``--request-per-row`` sends one request per row instead (all concurrently), to compare.
+
+llama-server batches only slots whose adapter sets are equal: per step it takes the first generating
+slot's set and skips the others, so a column that mixes adapters runs its groups one after another.
+
+Timing (decode only, prefill excluded): each result's ``timings`` give, on the server clock,
+prompt_ms (start of its prefill to its first token, which comes from the prefill logits) and
+predicted_ms (first token to last), over predicted_n tokens. The rows of one request start their
+prefill in the same step, so on the client clock a row's decode interval is
+``[T0 + prompt_ms, T0 + prompt_ms + predicted_ms]`` with ``T0 = t_response - max(prompt_ms +
+predicted_ms)`` (the response leaves when its last row ends; loopback latency is ~1 ms against
+decode windows of seconds). The column's decode wall time is the length of the union of its rows'
+intervals: the time during which some row was decoding. It holds for concurrent rows (one window)
+and for groups the server runs in sequence (their windows add up) alike. tokens/s = the sum over
+rows of (predicted_n - 1), the tokens made by decode steps, over that time.
+
+Rounds: one untimed pass over every column first, then --rounds rounds, each running the columns in
+order (so configurations interleave). ``peak_rss_mb`` is the server's VmHWM (/proc/PID/status), which
+counts the resident pages of the mmapped model file too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+
+HOST = "127.0.0.1"  # the server listens here only
+PRE_TOKENIZER_MARKER = "llama_cpp_peer: unrecognized BPE pre-tokenizer"
+PRE_TOKENIZER_FALLBACK = "gpt-2"
+HEALTH_TIMEOUT_S = 300.0
+REQUEST_TIMEOUT_S = 1800.0
+
+# Runs a llama.cpp converter with one change: an unknown BPE pre-tokenizer hash gets a fallback
+# instead of stopping the conversion. argv: [-c, script, args...].
+CONVERTER_SHIM = f"""
+import os, runpy, sys
+script = sys.argv[1]
+root = os.path.dirname(os.path.abspath(script))
+sys.path[:0] = [root] + ([] if 'NO_LOCAL_GGUF' in os.environ else [os.path.join(root, 'gguf-py')])
+sys.argv = sys.argv[1:]
+from conversion import base
+_pre = base.TextModel.get_vocab_base_pre
+def _pre_or_fallback(self, tokenizer):
+    try:
+        return _pre(self, tokenizer)
+    except NotImplementedError:
+        print({PRE_TOKENIZER_MARKER!r} + "; writing {PRE_TOKENIZER_FALLBACK}", file=sys.stderr, flush=True)
+        return {PRE_TOKENIZER_FALLBACK!r}
+base.TextModel.get_vocab_base_pre = _pre_or_fallback
+runpy.run_path(script, run_name='__main__')
+"""
+
+
+class InputError(Exception):
+    """Bad command line, workload or folder: reported as one line, exit status 2."""
+
+
+class RunError(Exception):
+    """A step failed for a reason other than the input (a conversion, the server): exit status 1."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line (the default prints the usage too)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(message)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One workload column: row i uses prompts[i] and adapter rows[i] (None = base)."""
+
+    name: str
+    rows: tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The prompts, the new tokens per row and the columns to time, as the compare script writes them."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    max_tokens: int
+    columns: tuple[Column, ...]
+
+
+@dataclass(frozen=True)
+class Tools:
+    """What build_llama_cpp.sh installs under its prefix."""
+
+    prefix: Path
+    server: Path
+    quantize: Path
+    convert_hf: Path
+    convert_lora: Path
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """One row's generated ids and its server timings."""
+
+    tokens: list[int]
+    prompt_ms: float
+    predicted_ms: float
+    predicted_n: int
+
+
+# ---------------------------------------------------------------- input
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; folders and the workload are checked by the loaders."""
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", type=Path, required=True, help="workload JSON")
+    parser.add_argument("--llama-dir", type=Path, required=True, help="prefix given to build_llama_cpp.sh")
+    parser.add_argument("--hf-dir", type=Path, required=True, help="Hugging Face model folder")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PEFT_DIR", help="a PEFT adapter")
+    parser.add_argument("--quant", choices=("f32", "q4_0"), required=True)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--threads", type=int, default=2, help="llama-server -t and -tb (default 2)")
+    parser.add_argument("--work-dir", type=Path, required=True, help="where GGUF files and logs are cached")
+    parser.add_argument("--out", type=Path, required=True, help="result JSON")
+    parser.add_argument("--request-per-row", action="store_true",
+                        help="one request per row instead of one per adapter group")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.threads < 1:
+        raise InputError("--rounds and --threads must be at least 1")
+    if not (args.hf_dir / "config.json").is_file():
+        raise InputError(f"--hf-dir {args.hf_dir}: no config.json there")
+    return args
+
+
+def find_tools(prefix: Path) -> Tools:
+    """The binaries and converters under --llama-dir, or an error naming the first one missing."""
+    prefix = prefix.expanduser().resolve()
+    tools = Tools(prefix, prefix / "bin" / "llama-server", prefix / "bin" / "llama-quantize",
+                  prefix / "convert_hf_to_gguf.py", prefix / "convert_lora_to_gguf.py")
+    for path in (tools.server, tools.quantize, tools.convert_hf, tools.convert_lora, prefix / "conversion"):
+        if not path.exists():
+            raise InputError(f"--llama-dir {prefix}: no {path.relative_to(prefix)} (run benchmarks/build_llama_cpp.sh {prefix})")
+    for path in (tools.server, tools.quantize):
+        if not os.access(path, os.X_OK):
+            raise InputError(f"--llama-dir {prefix}: {path.relative_to(prefix)} is not executable")
+    return tools
+
+
+def parse_adapters(specs: list[str]) -> dict[str, Path]:
+    """NAME=PEFT_DIR pairs, in order: that order is the server's --lora order, so the request ids."""
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise InputError(f"--adapter {spec!r}: expected NAME=PEFT_DIR")
+        if name in adapters:
+            raise InputError(f"--adapter {name}: given twice")
+        path = Path(folder)
+        if not (path / "adapter_config.json").is_file():
+            raise InputError(f"--adapter {name}: no adapter_config.json in {path}")
+        adapters[name] = path.resolve()
+    return adapters
+
+
+def _int_list(value: Any, what: str) -> tuple[int, ...]:
+    """A non-empty list of plain ints (JSON booleans are not token ids)."""
+    if not isinstance(value, list) or not value or not all(type(x) is int for x in value):
+        raise InputError(f"workload: {what} must be a non-empty list of integers")
+    return tuple(value)
+
+
+def load_workload(path: Path, adapter_names: set[str], vocab_size: int) -> Workload:
+    """Read and check the workload, so that bad input fails before any conversion."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"workload {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise InputError("workload: expected a JSON object")
+    prompts_raw = data.get("prompts")
+    if not isinstance(prompts_raw, list) or not prompts_raw:
+        raise InputError("workload: 'prompts' must be a non-empty list")
+    prompts = tuple(_int_list(p, f"prompts[{i}]") for i, p in enumerate(prompts_raw))
+    for i, prompt in enumerate(prompts):
+        if min(prompt) < 0 or max(prompt) >= vocab_size:
+            raise InputError(f"workload: prompts[{i}] has a token id outside [0, {vocab_size})")
+    max_tokens = data.get("max_tokens")
+    if type(max_tokens) is not int or max_tokens < 2:
+        raise InputError("workload: 'max_tokens' must be an integer >= 2 (the first token is not timed)")
+    columns_raw = data.get("columns")
+    if not isinstance(columns_raw, list) or not columns_raw:
+        raise InputError("workload: 'columns' must be a non-empty list")
+    columns = tuple(_column(c, i, len(prompts), adapter_names) for i, c in enumerate(columns_raw))
+    names = [c.name for c in columns]
+    if len(set(names)) != len(names):
+        raise InputError("workload: column names must be unique")
+    return Workload(prompts, max_tokens, columns)
+
+
+def _column(value: Any, index: int, n_prompts: int, adapter_names: set[str]) -> Column:
+    """One checked column."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise InputError(f"workload: columns[{index}] needs a string 'name'")
+    rows = value.get("rows")
+    if not isinstance(rows, list) or not rows or len(rows) > n_prompts:
+        raise InputError(f"workload: column {value['name']!r} needs 1 to {n_prompts} rows")
+    for row in rows:
+        if row is not None and row not in adapter_names:
+            raise InputError(f"workload: column {value['name']!r} uses adapter {row!r}, not given by --adapter")
+    return Column(value["name"], tuple(rows))
+
+
+def adapter_warnings(adapters: dict[str, Path]) -> list[str]:
+    """What convert_lora_to_gguf.py does not carry over: rsLoRA scaling, per-module alpha or rank."""
+    notes = []
+    for name, folder in adapters.items():
+        config = json.loads((folder / "adapter_config.json").read_text())
+        if config.get("use_rslora"):
+            notes.append(f"WARNING: adapter {name} has use_rslora=true; llama.cpp's convert_lora_to_gguf.py ignores it "
+                         "and scales by lora_alpha/r instead of lora_alpha/sqrt(r), so its outputs differ from PEFT's")
+        if config.get("alpha_pattern") or config.get("rank_pattern"):
+            notes.append(f"WARNING: adapter {name} has alpha_pattern/rank_pattern; the converter uses one lora_alpha")
+    return notes
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def newest_mtime(paths: Iterable[Path]) -> float:
+    """Latest modification time of the given files and of every file under the given folders."""
+    latest = 0.0
+    for path in paths:
+        files = (p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            latest = max(latest, file.stat().st_mtime)
+    return latest
+
+
+def is_fresh(target: Path, sources: list[Path]) -> bool:
+    """A cached output is reused when it was made from these sources and is newer than all of them."""
+    record = target.with_name(target.name + ".sources.json")
+    try:
+        same = json.loads(record.read_text()) == [str(s) for s in sources]
+    except (OSError, ValueError):
+        return False
+    return same and target.is_file() and target.stat().st_mtime > newest_mtime(sources)
+
+
+def run_logged(command: list[str], log: Path, what: str, env: dict[str, str] | None = None) -> str:
+    """Run a conversion step with its output in a log file; its text is returned for the notes."""
+    with log.open("w") as stream:
+        done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env, check=False)
+    text = log.read_text(errors="replace")
+    if done.returncode != 0:
+        last = [line for line in text.splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise RunError(f"{what} failed (exit {done.returncode}): {last[0].strip()}; see {log}")
+    return text
+
+
+def produce(target: Path, sources: list[Path], command: list[str], log: Path, what: str,
+            env: dict[str, str] | None = None) -> tuple[bool, str]:
+    """Make target with command (writing to target.tmp first), unless a fresh one is cached.
+
+    Returns (made now, its log text); a cached target returns the log of the run that made it.
+    """
+    if is_fresh(target, sources):
+        return False, log.read_text(errors="replace") if log.is_file() else ""
+    partial = target.with_name(target.name + ".tmp")
+    partial.unlink(missing_ok=True)
+    text = run_logged([part if part != "{out}" else str(partial) for part in command], log, what, env)
+    if not partial.is_file():
+        raise RunError(f"{what} exited 0 but wrote no {partial.name}; see {log}")
+    partial.replace(target)
+    target.with_name(target.name + ".sources.json").write_text(json.dumps([str(s) for s in sources]))
+    return True, text
+
+
+def converter_env(tools: Tools) -> dict[str, str]:
+    """The converters run on this python, with sentencepiece from the build prefix on the path."""
+    env = dict(os.environ)
+    extra = [str(tools.prefix / "pydeps")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(extra)
+    return env
+
+
+def convert_base(tools: Tools, hf_dir: Path, quant: str, work: Path) -> tuple[Path, list[str]]:
+    """model-f32.gguf (and model-q4_0.gguf) in the work dir; returns the one to serve and notes."""
+    notes: list[str] = []
+    f32 = work / "model-f32.gguf"
+    command = [sys.executable, "-c", CONVERTER_SHIM, str(tools.convert_hf), str(hf_dir),
+               "--outtype", "f32", "--outfile", "{out}"]
+    made, log = produce(f32, [hf_dir, tools.convert_hf, tools.prefix / "conversion"], command,
+                        work / "logs" / "convert-model.log", "convert_hf_to_gguf.py", converter_env(tools))
+    notes.append(f"model: convert_hf_to_gguf.py --outtype f32 ({'converted now' if made else 'cached'})")
+    if PRE_TOKENIZER_MARKER in log:
+        notes.append(f"tokenizer: the converter did not recognize the BPE pre-tokenizer; '{PRE_TOKENIZER_FALLBACK}' "
+                     "was written (text tokenization is not used: prompts and outputs are token ids)")
+    if quant == "f32":
+        return f32, notes
+    q4 = work / "model-q4_0.gguf"
+    made, _ = produce(q4, [f32, tools.quantize], [str(tools.quantize), str(f32), "{out}", "Q4_0"],
+                      work / "logs" / "quantize-q4_0.log", "llama-quantize")
+    notes.append(f"model: llama-quantize model-f32.gguf Q4_0 with its defaults ({'quantized now' if made else 'cached'})")
+    return q4, notes
+
+
+def convert_adapter(tools: Tools, hf_dir: Path, name: str, peft_dir: Path, work: Path) -> Path:
+    """adapter-NAME-f32.gguf in the work dir, from the PEFT folder and its base's config."""
+    target = work / f"adapter-{name}-f32.gguf"
+    command = [sys.executable, "-c", CONVERTER_SHIM, str(tools.convert_lora), str(peft_dir),
+               "--base", str(hf_dir), "--outtype", "f32", "--outfile", "{out}"]
+    produce(target, [peft_dir, hf_dir / "config.json", tools.convert_lora, tools.prefix / "conversion"], command,
+            work / "logs" / f"convert-adapter-{name}.log", f"convert_lora_to_gguf.py ({name})", converter_env(tools))
+    return target
+
+
+def tensor_types(path: Path) -> str:
+    """Tensor type counts of a GGUF file (what llama-quantize chose), as a JSON object string."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return "(gguf not importable)"
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(str(path)).tensors:
+        kind = tensor.tensor_type.name
+        counts[kind] = counts.get(kind, 0) + 1
+    return json.dumps(dict(sorted(counts.items())))
+
+
+# ---------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def server_command(tools: Tools, model: Path, loras: list[Path], workload: Workload, threads: int,
+                   port: int) -> list[str]:
+    """llama-server's command line: enough slots for the biggest column, each slot holding one row."""
+    parallel = max(len(c.rows) for c in workload.columns)
+    per_slot = max(len(p) for p in workload.prompts) + workload.max_tokens
+    command = [str(tools.server), "-m", str(model), "--host", HOST, "--port", str(port),
+               "-t", str(threads), "-tb", str(threads), "--parallel", str(parallel), "-c", str(parallel * per_slot),
+               "--no-cont-batching", "--cache-ram", "0", "--no-webui"]
+    for path in loras:
+        command += ["--lora", str(path)]
+    if loras:
+        command.append("--lora-init-without-apply")
+    return command
+
+
+def log_tail(log: Path, lines: int = 3) -> str:
+    """The last non-empty lines of the server log, for an error message."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
+
+
+def wait_healthy(process: subprocess.Popen[bytes], client: httpx.Client, log: Path) -> None:
+    """Poll /health until the model is loaded (503 while loading); fail early if the server exits."""
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RunError(f"llama-server exited with {process.returncode} while starting: {log_tail(log)}")
+        try:
+            if client.get("/health", timeout=5.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise RunError(f"llama-server not healthy after {HEALTH_TIMEOUT_S:.0f} s; see {log}")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    """Terminate, then kill if it has not exited after 10 s."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """VmHWM of a live process, in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def server_version(client: httpx.Client, tools: Tools) -> str:
+    """/props build_info (b<build number>-<commit>), else the first line of llama-server --version."""
+    try:
+        info = client.get("/props").json().get("build_info")
+        if info:
+            return str(info)
+    except (httpx.HTTPError, ValueError):
+        pass
+    done = subprocess.run([str(tools.server), "--version"], capture_output=True, text=True, check=False)
+    return (done.stdout + done.stderr).strip().splitlines()[0] if (done.stdout + done.stderr).strip() else "unknown"
+
+
+def check_lora_order(client: httpx.Client, loras: list[Path]) -> None:
+    """The server's adapter ids must follow the --lora order, since requests address them by id."""
+    listed = client.get("/lora-adapters").json()
+    paths = [Path(entry["path"]).resolve() for entry in sorted(listed, key=lambda e: e["id"])]
+    if paths != [p.resolve() for p in loras]:
+        raise RunError(f"llama-server lists its adapters as {[str(p) for p in paths]}, not in --lora order")
+    if any(entry.get("scale", 0) != 0 for entry in listed):
+        raise RunError("llama-server applies an adapter globally despite --lora-init-without-apply")
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def request_groups(column: Column, per_row: bool) -> list[tuple[str | None, list[int]]]:
+    """(adapter, row indices) per request: rows sharing an adapter together, or one row each."""
+    if per_row:
+        return [(adapter, [row]) for row, adapter in enumerate(column.rows)]
+    groups: dict[str | None, list[int]] = {}
+    for row, adapter in enumerate(column.rows):
+        groups.setdefault(adapter, []).append(row)
+    return list(groups.items())
+
+
+def lora_field(adapter: str | None, order: list[str]) -> list[dict[str, Any]]:
+    """Every adapter by id, scale 1 for this row's and 0 for the rest (all 0 = base, see the docstring)."""
+    return [{"id": i, "scale": 1.0 if name == adapter else 0.0} for i, name in enumerate(order)]
+
+
+def completion(client: httpx.Client, prompts: list[tuple[int, ...]], lora: list[dict[str, Any]],
+               max_tokens: int) -> tuple[float, list[RowResult]]:
+    """One /completion request for these prompts; returns when the response arrived and its rows."""
+    body = {"prompt": [list(p) for p in prompts], "n_predict": max_tokens, "temperature": 0.0, "top_k": 1,
+            "ignore_eos": True, "cache_prompt": False, "return_tokens": True, "stream": False, "lora": lora}
+    response = client.post("/completion", json=body)
+    received = time.monotonic()
+    if response.status_code != 200:
+        raise RunError(f"/completion answered {response.status_code}: {response.text[:300]}")
+    try:
+        data = response.json()
+        results = data if isinstance(data, list) else [data]
+        if len(results) != len(prompts):
+            raise RunError(f"/completion returned {len(results)} results for {len(prompts)} prompts")
+        return received, [_row_result(r, len(p), max_tokens) for r, p in zip(results, prompts)]
+    except (KeyError, TypeError, ValueError) as error:
+        raise RunError(f"unexpected /completion answer ({error!r}): {response.text[:300]}") from None
+
+
+def _row_result(result: dict[str, Any], prompt_len: int, max_tokens: int) -> RowResult:
+    """One result's ids and timings, checked: every prompt token prefilled, max_tokens generated."""
+    timings = result["timings"]
+    tokens = [int(t) for t in result.get("tokens") or []]
+    if len(tokens) != max_tokens or timings["predicted_n"] != max_tokens:
+        raise RunError(f"expected {max_tokens} new tokens, got {len(tokens)} ids and predicted_n {timings['predicted_n']}")
+    if timings.get("cache_n", 0) != 0 or timings["prompt_n"] != prompt_len:
+        raise RunError(f"prompt of {prompt_len} tokens: prompt_n {timings['prompt_n']}, cache_n {timings.get('cache_n')}")
+    return RowResult(tokens, float(timings["prompt_ms"]), float(timings["predicted_ms"]), int(timings["predicted_n"]))
+
+
+def decode_intervals(received: float, rows: list[RowResult]) -> list[tuple[float, float]]:
+    """Each row's [first token, last token] on the client clock (the rows of a request start together)."""
+    start = received - max(r.prompt_ms + r.predicted_ms for r in rows) / 1e3
+    return [(start + r.prompt_ms / 1e3, start + (r.prompt_ms + r.predicted_ms) / 1e3) for r in rows]
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by the intervals: the time in which at least one row was decoding."""
+    total, end = 0.0, float("-inf")
+    for lo, hi in sorted(intervals):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
+
+
+def run_column(client: httpx.Client, workload: Workload, column: Column, order: list[str],
+               per_row: bool) -> tuple[float, list[list[int]], float]:
+    """Decode tokens/s of one column, its generated ids in row order, and its mean rows decoding at once."""
+    groups = request_groups(column, per_row)
+    with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+        futures = [pool.submit(completion, client, [workload.prompts[r] for r in rows], lora_field(adapter, order),
+                               workload.max_tokens) for adapter, rows in groups]
+        answers = [f.result() for f in futures]
+    generated: list[list[int]] = [[] for _ in column.rows]
+    intervals: list[tuple[float, float]] = []
+    tokens = 0
+    for (_, rows), (received, results) in zip(groups, answers):
+        intervals += decode_intervals(received, results)
+        for row, result in zip(rows, results):
+            generated[row] = result.tokens
+            tokens += result.predicted_n - 1
+    seconds = union_length(intervals)
+    concurrency = sum(hi - lo for lo, hi in intervals) / seconds
+    return tokens / seconds, generated, concurrency
+
+
+def measure(client: httpx.Client, workload: Workload, order: list[str], rounds: int,
+            per_row: bool) -> tuple[dict[str, Any], list[str]]:
+    """One untimed pass over every column, then `rounds` rounds interleaving the columns in order."""
+    for column in workload.columns:
+        run_column(client, workload, column, order, per_row)
+    results: dict[str, Any] = {c.name: {"tokens_per_s": [], "tokens": []} for c in workload.columns}
+    overlaps: dict[str, float] = {}
+    unstable: set[str] = set()
+    for _ in range(rounds):
+        for column in workload.columns:
+            rate, generated, overlap = run_column(client, workload, column, order, per_row)
+            entry = results[column.name]
+            if entry["tokens"] and entry["tokens"] != generated:
+                unstable.add(column.name)
+            entry["tokens_per_s"].append(round(rate, 3))
+            entry["tokens"] = generated
+            overlaps[column.name] = overlap
+    concurrency = ", ".join(f"{name} {value:.2f}" for name, value in overlaps.items())
+    notes = [f"mean rows decoding at once (sum of the rows' decode times / decode wall time), last round: {concurrency}"]
+    if unstable:
+        notes.append(f"greedy tokens differed between rounds in: {sorted(unstable)}")
+    return results, notes
+
+
+def serve_and_measure(tools: Tools, model: Path, loras: dict[str, Path], workload: Workload,
+                      args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[str], str, float | None]:
+    """Start llama-server, measure, read its version and peak RSS, and always stop it."""
+    port = free_port()
+    command = server_command(tools, model, list(loras.values()), workload, args.threads, port)
+    log = work / "logs" / f"llama-server-{args.quant}.log"
+    with log.open("w") as stream:
+        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        with httpx.Client(base_url=f"http://{HOST}:{port}", timeout=REQUEST_TIMEOUT_S, trust_env=False) as client:
+            wait_healthy(process, client, log)
+            version = server_version(client, tools)
+            if loras:
+                check_lora_order(client, list(loras.values()))
+            columns, notes = measure(client, workload, list(loras), args.rounds, args.request_per_row)
+            rss = peak_rss_mb(process.pid)
+    finally:
+        stop_server(process)
+    flags = " ".join(part if not part.startswith("/") else Path(part).name for part in command[1:])
+    return columns, [f"llama-server {flags}", *notes], version, rss
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Convert or reuse, serve, measure, write the result JSON."""
+    try:
+        args = parse_args(argv)
+        tools = find_tools(args.llama_dir)
+        adapters = parse_adapters(args.adapter)
+        try:
+            hf_config = json.loads((args.hf_dir / "config.json").read_text())
+        except (OSError, ValueError) as error:
+            raise InputError(f"--hf-dir {args.hf_dir}: config.json: {error}") from None
+        workload = load_workload(args.workload, set(adapters), int(hf_config.get("vocab_size", 0)))
+        work = args.work_dir.resolve()
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        hf_dir = args.hf_dir.resolve()
+        model, notes = convert_base(tools, hf_dir, args.quant, work)
+        loras = {name: convert_adapter(tools, hf_dir, name, path, work) for name, path in adapters.items()}
+        columns, run_notes, version, rss = serve_and_measure(tools, model, loras, workload, args, work)
+    except InputError as error:
+        print(f"llama_cpp.py: error: {error}", file=sys.stderr)
+        return 2
+    except (RunError, httpx.HTTPError, OSError) as error:
+        print(f"llama_cpp.py: failed: {error}", file=sys.stderr)
+        return 1
+    notes += [
+        f"model tensor types: {tensor_types(model)}",
+        "adapters: convert_lora_to_gguf.py --base <hf-dir> --outtype f32; loaded with --lora, "
+        "--lora-init-without-apply; per request lora=[{id, scale}] over all adapters (1 for the row's, 0 others)",
+        *adapter_warnings(adapters),
+        "base rows: every adapter at scale 0, which llama.cpp leaves out of the graph (same as lora=[] here)",
+        "batches only rows whose adapter sets are equal: a mixed column runs its adapter groups one after another",
+        ("requests: one per row, all of a column's sent concurrently" if args.request_per_row else
+         "requests: one per adapter group (its rows as a list of prompts, admitted and prefilled together), "
+         "a column's groups sent concurrently"),
+        "greedy (temperature 0, top_k 1), ignore_eos, cache_prompt false; every row checked for max_tokens "
+        "new tokens and a fully prefilled prompt (cache_n 0)",
+        "tokens/s = sum(predicted_n - 1) / union of the rows' decode intervals [first token, last token], "
+        "placed on the client clock from timings.prompt_ms/predicted_ms and the response time",
+        f"rounds: {args.rounds} after one untimed warm-up pass over every column; columns interleaved per round",
+        "peak_rss_mb: llama-server's VmHWM (includes resident pages of the mmapped model)",
+        *run_notes,
+    ]
+    result = {"engine": f"llama.cpp {args.quant}", "version": version, "columns": columns,
+              "peak_rss_mb": rss, "notes": notes}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for name, entry in columns.items():
+        print(f"{name:>12}: {' '.join(f'{r:.1f}' for r in entry['tokens_per_s'])} tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
