@@ -75,6 +75,34 @@ def test_each_adapter_shows_its_habit_and_the_base_does_not(demo):
                 f"row {index} ({name or 'base'}) vs {habit}: {response['output_text']!r}"
 
 
+def test_int4_base_with_the_commands_defaults_keeps_each_adapters_habit(demo):
+    """quantize's defaults (int4, blocks of 32, symmetric, accuracy level 4) with the GGUF's own blocks:
+    each adapter's habit still shows in most of its rows (one may run out of tokens first) and in no
+    row of another adapter or the base."""
+    from train_adapters import shows_habit
+
+    work, gguf, payload, _ = demo
+    quantized = work / "onnx_int4"
+    assert main(["quantize", "--onnx-dir", str(work / "onnx"), "--output-dir", str(quantized),
+                 "--gguf-file", str(gguf), "--quiet"]) == 0
+    assert main(["insert-lora", "--onnx-dir", str(quantized), "--quiet"]) == 0
+    payload = {**payload, "available_lora_weights": {name: str(work / "onnx" / "lora_weights" / name)
+                                                     for name in payload["available_lora_weights"]}}
+    (work / "input_int4.json").write_text(json.dumps(payload))
+    assert main(["infer", "--onnx-dir", str(quantized), "--input-file", str(work / "input_int4.json"),
+                 "--output-file", str(work / "output_int4.json"), "--quiet"]) == 0
+    responses = json.loads((work / "output_int4.json").read_text())["responses"]
+    shown = {name: 0 for name in payload["available_lora_weights"]}
+    for index, (request, response) in enumerate(zip(payload["requests"], responses)):
+        name = request.get("lora_name")
+        for habit in shown:
+            if shows_habit(habit, response["output_text"]):
+                assert habit == name, f"row {index} ({name or 'base'}) shows {habit}: {response['output_text']!r}"
+                shown[habit] += 1
+    rows = {name: sum(1 for r in payload["requests"] if r.get("lora_name") == name) for name in shown}
+    assert all(shown[name] >= rows[name] - 1 and shown[name] >= 1 for name in shown), (shown, rows)
+
+
 def test_gguf_export_logits_equal_transformers_own_gguf_model(demo):
     import onnxruntime as ort
     import torch
