@@ -60,6 +60,26 @@ def test_no_adapter_equals_model_onnx(exported):
     np.testing.assert_array_equal(unrouted, base)
 
 
+def test_lora_graph_runs_no_shape_arithmetic_for_static_dimensions(exported):
+    """Reshape / Expand targets are constants in lora_model.onnx (graph/static_shapes.py); model.onnx keeps
+    the traced Shape -> Gather -> Concat chains. Fewer nodes, same numbers (the equality tests above)."""
+    import onnx
+
+    def computed_targets(name: str) -> tuple[int, int]:
+        model = onnx.load(str(exported.onnx_dir / name), load_external_data=False)
+        constant = {init.name for init in model.graph.initializer}
+        constant |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+        reshapes = [node for node in model.graph.node if node.op_type in ("Reshape", "Expand")
+                    and "/layers." in node.name]
+        return sum(node.input[1] not in constant for node in reshapes), len(model.graph.node)
+
+    traced, traced_nodes = computed_targets(contract.MODEL_ONNX)
+    folded, lora_nodes = computed_targets(contract.LORA_MODEL_ONNX)
+    assert traced > 0 and folded == 0
+    branch_nodes = 4 * len(exported.manifest.sites)  # each LoRA branch adds a few nodes; folding removes more
+    assert lora_nodes < traced_nodes + branch_nodes - 40 * exported.spec.num_layers, (traced_nodes, lora_nodes)
+
+
 def test_logits_only_at_the_kept_positions(exported):
     """lora_model.onnx computes logits [batch, kept, vocab] at logits_positions, equal to those of every position."""
     ids = _ids(exported.spec, 3, 6, seed=5)

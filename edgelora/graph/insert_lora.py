@@ -18,6 +18,7 @@ from edgelora import contract
 from edgelora.errors import UserInputError
 from edgelora.fileio import staged_output
 from edgelora.fingerprint import METADATA_KEY, export_fingerprint
+from edgelora.graph.static_shapes import fold_static_shapes
 from edgelora.lora_manifest import LoraManifest, LoraSite
 from edgelora.model_spec import ModelSpec
 
@@ -188,10 +189,12 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
     rewritten.ir_version = model.ir_version
     del rewritten.opset_import[:]
     rewritten.opset_import.extend(model.opset_import)
+    folded = fold_static_shapes(rewritten)  # model.onnx keeps the traced shape chains; the runtime graph does not
     manifest.source_fingerprint = export_fingerprint(onnx_dir)
     onnx.helper.set_model_props(rewritten, {METADATA_KEY: manifest.source_fingerprint})
     with staged_output(onnx_dir) as staging:
         onnx.save_model(rewritten, str(staging / contract.LORA_MODEL_ONNX))
         manifest.save(staging)
-    log.info("inserted LoRA into %d projections (%s) of %d layers", len(manifest.sites), ",".join(targets), spec.num_layers)
+    log.info("inserted LoRA into %d projections (%s) of %d layers; %d shape-only nodes folded away",
+             len(manifest.sites), ",".join(targets), spec.num_layers, folded["removed"])
     return manifest
