@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from edgelora import contract
 from edgelora.errors import UnsupportedModelError, UserInputError
-from edgelora.export import attention
+from edgelora.export import attention, rotary
 from edgelora.export.gguf import convert_gguf, find_gguf
 from edgelora.export.hf_folder import copy_tokenizer_files, eos_token_ids, read_hf_config
 from edgelora.fileio import staged_output
@@ -140,7 +140,7 @@ def _trace(model: torch.nn.Module, spec: ModelSpec, path: Path) -> None:
             for _ in range(2 * spec.num_layers)]
     inputs, outputs = _io_names(spec.num_layers)
     # The tracer's warnings are about shapes it freezes (head counts), which is what we want.
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), rotary.fused_rotary(model):
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(

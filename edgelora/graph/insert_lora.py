@@ -18,6 +18,7 @@ from edgelora import contract
 from edgelora.errors import UserInputError
 from edgelora.fileio import staged_output
 from edgelora.fingerprint import METADATA_KEY, export_fingerprint
+from edgelora.graph.fuse_projections import fuse_projections
 from edgelora.graph.static_shapes import fold_static_shapes
 from edgelora.lora_manifest import LoraManifest, LoraSite
 from edgelora.model_spec import ModelSpec
@@ -180,6 +181,10 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
             _attach_branch(graph, matmul, a, b, mask, site, dtype)
             new_inputs += [a, b]
             manifest.sites.append(site)
+    projections = {(layer, module): nodes[name] for layer in range(spec.num_layers) for module in contract.MODULE_NAMES
+                   for name in contract.projection_node_names(layer, module) if name in nodes}
+    fused = fuse_projections(graph, projections, spec.num_layers,
+                             {module: spec.module_in_out(module)[1] for module in contract.MODULE_NAMES})
     new_inputs.append(_keep_logits_positions(graph))
     graph.inputs.extend(new_inputs)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -195,6 +200,7 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
     with staged_output(onnx_dir) as staging:
         onnx.save_model(rewritten, str(staging / contract.LORA_MODEL_ONNX))
         manifest.save(staging)
-    log.info("inserted LoRA into %d projections (%s) of %d layers; %d shape-only nodes folded away",
-             len(manifest.sites), ",".join(targets), spec.num_layers, folded["removed"])
+    log.info("inserted LoRA into %d projections (%s) of %d layers; %d q/k/v and gate/up groups fused; "
+             "%d shape-only nodes folded away", len(manifest.sites), ",".join(targets), spec.num_layers, fused,
+             folded["removed"])
     return manifest
