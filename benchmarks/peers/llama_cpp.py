@@ -15,8 +15,8 @@ Model and adapters (cached in --work-dir, reused while newer than their sources 
     tokenizer) it would stop; it is then told 'gpt-2' (HF's ByteLevel regex) and a note says so. Text
     tokenization plays no part here: prompts go in and outputs come back as token ids.
 
-Server: ``llama-server`` on 127.0.0.1 and a free port, ``--lora`` for each adapter with
-``--lora-init-without-apply`` (every adapter at scale 0 unless a request asks for it), ``--parallel``
+Server: ``llama-server`` on 127.0.0.1 and a free port, ``--lora A.gguf,B.gguf,...`` (one comma-separated
+list: a repeated ``--lora`` keeps only the last) with ``--lora-init-without-apply``, ``--parallel``
 = the biggest column, ``-c`` = that many times (longest prompt + max_tokens) so each slot (ctx/parallel)
 holds a whole row, ``--no-cont-batching`` (a prompt is never prefilled inside a decode step),
 ``--cache-ram 0`` and ``cache_prompt: false`` per request (no prompt reuse between requests).
@@ -26,9 +26,11 @@ Requests: a column's rows are grouped by adapter; each group is one ``/completio
 step and prefills it in one batch), and the groups are sent concurrently. Each request is greedy
 (``temperature 0, top_k 1``), ``n_predict = max_tokens``, ``ignore_eos``, ``return_tokens`` and
 ``lora = [{"id": i, "scale": s_i}]`` over every adapter in --adapter order, s_i = 1 for the row's
-adapter and 0 for the others. A base row sends all of them at scale 0: llama.cpp drops zero-scale
-adapters from the graph, so that is the base model with no LoRA work, the same set as an empty
-``lora`` list (which means "the server's global scales", all 0 here) but not dependent on them.
+adapter and 0 for the others. A base row sends all of them at scale 0, which llama.cpp leaves out
+of the graph: the base model with no LoRA work. An empty ``lora`` list (or none) would NOT be the
+base: it means "the server's global scales", and those stay 1.0 for every ``--lora`` adapter even
+with ``--lora-init-without-apply`` (the flag only skips applying them at start-up), so such a request
+runs with all adapters applied at once (checked: its tokens equal those of all adapters at scale 1).
 ``--request-per-row`` sends one request per row instead (all concurrently), to compare.
 
 llama-server batches only slots whose adapter sets are equal: per step it takes the first generating
@@ -385,10 +387,10 @@ def server_command(tools: Tools, model: Path, loras: list[Path], workload: Workl
     command = [str(tools.server), "-m", str(model), "--host", HOST, "--port", str(port),
                "-t", str(threads), "-tb", str(threads), "--parallel", str(parallel), "-c", str(parallel * per_slot),
                "--no-cont-batching", "--cache-ram", "0", "--no-webui"]
-    for path in loras:
-        command += ["--lora", str(path)]
-    if loras:
-        command.append("--lora-init-without-apply")
+    if loras:  # one comma-separated --lora: when it is given more than once, only the last one counts
+        if any("," in str(path) for path in loras):
+            raise InputError(f"adapter GGUF paths must not contain ',' (llama-server splits --lora on it): {loras}")
+        command += ["--lora", ",".join(str(path) for path in loras), "--lora-init-without-apply"]
     return command
 
 
@@ -445,17 +447,16 @@ def server_version(client: httpx.Client, tools: Tools) -> str:
     except (httpx.HTTPError, ValueError):
         pass
     done = subprocess.run([str(tools.server), "--version"], capture_output=True, text=True, check=False)
-    return (done.stdout + done.stderr).strip().splitlines()[0] if (done.stdout + done.stderr).strip() else "unknown"
+    text = (done.stdout + done.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
 
 
 def check_lora_order(client: httpx.Client, loras: list[Path]) -> None:
-    """The server's adapter ids must follow the --lora order, since requests address them by id."""
+    """The server must list every adapter, in --lora order, since requests address them by id."""
     listed = client.get("/lora-adapters").json()
     paths = [Path(entry["path"]).resolve() for entry in sorted(listed, key=lambda e: e["id"])]
     if paths != [p.resolve() for p in loras]:
-        raise RunError(f"llama-server lists its adapters as {[str(p) for p in paths]}, not in --lora order")
-    if any(entry.get("scale", 0) != 0 for entry in listed):
-        raise RunError("llama-server applies an adapter globally despite --lora-init-without-apply")
+        raise RunError(f"llama-server lists its adapters as {[str(p) for p in paths]}, not as given to --lora")
 
 
 # ---------------------------------------------------------------- measurement
@@ -522,6 +523,33 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+class ForeignCpu:
+    """Share of the machine's CPU time that neither the server nor this script used: noise to report.
+
+    llama.cpp's threads wait for each other at every op, so another busy process slows it far more
+    than its own share of the cores; a share above a few percent makes the figures unreliable.
+    """
+
+    def __init__(self, server_pid: int) -> None:
+        self.pid = server_pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.cpus = sum(line[:3] == "cpu" and line[3:4].isdigit() for line in Path("/proc/stat").read_text().splitlines())
+
+    def sample(self) -> tuple[float, float]:
+        """(wall seconds, CPU seconds of everything else) now."""
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+        server = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        own = os.times()
+        others = busy / self.tick - (int(server[11]) + int(server[12])) / self.tick - (own.user + own.system)
+        return time.monotonic(), others
+
+    def share(self, before: tuple[float, float], after: tuple[float, float]) -> float:
+        """Other processes' CPU time between two samples over the machine's capacity in that time."""
+        wall = after[0] - before[0]
+        return max(0.0, (after[1] - before[1]) / (wall * self.cpus)) if wall > 0 else 0.0
+
+
 def run_column(client: httpx.Client, workload: Workload, column: Column, order: list[str],
                per_row: bool) -> tuple[float, list[list[int]], float]:
     """Decode tokens/s of one column, its generated ids in row order, and its mean rows decoding at once."""
@@ -543,25 +571,32 @@ def run_column(client: httpx.Client, workload: Workload, column: Column, order: 
     return tokens / seconds, generated, concurrency
 
 
-def measure(client: httpx.Client, workload: Workload, order: list[str], rounds: int,
-            per_row: bool) -> tuple[dict[str, Any], list[str]]:
+def measure(client: httpx.Client, workload: Workload, order: list[str], rounds: int, per_row: bool,
+            meter: ForeignCpu) -> tuple[dict[str, Any], list[str]]:
     """One untimed pass over every column, then `rounds` rounds interleaving the columns in order."""
     for column in workload.columns:
         run_column(client, workload, column, order, per_row)
     results: dict[str, Any] = {c.name: {"tokens_per_s": [], "tokens": []} for c in workload.columns}
-    overlaps: dict[str, float] = {}
+    concurrency: dict[str, float] = {}
+    noise: dict[str, list[float]] = {c.name: [] for c in workload.columns}
     unstable: set[str] = set()
     for _ in range(rounds):
         for column in workload.columns:
-            rate, generated, overlap = run_column(client, workload, column, order, per_row)
+            before = meter.sample()
+            rate, generated, rows_at_once = run_column(client, workload, column, order, per_row)
+            noise[column.name].append(meter.share(before, meter.sample()))
             entry = results[column.name]
             if entry["tokens"] and entry["tokens"] != generated:
                 unstable.add(column.name)
             entry["tokens_per_s"].append(round(rate, 3))
             entry["tokens"] = generated
-            overlaps[column.name] = overlap
-    concurrency = ", ".join(f"{name} {value:.2f}" for name, value in overlaps.items())
-    notes = [f"mean rows decoding at once (sum of the rows' decode times / decode wall time), last round: {concurrency}"]
+            concurrency[column.name] = rows_at_once
+    at_once = ", ".join(f"{name} {value:.2f}" for name, value in concurrency.items())
+    worst = max(max(values) for values in noise.values())
+    shares = ", ".join(f"{name} {' '.join(f'{v:.0%}' for v in values)}" for name, values in noise.items())
+    notes = [f"mean rows decoding at once (sum of the rows' decode times / decode wall time), last round: {at_once}",
+             f"{'WARNING: ' if worst > 0.05 else ''}CPU used by other processes while timing (share of the "
+             f"machine, per round): {shares}"]
     if unstable:
         notes.append(f"greedy tokens differed between rounds in: {sorted(unstable)}")
     return results, notes
@@ -581,11 +616,12 @@ def serve_and_measure(tools: Tools, model: Path, loras: dict[str, Path], workloa
             version = server_version(client, tools)
             if loras:
                 check_lora_order(client, list(loras.values()))
-            columns, notes = measure(client, workload, list(loras), args.rounds, args.request_per_row)
+            meter = ForeignCpu(process.pid)
+            columns, notes = measure(client, workload, list(loras), args.rounds, args.request_per_row, meter)
             rss = peak_rss_mb(process.pid)
     finally:
         stop_server(process)
-    flags = " ".join(part if not part.startswith("/") else Path(part).name for part in command[1:])
+    flags = " ".join(",".join(Path(p).name if p.startswith("/") else p for p in part.split(",")) for part in command[1:])
     return columns, [f"llama-server {flags}", *notes], version, rss
 
 
@@ -617,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         "adapters: convert_lora_to_gguf.py --base <hf-dir> --outtype f32; loaded with --lora, "
         "--lora-init-without-apply; per request lora=[{id, scale}] over all adapters (1 for the row's, 0 others)",
         *adapter_warnings(adapters),
-        "base rows: every adapter at scale 0, which llama.cpp leaves out of the graph (same as lora=[] here)",
+        "base rows: every adapter at scale 0, which llama.cpp leaves out of the graph; an empty lora list would "
+        "apply every adapter at its global scale (1.0, even with --lora-init-without-apply)",
         "batches only rows whose adapter sets are equal: a mixed column runs its adapter groups one after another",
         ("requests: one per row, all of a column's sent concurrently" if args.request_per_row else
          "requests: one per adapter group (its rows as a list of prompts, admitted and prefilled together), "
