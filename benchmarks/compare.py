@@ -61,11 +61,14 @@ class EngineRun:
         return statistics.median(entry["tokens_per_s"]) if entry and entry["tokens_per_s"] else None
 
 
-def _run(command: list[str], log_path: Path) -> int:
-    """A child process with its output in a log; returns its exit code."""
+def _run(command: list[str], log_path: Path) -> tuple[int, float]:
+    """A child process with its output in a log; returns its exit code and its peak resident MB."""
     with open(log_path, "w") as log:
         print(f"  $ {' '.join(map(str, command))}", flush=True)
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        return child.returncode, usage.ru_maxrss / 1024
 
 
 def _workload(vocab: int, prompt_len: int, max_tokens: int, seed: int) -> dict:
@@ -104,10 +107,11 @@ def _edgelora(label: str, folder: Path, args, work: Path, workload_path: Path) -
                "--max-tokens", str(args.max_tokens), "--repeats", str(args.rounds), "--contexts", "64",
                "--context-steps", "2", "--context-batch", "1", "--threads", str(args.threads), "--json", str(out),
                "--quiet"]
-    if _run(command, work / f"edgelora_{label}.log") != 0:
+    code, peak_mb = _run(command, work / f"edgelora_{label}.log")
+    if code != 0:
         return EngineRun(f"edgelora {label}", skipped=f"bench failed, see {work / f'edgelora_{label}.log'}")
     result = json.loads(out.read_text())
-    run = EngineRun(f"edgelora {label}")
+    run = EngineRun(f"edgelora {label}", peak_rss_mb=peak_mb)
     for (name, _), config in zip(COLUMNS, result["configs"]):
         run.columns[name] = {"tokens_per_s": config["samples_decode_tokens_per_s"], "tokens": config["tokens"]}
     run.notes.append(f"bandwidth {result['memory']['read_bandwidth_gb_s']:.1f} GB/s, weights "
@@ -120,7 +124,7 @@ def _edgelora(label: str, folder: Path, args, work: Path, workload_path: Path) -
 def _peer(label: str, command: list[str], work: Path) -> EngineRun:
     out = work / f"{label}.json"
     out.unlink(missing_ok=True)
-    if _run([*command, "--out", str(out)], work / f"{label}.log") != 0 or not out.is_file():
+    if _run([*command, "--out", str(out)], work / f"{label}.log")[0] != 0 or not out.is_file():
         tail = (work / f"{label}.log").read_text().strip().splitlines()[-1:] or ["no output"]
         return EngineRun(label, skipped=f"failed: {tail[0]}")
     data = json.loads(out.read_text())
@@ -301,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "--work-dir", str(work / "llama"), *common], work)
     memory_adapters = args.memory_adapters or [work / "processed" / name for name in args.adapters]
     memory = {label: _memory_probe(folders[label], memory_adapters, args.threads) for label in ("float32", "int4")}
+    args.model_label = (f"{config['family']}-shaped: hidden {config['hidden_size']}, {config['num_layers']} layers, "
+                        f"vocab {config['vocab_size']}")
     _report(args, runs, memory, workload)
     return 0
 
@@ -308,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 def _report(args, runs: dict[str, EngineRun], memory: dict, workload: dict) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / args.name
-    title = (f"{args.hf_dir.name}: prompt {args.prompt_len}, {args.max_tokens} new tokens, {args.threads} threads, "
+    title = (f"{args.model_label}: prompt {args.prompt_len}, {args.max_tokens} new tokens, {args.threads} threads, "
              f"medians of {args.rounds}")
     lines = [f"# Side-by-side decode speed ({datetime.datetime.now().isoformat(timespec='minutes')})", "",
              f"Command: `python benchmarks/compare.py {' '.join(sys.argv[1:])}`", "", title + "; tokens/s:", "",
