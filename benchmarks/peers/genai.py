@@ -27,6 +27,7 @@ total timed tokens over the summed decode time of its groups.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import resource
 import shutil
@@ -40,7 +41,6 @@ from typing import Any, NoReturn
 import numpy as np
 
 LORA_MARKERS = ("/lora_A/", "/lora_B/")
-RANK_DIM = "lora_rank"
 
 
 class InputError(Exception):
@@ -95,6 +95,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not (args.hf_dir / "config.json").is_file():
         raise InputError(f"--hf-dir {args.hf_dir}: no config.json there")
     return args
+
+
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    """The model's config.json: its vocabulary size and positions bound the workload."""
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"--hf-dir {hf_dir}: config.json unreadable ({error})") from None
+    if not isinstance(config, dict) or type(config.get("vocab_size")) is not int:
+        raise InputError(f"--hf-dir {hf_dir}: config.json has no integer vocab_size")
+    return config
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -197,6 +208,11 @@ def lora_weights(model: Any) -> dict[str, str]:
     }
 
 
+def rank_dim(node_name: str) -> str:
+    """The symbolic rank of one module's A/B pair: adapters may use different ranks per module."""
+    return "lora_rank" + node_name.split("/lora_")[0].replace("/", ".")
+
+
 def sources_stamp(*paths: Path) -> list[list[Any]]:
     """Path, size and mtime of every file under the sources: a cache entry is stale when they change."""
     stamp = []
@@ -205,6 +221,11 @@ def sources_stamp(*paths: Path) -> list[list[Any]]:
             info = file.stat()
             stamp.append([str(file), info.st_size, info.st_mtime_ns])
     return stamp
+
+
+def genai_version() -> str:
+    """The installed onnxruntime-genai: a newer builder may build differently, so it is part of cache keys."""
+    return importlib.metadata.version("onnxruntime-genai")
 
 
 def cached(meta_path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -224,7 +245,7 @@ def build_adapter(hf_dir: Path, name: str, peft_dir: Path, work: Path) -> dict[s
 
     folder = work / "adapters"
     target, meta_path = folder / f"{name}.onnx_adapter", folder / f"{name}.json"
-    key = {"hf": sources_stamp(hf_dir), "peft": sources_stamp(peft_dir)}
+    key = {"genai": genai_version(), "hf": sources_stamp(hf_dir), "peft": sources_stamp(peft_dir)}
     meta = cached(meta_path, key)
     if meta and target.is_file():
         return meta
@@ -258,15 +279,15 @@ def expose_lora_inputs(model_dir: Path) -> int:
 
     path = model_dir / "model.onnx"
     model = onnx.load(str(path), load_external_data=False)
-    names = set(lora_weights(model).values())
-    kept = [t for t in model.graph.initializer if t.name not in names]
-    lora = [t for t in model.graph.initializer if t.name in names]
+    nodes = {weight: node for node, weight in lora_weights(model).items()}
+    lora = [t for t in model.graph.initializer if t.name in nodes]
+    kept = [t for t in model.graph.initializer if t.name not in nodes]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     for tensor in lora:
         rows, cols = tensor.dims
-        is_a = ".lora_A." in tensor.name or "/lora_A/" in tensor.name
-        shape, empty = ([rows, RANK_DIM], (rows, 0)) if is_a else ([RANK_DIM, cols], (0, cols))
+        node, dim = nodes[tensor.name], rank_dim(nodes[tensor.name])
+        shape, empty = ([rows, dim], (rows, 0)) if "/lora_A/" in node else ([dim, cols], (0, cols))
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
         model.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, shape))
         model.graph.initializer.append(numpy_helper.from_array(np.zeros(empty, dtype=dtype), tensor.name))
@@ -278,7 +299,8 @@ def build_base(hf_dir: Path, precision: str, first: tuple[str, Path, dict[str, A
     """The multi-LoRA base model for this precision, built (or reused) under the work dir."""
     name, peft_dir, adapter_meta = first
     target = work / f"base-{precision}"
-    key = {"hf": sources_stamp(hf_dir), "structure_from": sources_stamp(peft_dir), "precision": precision}
+    key = {"genai": genai_version(), "hf": sources_stamp(hf_dir), "structure_from": sources_stamp(peft_dir)}
+    key["precision"] = precision
     if cached(target / "edgelora-build.json", key):
         return target
     extra = [f"adapter_path={peft_dir}"]
@@ -336,7 +358,9 @@ class GroupRun:
     generated: list[list[int]]
 
 
-def run_group(og: Any, model: Any, adapters: Any, adapter: str | None, prompts: list[tuple[int, ...]], max_tokens: int) -> GroupRun:
+def run_group(
+    og: Any, model: Any, adapters: Any, adapter: str | None, prompts: list[tuple[int, ...]], max_tokens: int
+) -> GroupRun:
     """Greedy generation of exactly max_tokens per row; times every decode step after the first token."""
     prompt_len = len(prompts[0])
     length = prompt_len + max_tokens
@@ -365,12 +389,14 @@ def run_column(og: Any, model: Any, adapters: Any, workload: Workload, column: C
         result = run_group(og, model, adapters, adapter, [workload.prompts[r] for r in rows], workload.max_tokens)
         seconds += result.seconds
         tokens += result.tokens
-        for row, ids in zip(rows, result.generated):
+        for row, ids in zip(rows, result.generated, strict=True):
             generated[row] = ids
     return tokens / seconds, generated
 
 
-def measure(og: Any, model_dir: Path, adapter_files: dict[str, Path], workload: Workload, rounds: int) -> tuple[dict[str, Any], list[str]]:
+def measure(
+    og: Any, model_dir: Path, adapter_files: dict[str, Path], workload: Workload, rounds: int
+) -> tuple[dict[str, Any], list[str]]:
     """One untimed pass over every column, then `rounds` rounds interleaving the columns in order."""
     model = og.Model(str(model_dir))
     adapters = og.Adapters(model)
@@ -412,16 +438,18 @@ def main(argv: list[str] | None = None) -> int:
         adapters = parse_adapters(args.adapter)
         if not adapters:
             raise InputError("give at least one --adapter: the base model takes its LoRA structure from the first")
-        hf_config = json.loads((args.hf_dir / "config.json").read_text())
-        workload = load_workload(args.workload, set(adapters), int(hf_config.get("vocab_size", 0)))
-        context = int(hf_config.get("max_position_embeddings", 0))
+        hf_config = read_hf_config(args.hf_dir)
+        workload = load_workload(args.workload, set(adapters), hf_config["vocab_size"])
+        context = hf_config.get("max_position_embeddings")
         longest = max(len(p) for p in workload.prompts) + workload.max_tokens
-        if context and longest > context:
+        if type(context) is int and longest > context:
             raise InputError(f"workload: prompt + max_tokens = {longest} exceeds the model's {context} positions")
         try:
             import onnxruntime_genai as og
         except ImportError as error:
-            raise RunError(f"onnxruntime_genai is not importable here ({error}); run with the genai venv's python") from None
+            raise RunError(
+                f"onnxruntime_genai is not importable here ({error}); run with the genai venv's python"
+            ) from None
         work = args.work_dir.resolve()
         work.mkdir(parents=True, exist_ok=True)
         hf_dir = args.hf_dir.resolve()
