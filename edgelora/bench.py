@@ -113,9 +113,9 @@ def _rows(adapters: list[str | None], options: BenchOptions, vocab: int, seed: i
     else:
         rng = np.random.default_rng(seed)
         chosen = [rng.integers(0, vocab, options.prompt_len).tolist() for _ in adapters]
-    # EOS masked until max_tokens (min_tokens), as the peers do it (min_new_tokens, min_length,
-    # llama.cpp's ignore_eos): every engine then picks the same greedy token where EOS would win.
-    return [GenerationRequest(prompt, adapter, options.max_tokens, temperature=0.0, ignore_eos=True,
+    # EOS masked until max_tokens (min_tokens; ignore_eos would let it be sampled and go on), as the
+    # peers do (min_new_tokens, min_length): every engine picks the same greedy token where EOS would win.
+    return [GenerationRequest(prompt, adapter, options.max_tokens, temperature=0.0,
                               min_tokens=options.max_tokens)
             for prompt, adapter in zip(chosen, adapters)]
 

@@ -77,10 +77,10 @@ def test_bench_runs_explicit_rows_on_a_prompt_file(qwen2, tmp_path):
     llm = LLM(qwen2.onnx_dir, LoraConfig(max_loras=3, max_cpu_loras=3), num_threads=1)
     requests = {name: LoRARequest(name, index + 1, adapters[index]) for index, name in enumerate(("a1", "a2", "a3"))}
     rows = configs[-1]["adapters"]
-    want = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, min_tokens=4),
+    want = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, min_tokens=4),
                         [requests[name] if name else None for name in rows])
     assert configs[-1]["tokens"] == [output.token_ids for output in want]
-    base = llm.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, min_tokens=4))
+    base = llm.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0, min_tokens=4))
     assert configs[0]["tokens"] == [base[0].token_ids]
 
 
