@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -65,9 +64,21 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
+from peer_input import (
+    Column,
+    InputError,
+    OneLineParser,
+    RunError,
+    Workload,
+    load_workload,
+    parse_adapters,
+    read_hf_config,
+)
+
+from edgelora.serve_process import free_port  # the loopback port probe edgelora serve's launcher uses
 
 HOST = "127.0.0.1"  # the server listens here only
 PRE_TOKENIZER_MARKER = "llama_cpp_peer: unrecognized BPE pre-tokenizer"
@@ -94,38 +105,6 @@ def _pre_or_fallback(self, tokenizer):
 base.TextModel.get_vocab_base_pre = _pre_or_fallback
 runpy.run_path(script, run_name='__main__')
 """
-
-
-class InputError(Exception):
-    """Bad command line, workload or folder: reported as one line, exit status 2."""
-
-
-class RunError(Exception):
-    """A step failed for a reason other than the input (a conversion, the server): exit status 1."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one line (the default prints the usage too)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise InputError(message)
-
-
-@dataclass(frozen=True)
-class Column:
-    """One workload column: row i uses prompts[i] and adapter rows[i] (None = base)."""
-
-    name: str
-    rows: tuple[str | None, ...]
-
-
-@dataclass(frozen=True)
-class Workload:
-    """The prompts, the new tokens per row and the columns to time, as the compare script writes them."""
-
-    prompts: tuple[tuple[int, ...], ...]
-    max_tokens: int
-    columns: tuple[Column, ...]
 
 
 @dataclass(frozen=True)
@@ -186,70 +165,6 @@ def find_tools(prefix: Path) -> Tools:
         if not os.access(path, os.X_OK):
             raise InputError(f"--llama-dir {prefix}: {path.relative_to(prefix)} is not executable")
     return tools
-
-
-def parse_adapters(specs: list[str]) -> dict[str, Path]:
-    """NAME=PEFT_DIR pairs, in order: that order is the server's --lora order, so the request ids."""
-    adapters: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, folder = spec.partition("=")
-        if not sep or not name or not folder:
-            raise InputError(f"--adapter {spec!r}: expected NAME=PEFT_DIR")
-        if name in adapters:
-            raise InputError(f"--adapter {name}: given twice")
-        path = Path(folder)
-        if not (path / "adapter_config.json").is_file():
-            raise InputError(f"--adapter {name}: no adapter_config.json in {path}")
-        adapters[name] = path.resolve()
-    return adapters
-
-
-def _int_list(value: Any, what: str) -> tuple[int, ...]:
-    """A non-empty list of plain ints (JSON booleans are not token ids)."""
-    if not isinstance(value, list) or not value or not all(type(x) is int for x in value):
-        raise InputError(f"workload: {what} must be a non-empty list of integers")
-    return tuple(value)
-
-
-def load_workload(path: Path, adapter_names: set[str], vocab_size: int) -> Workload:
-    """Read and check the workload, so that bad input fails before any conversion."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise InputError(f"workload {path}: {error}") from None
-    if not isinstance(data, dict):
-        raise InputError("workload: expected a JSON object")
-    prompts_raw = data.get("prompts")
-    if not isinstance(prompts_raw, list) or not prompts_raw:
-        raise InputError("workload: 'prompts' must be a non-empty list")
-    prompts = tuple(_int_list(p, f"prompts[{i}]") for i, p in enumerate(prompts_raw))
-    for i, prompt in enumerate(prompts):
-        if min(prompt) < 0 or max(prompt) >= vocab_size:
-            raise InputError(f"workload: prompts[{i}] has a token id outside [0, {vocab_size})")
-    max_tokens = data.get("max_tokens")
-    if type(max_tokens) is not int or max_tokens < 2:
-        raise InputError("workload: 'max_tokens' must be an integer >= 2 (the first token is not timed)")
-    columns_raw = data.get("columns")
-    if not isinstance(columns_raw, list) or not columns_raw:
-        raise InputError("workload: 'columns' must be a non-empty list")
-    columns = tuple(_column(c, i, len(prompts), adapter_names) for i, c in enumerate(columns_raw))
-    names = [c.name for c in columns]
-    if len(set(names)) != len(names):
-        raise InputError("workload: column names must be unique")
-    return Workload(prompts, max_tokens, columns)
-
-
-def _column(value: Any, index: int, n_prompts: int, adapter_names: set[str]) -> Column:
-    """One checked column."""
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        raise InputError(f"workload: columns[{index}] needs a string 'name'")
-    rows = value.get("rows")
-    if not isinstance(rows, list) or not rows or len(rows) > n_prompts:
-        raise InputError(f"workload: column {value['name']!r} needs 1 to {n_prompts} rows")
-    for row in rows:
-        if row is not None and row not in adapter_names:
-            raise InputError(f"workload: column {value['name']!r} uses adapter {row!r}, not given by --adapter")
-    return Column(value["name"], tuple(rows))
 
 
 def adapter_warnings(adapters: dict[str, Path]) -> list[str]:
@@ -370,13 +285,6 @@ def tensor_types(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
 
 
 def server_command(tools: Tools, model: Path, loras: list[Path], workload: Workload, threads: int,
@@ -631,11 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         tools = find_tools(args.llama_dir)
         adapters = parse_adapters(args.adapter)
-        try:
-            hf_config = json.loads((args.hf_dir / "config.json").read_text())
-        except (OSError, ValueError) as error:
-            raise InputError(f"--hf-dir {args.hf_dir}: config.json: {error}") from None
-        workload = load_workload(args.workload, set(adapters), int(hf_config.get("vocab_size", 0)))
+        workload = load_workload(args.workload, set(adapters), read_hf_config(args.hf_dir)["vocab_size"])
         work = args.work_dir.resolve()
         (work / "logs").mkdir(parents=True, exist_ok=True)
         hf_dir = args.hf_dir.resolve()
