@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from edgelora.errors import EdgeLoraError
+from edgelora.errors import EdgeLoraError, UserInputError
 
 log = logging.getLogger("edgelora")
 
@@ -101,10 +101,21 @@ def _serve(args: argparse.Namespace) -> None:
     from edgelora.lora_modules import parse_lora_modules
     from edgelora.server import ServeOptions, serve
 
-    serve(ServeOptions(args.onnx_dir, parse_lora_modules(args.lora_modules), args.served_model_name, args.max_loras,
-                       args.max_cpu_loras, args.max_lora_rank, args.max_num_seqs, args.max_model_len, args.host,
-                       args.port, args.api_key, args.api_keys, args.lora_root, args.lora_cache_dir,
-                       args.enable_lora_updates, args.max_waiting, args.device, args.threads, args.shutdown_timeout))
+    options = ServeOptions(args.onnx_dir, parse_lora_modules(args.lora_modules), args.served_model_name,
+                           args.max_loras, args.max_cpu_loras, args.max_lora_rank, args.max_num_seqs,
+                           args.max_model_len, args.host, args.port, args.api_key, args.api_keys, args.lora_root,
+                           args.lora_cache_dir, args.enable_lora_updates, args.max_waiting, args.device, args.threads,
+                           args.shutdown_timeout)
+    if not args.ray:
+        if args.replicas is not None or args.ray_address is not None:
+            raise UserInputError("--replicas and --ray-address need --ray")
+        serve(options)
+        return
+    try:
+        from edgelora.ray import RayOptions, run
+    except ImportError as exc:
+        raise UserInputError(f"edgelora serve --ray needs {exc.name}: pip install 'edgelora[ray]'") from exc
+    run(RayOptions(options, 1 if args.replicas is None else args.replicas, args.ray_address))
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
@@ -315,11 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--enable-lora-updates", action="store_true",
           help="allow /v1/load_lora_adapter and /v1/unload_lora_adapter (admin keys; needs --lora-root)")
     _flag(serve, "--max-waiting", type=int, default=None,
-          help="requests that may wait for a row; beyond it a request gets 503; default: unbounded")
+          help="requests that may wait for a row; beyond it a request gets 503; default: unbounded (with --ray: "
+               "8 x --max-num-seqs per replica)")
     serve.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider (cuda needs onnxruntime-gpu)")
-    serve.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime; default: all cores")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for ONNX Runtime; default: all cores (with --ray: per replica, and the CPUs "
+                            "Ray reserves for it; default: cores / replicas)")
     _flag(serve, "--shutdown-timeout", type=float, default=30.0,
           help="seconds SIGTERM waits for running requests before it cancels them")
+    serve.add_argument("--ray", action="store_true",
+                       help="run on Ray Serve: --replicas engines behind one ingress, requests routed to a replica "
+                            "that holds their adapter (needs the [ray] extra; see docs/scaling.md)")
+    serve.add_argument("--replicas", type=int, default=None,
+                       help="with --ray: engine replicas, each with its own batch and adapter cache; default 1")
+    _flag(serve, "--ray-address", default=None,
+          help="with --ray: join this Ray cluster (HOST:PORT, or 'auto'); default: start a local one on loopback")
 
     load = _add(subparsers, "bench-serve", _bench_serve, "load-test a server with the openai client (streaming)",
                 "Send --requests streaming completions at each --concurrency level (random token-id prompts, greedy, "

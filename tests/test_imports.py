@@ -18,7 +18,17 @@ FORBIDDEN = {
     "adapters": LATER_THAN_SHARED - {"export", "graph", "adapters"},
     "runtime": LATER_THAN_SHARED - {"runtime"},  # not even the adapter *processing* stage
     "api": {"infer_file", "bench", "cli", "server", "ray", "export", "graph", "adapters"},
+    "server": {"ray", "cli", "bench", "bench_serve", "chat", "infer_file"},  # edgelora.ray builds on the server
 }
+
+
+def test_only_edgelora_ray_imports_ray():
+    users = [p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] != "ray"
+             and any(isinstance(node, (ast.Import, ast.ImportFrom))
+                     and any(name == "ray" or name.startswith("ray.") for name in
+                             ([alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]))
+                     for node in ast.walk(ast.parse(p.read_text())))]
+    assert not users
 
 
 def _imports(path: Path) -> set[str]:

@@ -112,6 +112,20 @@ class CacheStats:
         self.recent_load_s.append(seconds)
 
 
+def check_adapter(path: Path, spec: ModelSpec, manifest: LoraManifest, max_lora_rank: int
+                  ) -> tuple[Path, ProcessedAdapterConfig]:
+    """The weights file and config of a processed adapter, checked against the model (nothing read into memory).
+
+    ``AdapterCache.add`` registers through it; a front end without an engine (the Ray ingress)
+    checks an adapter with it before any replica sees the path.
+    """
+    folder, weights = resolve_adapter_path(path)
+    config = ProcessedAdapterConfig.load(folder)
+    config.check_fits(spec, manifest, str(path), max_lora_rank)
+    check_processed_weights(weights, config, manifest, str(path))
+    return weights, config
+
+
 class AdapterCache:
     """Names -> host-ready copies -> pool slots, each bounded level LRU."""
 
@@ -133,15 +147,13 @@ class AdapterCache:
         """Register (and validate) an adapter by name; nothing is read into memory yet."""
         if not name or not isinstance(name, str):
             raise UserInputError("an adapter needs a non-empty name")
-        folder, weights = resolve_adapter_path(path)
+        _, weights = resolve_adapter_path(path)
         existing = self._registered.get(name)
         if existing is not None:
             if existing.weights.resolve() != weights.resolve():
                 raise UserInputError(f"adapter name {name!r} is already registered for {existing.weights}")
             return existing
-        config = ProcessedAdapterConfig.load(folder)
-        config.check_fits(self._spec, self._manifest, str(path), self._max_lora_rank)
-        check_processed_weights(weights, config, self._manifest, str(path))
+        weights, config = check_adapter(path, self._spec, self._manifest, self._max_lora_rank)
         entry = RegisteredAdapter(name, weights, config)
         self._registered[name] = entry
         return entry
@@ -192,6 +204,10 @@ class AdapterCache:
                 raise
         else:
             entry.pinned = False
+
+    def prefetch(self, name: str) -> None:
+        """Read the adapter into the host cache now (a server's loader), so its first step copies, not reads."""
+        self._host_copy(self._entry(name))
 
     def forget_host_copy(self, name: str) -> None:
         """Drop the host-ready copy (benchmarks: make the next activation read the file)."""

@@ -24,7 +24,7 @@ from edgelora.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ServeOptions", "serve"]
+__all__ = ["ServeOptions", "prepare_startup_adapters", "serve"]
 
 
 @dataclass
@@ -77,6 +77,35 @@ class ServeOptions:
     def name(self) -> str:
         return self.served_model_name or Path(self.onnx_dir).resolve().name
 
+    @property
+    def cpu_loras(self) -> int:
+        """``max_cpu_loras`` with its default filled in."""
+        return self.max_cpu_loras if self.max_cpu_loras is not None else max(16, self.max_loras)
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.lora_cache_dir or Path(self.onnx_dir) / ".lora_cache")
+
+    def check_onnx_dir(self) -> Path:
+        onnx_dir = Path(self.onnx_dir)
+        if not (onnx_dir / contract.LORA_MODEL_ONNX).is_file():
+            raise UserInputError(f"{onnx_dir}: no {contract.LORA_MODEL_ONNX}; "
+                                 f"run 'edgelora insert-lora --onnx-dir {onnx_dir}'")
+        return onnx_dir
+
+
+def prepare_startup_adapters(options: ServeOptions, sources) -> dict[str, Path]:
+    """``--lora-modules`` as processed folders (PEFT folders processed into the cache), name clashes refused."""
+    startup = {}
+    for name, path in options.lora_modules.items():
+        try:
+            startup[name] = sources.prepare(path)
+        except UserInputError as exc:
+            raise type(exc)(f"--lora-modules {name}: {exc}") from exc
+    if options.name in startup:
+        raise UserInputError(f"--lora-modules {options.name}: the served model has that name")
+    return startup
+
 
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -111,47 +140,24 @@ def serve(options: ServeOptions) -> None:
     except ImportError as exc:
         raise UserInputError(f"edgelora serve needs {exc.name}: pip install 'edgelora[serve]'") from exc
 
-    from edgelora.runtime.engine import EngineConfig
-    from edgelora.runtime.scheduler import SchedulerConfig
     from edgelora.runtime.tokenizer import ChatTokenizer
     from edgelora.server.adapters import AdapterSources
     from edgelora.server.app import AppState, create_app
-    from edgelora.server.engine_loop import EngineLoop, EngineSettings
+    from edgelora.server.engine_loop import EngineLoop
     from edgelora.server.metrics import ServerMetrics
     from edgelora.server.tenants import Tenants
 
     options.validate()
-    onnx_dir = Path(options.onnx_dir)
-    if not (onnx_dir / contract.LORA_MODEL_ONNX).is_file():
-        raise UserInputError(f"{onnx_dir}: no {contract.LORA_MODEL_ONNX}; run 'edgelora insert-lora --onnx-dir {onnx_dir}'")
-    if options.api_keys is not None:
-        tenants = Tenants.load(options.api_keys)
-    elif options.api_key is not None:
-        tenants = Tenants.single(options.api_key)
-    else:
-        tenants = Tenants.none()
+    onnx_dir = options.check_onnx_dir()
+    tenants = Tenants.of(options.api_key, options.api_keys)
     if tenants.open and not _is_loopback(options.host):
         log.warning("listening on %s with no API key: anyone who can reach it may use it "
                     "(give --api-key or --api-keys)", options.host)
     sock = _listen(options.host, options.port)
     try:
-        sources = AdapterSources(onnx_dir, Path(options.lora_cache_dir or onnx_dir / ".lora_cache"), options.lora_root)
-        startup = {}
-        for name, path in options.lora_modules.items():
-            try:
-                startup[name] = sources.prepare(path)
-            except UserInputError as exc:
-                raise type(exc)(f"--lora-modules {name}: {exc}") from exc
-        if options.name in startup:
-            raise UserInputError(f"--lora-modules {options.name}: the served model has that name")
-        max_cpu_loras = options.max_cpu_loras if options.max_cpu_loras is not None else max(16, options.max_loras)
-        settings = EngineSettings(
-            onnx_dir,
-            EngineConfig(max_lora_rank=options.max_lora_rank, max_loras=options.max_loras, max_cpu_loras=max_cpu_loras,
-                         device=options.device, num_threads=options.threads),
-            SchedulerConfig(max_num_seqs=options.max_num_seqs, max_model_len=options.max_model_len,
-                            max_waiting=options.max_waiting),
-            startup)
+        sources = AdapterSources(onnx_dir, options.cache_dir, options.lora_root)
+        startup = prepare_startup_adapters(options, sources)
+        settings = engine_settings(options, startup)
         metrics = ServerMetrics()
         engine = EngineLoop(settings, metrics)
         info = engine.start()
@@ -168,6 +174,22 @@ def serve(options: ServeOptions) -> None:
             engine.stop()
     finally:
         sock.close()
+
+
+def engine_settings(options: ServeOptions, adapters: dict[str, Path], threads: int | None = None,
+                    max_waiting: int | None = None):
+    """What one engine thread builds from the options (``threads``/``max_waiting`` override them: Ray replicas)."""
+    from edgelora.runtime.engine import EngineConfig
+    from edgelora.runtime.scheduler import SchedulerConfig
+    from edgelora.server.engine_loop import EngineSettings
+
+    return EngineSettings(
+        Path(options.onnx_dir),
+        EngineConfig(max_lora_rank=options.max_lora_rank, max_loras=options.max_loras, max_cpu_loras=options.cpu_loras,
+                     device=options.device, num_threads=threads or options.threads),
+        SchedulerConfig(max_num_seqs=options.max_num_seqs, max_model_len=options.max_model_len,
+                        max_waiting=options.max_waiting if max_waiting is None else max_waiting),
+        adapters)
 
 
 def _run_until_signal(server, sock: socket.socket) -> None:

@@ -9,11 +9,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,7 +25,7 @@ from edgelora.errors import EdgeLoraError, UserInputError
 from edgelora.runtime.scheduler import GenerationRequest, QueueFull, SequenceUpdate
 from edgelora.runtime.tokenizer import ChatTokenizer
 from edgelora.server.adapters import AdapterSources, ForbiddenPath
-from edgelora.server.engine_loop import EngineLoop, RequestFailed, RequestStream, UnknownAdapter
+from edgelora.server.engine_loop import RequestFailed, RequestInterrupted, RequestStream, UnknownAdapter
 from edgelora.server.metrics import CONTENT_TYPE, ServerMetrics
 from edgelora.server.protocol import (
     SSE_DONE,
@@ -56,12 +56,34 @@ log = logging.getLogger(__name__)
 UPDATES_FLAG = "--enable-lora-updates"
 
 
+class Backend(Protocol):
+    """What the routes need of the engine side: ``EngineLoop`` (one process) or edgelora.ray's replicas.
+
+    ``submit`` raises what the scheduler's ``add_request`` raises (UserInputError, QueueFull,
+    UnknownAdapter); the stream then carries SequenceUpdates, or a RequestFailed.
+    """
+
+    @property
+    def alive(self) -> bool: ...
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    async def submit(self, request_id: str, request: GenerationRequest, adapter_label: str,
+                     arrival_s: float) -> RequestStream: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    async def load_adapter(self, name: str, folder) -> None: ...
+
+    async def unload_adapter(self, name: str) -> bool: ...
+
+
 @dataclass
 class AppState:
     """Everything the routes share; mutated only on the event loop."""
 
     served_name: str
-    engine: EngineLoop
+    engine: Backend
     tenants: Tenants
     metrics: ServerMetrics
     sources: AdapterSources
@@ -72,6 +94,8 @@ class AppState:
     loading: set[str] = field(default_factory=set)  # names being loaded right now
     in_flight: dict[str, int] = field(default_factory=dict)  # tenant label -> running + waiting requests
     created: int = field(default_factory=lambda: int(time.time()))
+    # /metrics' body; None: this process's own registry (edgelora.ray merges every replica's)
+    render_metrics: Callable[[], Awaitable[bytes]] | None = None
 
 
 @dataclass
@@ -155,6 +179,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts), param
 
 
+def _stream_error(exc: RequestFailed) -> ApiError:
+    """The error event of a stream the engine could not finish (503 when sending it again would work)."""
+    if isinstance(exc, RequestInterrupted):
+        return ApiError(503, str(exc), code="replica_lost")
+    return ApiError(500, str(exc))
+
+
 async def _wait_disconnect(request: Request) -> None:
     """Returns when the client goes away (the body has been read, so only a disconnect comes)."""
     while True:
@@ -212,6 +243,8 @@ def create_app(state: AppState) -> FastAPI:
             error = ApiError(403, str(exc), "lora_path")
         elif isinstance(exc, QueueFull):
             error = ApiError(503, str(exc), code="queue_full")
+        elif isinstance(exc, RequestInterrupted):
+            error = ApiError(503, str(exc), code="replica_lost")
         elif isinstance(exc, UnknownAdapter):
             error = ApiError(404, str(exc), "model", "model_not_found")
         elif isinstance(exc, UserInputError):
@@ -318,7 +351,8 @@ def create_app(state: AppState) -> FastAPI:
     async def metrics(request: Request) -> Response:
         if not state.tenants.open:
             require_admin(await tenant_of(request))
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+        body = state.metrics.render() if state.render_metrics is None else await state.render_metrics()
+        return Response(body, media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(tenant: TenantOf) -> Response:
@@ -376,7 +410,7 @@ def create_app(state: AppState) -> FastAPI:
                 first = False
                 yield sse(CompletionChunk(id=request_id, created=created, model=body.model, choices=[choice]))
         except RequestFailed as exc:
-            yield sse(ApiError(500, str(exc)).body())
+            yield sse(_stream_error(exc).body())
             yield SSE_DONE
             return
         if body.include_usage():
@@ -427,7 +461,7 @@ def create_app(state: AppState) -> FastAPI:
                 if update.finished:
                     yield chunk(DeltaMessage(), update.finish_reason)
         except RequestFailed as exc:
-            yield sse(ApiError(500, str(exc)).body())
+            yield sse(_stream_error(exc).body())
             yield SSE_DONE
             return
         if body.include_usage():

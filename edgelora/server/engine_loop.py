@@ -64,6 +64,11 @@ class RequestFailed(EdgeLoraError):
     """The engine could not finish a request it had accepted (a failed step, an adapter it could not load)."""
 
 
+class RequestInterrupted(RequestFailed):
+    """The process serving the request went away mid-answer (a Ray replica died): the same request,
+    sent again, succeeds elsewhere, so the client gets a 503 it retries, not a 500."""
+
+
 @dataclass
 class RequestStream:
     """The event loop's end of one request: its updates (or a RequestFailed) arrive on ``queue``."""
@@ -71,6 +76,7 @@ class RequestStream:
     request_id: str
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
+    loaded_adapter: bool = False  # submit registered the adapter from ``adapter_folder`` (it was not there)
 
 
 @dataclass
@@ -126,22 +132,32 @@ class EngineLoop:
 
     # -- commands (event loop) ------------------------------------------------------------------
     async def submit(self, request_id: str, request: GenerationRequest, adapter_label: str,
-                     arrival_s: float) -> RequestStream:
-        """Queue a request; raises what ``add_request`` raises (UserInputError, QueueFull)."""
+                     arrival_s: float, adapter_folder: Path | None = None) -> RequestStream:
+        """Queue a request; raises what ``add_request`` raises (UserInputError, QueueFull).
+
+        With ``adapter_folder`` (a Ray replica), an adapter that is not registered here, or whose
+        removal is pending, is registered from that folder in the same engine-thread step, so no
+        eviction can come between the check and the request (``stream.loaded_adapter`` says so).
+        """
         stream = RequestStream(request_id)
-        await self._call(self._do_submit, stream, request, adapter_label, arrival_s)
+        await self._call(self._do_submit, stream, request, adapter_label, arrival_s, adapter_folder)
         return stream
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (a no-op when it has finished); its row and adapter reference are released."""
         self._commands.put((self._do_abort, (request_id,), None))
 
-    async def load_adapter(self, name: str, folder: Path) -> None:
-        await self._call(self._do_load, name, folder)
+    async def load_adapter(self, name: str, folder: Path, read: bool = False) -> None:
+        """Register an adapter (again, if its removal is pending); ``read`` also reads it into the host cache."""
+        await self._call(self._do_load, name, folder, read)
 
     async def unload_adapter(self, name: str) -> bool:
         """Remove now if nothing uses it, else once the requests using it finish; True if removed now."""
         return await self._call(self._do_unload, name)
+
+    def release_adapter(self, name: str) -> None:
+        """``unload_adapter`` without an answer, from any thread; a no-op for an adapter that is not here."""
+        self._commands.put((self._do_release, (name,), None))
 
     async def _call(self, method: Callable, *args):
         if not self.alive:
@@ -237,10 +253,14 @@ class EngineLoop:
                 return True
 
     def _do_submit(self, stream: RequestStream, request: GenerationRequest, adapter_label: str,
-                   arrival_s: float) -> None:
-        if request.adapter is not None and (request.adapter in self._removals
-                                            or request.adapter not in self._engine.adapters):
-            raise UnknownAdapter(f"The model `{request.adapter}` does not exist.")
+                   arrival_s: float, adapter_folder: Path | None) -> None:
+        name = request.adapter
+        missing = name is not None and (name in self._removals or name not in self._engine.adapters)
+        if missing and adapter_folder is not None:
+            stream.loaded_adapter = name not in self._engine.adapters
+            self._do_load(name, adapter_folder)
+        elif missing:
+            raise UnknownAdapter(f"The model `{name}` does not exist.")
         self._scheduler.add_request(stream.request_id, request, "request")
         self._live[stream.request_id] = _Live(stream, adapter_label, arrival_s)
 
@@ -248,9 +268,17 @@ class EngineLoop:
         if request_id in self._live:
             self._scheduler.abort_request(request_id)
 
-    def _do_load(self, name: str, folder: Path) -> None:
+    def _do_load(self, name: str, folder: Path, read: bool = False) -> None:
+        new = name not in self._engine.adapters
         self._engine.adapters.add(name, folder)
         self._removals.discard(name)  # loaded again (same files) before its old requests drained
+        if read:
+            try:
+                self._engine.adapters.prefetch(name)
+            except Exception:
+                if new:  # a file that cannot be read leaves nothing registered behind
+                    self._engine.adapters.remove(name)
+                raise
 
     def _do_unload(self, name: str) -> bool:
         if name not in self._engine.adapters:
@@ -258,6 +286,10 @@ class EngineLoop:
         self._removals.add(name)
         self._finish_removals()
         return name not in self._engine.adapters
+
+    def _do_release(self, name: str) -> None:
+        if name in self._engine.adapters:
+            self._do_unload(name)
 
     def _finish_removals(self) -> None:
         for name in list(self._removals):

@@ -42,6 +42,15 @@ class Tenants:
         return not self._keys
 
     @classmethod
+    def of(cls, api_key: str | None, api_keys: Path | None) -> Tenants:
+        """The tenants ``--api-key`` / ``--api-keys`` describe (an open server with neither)."""
+        if api_keys is not None:
+            return cls.load(api_keys)
+        if api_key is not None:
+            return cls.single(api_key)
+        return cls.none()
+
+    @classmethod
     def none(cls) -> Tenants:
         return cls({})
 

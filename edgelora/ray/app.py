@@ -1,0 +1,145 @@
+"""Build the Serve application (hub, replicas, ingress) and run it: ``edgelora serve --ray``.
+
+``build_app`` checks everything it can before Ray sees it (the export, the keys file, every
+``--lora-modules`` adapter against the model), so bad input fails in one line, not in a replica's
+log. ``app_builder`` is the import path for ``serve run`` / ``serve deploy`` config files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+
+from edgelora.errors import RuntimeFailure, UserInputError
+from edgelora.lora_manifest import LoraManifest
+from edgelora.model_spec import ModelSpec
+from edgelora.ray.options import RayOptions
+from edgelora.runtime.adapter_cache import check_adapter
+from edgelora.server import engine_settings, prepare_startup_adapters
+from edgelora.server.adapters import AdapterSources
+from edgelora.server.tenants import Tenants
+
+log = logging.getLogger(__name__)
+
+# Ray picks the machine's routable address for a local instance unless told this is a one-box
+# "cluster"; with it every Ray port binds 127.0.0.1.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def build_app(options: RayOptions):
+    """The Serve application: ``EdgeLoraIngress`` over ``EdgeLoraReplica`` x K and one ``AdapterHub``."""
+    from edgelora.ray.hub import AdapterHub
+    from edgelora.ray.ingress import EdgeLoraIngress
+    from edgelora.ray.replica import EdgeLoraReplica
+
+    options.validate()
+    served = options.serve
+    onnx_dir = served.check_onnx_dir()
+    Tenants.of(served.api_key, served.api_keys)  # a bad keys file fails here, not in the ingress
+    startup = prepare_startup_adapters(served, AdapterSources(onnx_dir, served.cache_dir, served.lora_root))
+    spec, manifest = ModelSpec.load(onnx_dir), LoraManifest.load(onnx_dir)
+    for name, folder in startup.items():
+        try:
+            check_adapter(folder, spec, manifest, served.max_lora_rank)
+        except UserInputError as exc:
+            raise type(exc)(f"--lora-modules {name}: {exc}") from exc
+    settings = engine_settings(served, {}, threads=options.threads, max_waiting=options.max_waiting)
+    settings.engine.validate()
+    settings.scheduler.validate()
+    adapters = {name: str(folder) for name, folder in startup.items()}
+    actor = {"num_cpus": options.threads}
+    if served.device == "cuda":
+        actor["num_gpus"] = 1
+    hub = AdapterHub.bind(adapters)
+    replicas = EdgeLoraReplica.options(
+        num_replicas=options.replicas, max_ongoing_requests=options.replica_ongoing, ray_actor_options=actor,
+        graceful_shutdown_timeout_s=served.shutdown_timeout_s).bind(settings, hub)
+    return EdgeLoraIngress.options(max_ongoing_requests=options.ingress_ongoing,
+                                   graceful_shutdown_timeout_s=served.shutdown_timeout_s
+                                   ).bind(served, adapters, replicas, hub)
+
+
+def app_builder(args: dict):
+    """``import_path: edgelora.ray:app_builder`` in a Serve config; ``args`` as ``edgelora serve``'s flags."""
+    return build_app(RayOptions.from_config(args))
+
+
+def run(options: RayOptions) -> None:
+    """Start (or join) Ray, deploy, serve until SIGTERM/SIGINT, then delete the application."""
+    options.validate()
+    served = options.serve
+    _check_port(served.host, served.port)
+    for name, value in {**QUIET_ENV, **(LOOPBACK_ENV if options.ray_address is None else {})}.items():
+        os.environ.setdefault(name, value)
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise UserInputError(f"edgelora serve --ray needs {exc.name}: pip install 'edgelora[ray]'") from exc
+
+    app = build_app(options)  # before Ray starts: bad input costs nothing
+    stop = threading.Event()
+    _init_ray(ray, options)
+    # After ray.init (Ray's core installs a SIGTERM handler that aborts the process), and kept
+    # through the teardown: a second SIGTERM must not cut the graceful stop short.
+    with _stop_on_signals(stop):
+        try:
+            serve.start(http_options={"host": served.host, "port": served.port})
+            try:
+                serve.run(app, name=options.app_name, route_prefix="/")
+            except RuntimeError as exc:
+                raise RuntimeFailure(f"the application did not start: {str(exc).strip().splitlines()[0]}") from exc
+            log.info("serving %s on http://%s:%d/v1 with %d replicas (Ray)", served.name, served.host, served.port,
+                     options.replicas)
+            while not stop.wait(0.5):
+                pass
+            log.info("stopping: deleting the application (running requests get up to %.0f s)",
+                     served.shutdown_timeout_s)
+            serve.delete(options.app_name)
+        finally:
+            if options.ray_address is None:
+                serve.shutdown()
+            ray.shutdown()
+
+
+def _init_ray(ray, options: RayOptions) -> None:
+    if options.ray_address is not None:
+        try:
+            ray.init(address=options.ray_address, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise UserInputError(f"--ray-address {options.ray_address}: cannot join the Ray cluster: "
+                                 f"{str(exc).strip().splitlines()[0]}") from exc
+        return
+    cpus = options.cpus or max(os.cpu_count() or 1, options.replicas * options.threads)
+    # address "local": always a new instance, never one found on this machine; GPUs: Ray counts them itself
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _check_port(host: str, port: int) -> None:
+    """A taken port fails now, in one line, before Ray starts (Serve's proxy binds it later)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UserInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event):
+    """SIGTERM and SIGINT set ``stop`` (main thread only; the previous handlers come back afterwards)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
