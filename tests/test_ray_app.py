@@ -141,6 +141,16 @@ def test_cli_errors_are_one_line_before_ray_starts(sample, capsys, argv, message
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
+def test_cuda_on_a_cpu_only_build_fails_before_ray_starts(sample, capsys):
+    from conftest import cuda_available
+
+    if cuda_available():
+        pytest.skip("this runtime has CUDA: the command would start serving")
+    code = main(["serve", "--ray", "--device", "cuda", "--onnx-dir", str(sample.onnx_dir), "--port", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--device cuda" in err and len(err.splitlines()) == 1, err
+
+
 def _one_replica(sample, *flags: str):
     """``edgelora serve --ray`` with one replica and its own local Ray instance (no --ray-address)."""
     return running_server("--ray", "--replicas", "1", *flags, "--onnx-dir", str(sample.onnx_dir),

@@ -83,8 +83,13 @@ def run(options: RayOptions) -> None:
         raise UserInputError(f"edgelora serve --ray needs {exc.name}: pip install 'edgelora[ray]'") from exc
 
     app = build_app(options)  # before Ray starts: bad input costs nothing
+    if served.device == "cuda" and options.ray_address is None:
+        from edgelora.runtime import native
+
+        native.require_device("cuda")  # the replicas run here: a CPU-only build fails now, not in each replica
     stop = threading.Event()
     _init_ray(ray, options)
+    _check_resources(ray, options)
     # After ray.init (Ray's core installs a SIGTERM handler that aborts the process), and kept
     # through the teardown: a second SIGTERM must not cut the graceful stop short.
     with _stop_on_signals(stop):
@@ -118,6 +123,24 @@ def _init_ray(ray, options: RayOptions) -> None:
     cpus = options.cpus or max(os.cpu_count() or 1, options.replicas * options.threads)
     # address "local": always a new instance, never one found on this machine; GPUs: Ray counts them itself
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _check_resources(ray, options: RayOptions) -> None:
+    """Replicas Ray cannot place would wait forever: refuse on a local instance, warn on a cluster
+    (an autoscaler may still add nodes)."""
+    available = ray.cluster_resources()
+    wanted = {"CPU": options.replicas * options.threads}
+    if options.serve.device == "cuda":
+        wanted["GPU"] = options.replicas
+    short = [f"{amount:g} {name} (Ray has {available.get(name, 0):g})" for name, amount in wanted.items()
+             if available.get(name, 0) < amount]
+    if not short:
+        return
+    message = (f"{options.replicas} replicas need " + ", ".join(short) + "; lower --replicas or --threads")
+    if options.ray_address is None:
+        ray.shutdown()
+        raise UserInputError(message)
+    log.warning("%s, or add nodes: until then Serve waits for them", message)
 
 
 def _check_port(host: str, port: int) -> None:
