@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -155,7 +156,7 @@ def _one_replica(sample, *flags: str):
     """``edgelora serve --ray`` with one replica and its own local Ray instance (no --ray-address)."""
     return running_server("--ray", "--replicas", "1", *flags, "--onnx-dir", str(sample.onnx_dir),
                           "--served-model-name", "tiny", "--lora-modules", f"a1={sample.processed['a1']}",
-                          timeout_s=300)
+                          f"a2={sample.processed['a2']}", timeout_s=300)
 
 
 def _answers(url: str, api_key: str = "none") -> None:
@@ -166,16 +167,38 @@ def _answers(url: str, api_key: str = "none") -> None:
     assert answer.usage.completion_tokens >= 1
 
 
-def test_serve_ray_on_its_own_local_instance(sample):
+def test_serve_ray_on_its_own_local_instance(sample, tmp_path):
     """No --ray-address: the command starts Ray itself (loopback), serves with the same keys as
-    edgelora serve, and SIGTERM stops it all (exit 0)."""
-    with _one_replica(sample, "--threads", "1", "--api-key", "sesame") as (url, process):
+    edgelora serve, and SIGTERM stops it all (exit 0).
+
+    Room for one adapter (``--max-cpu-loras 1``: Ray's multiplexer holds one model), and requests
+    on two at once: Ray evicts each adapter while its rows still decode and brings it back soon
+    after. Every answer must still equal offline infer, and the loads show the evictions happened.
+    """
+    from adapter_set import chat_requests, mismatches, offline_answers, send_all
+    from openai import OpenAI
+
+    adapters = {"a1": sample.processed["a1"], "a2": sample.processed["a2"]}
+    requests = chat_requests(list(adapters), 12, max_tokens=(30, 60), seed=3, tag="evict ")
+    offline = offline_answers(sample, adapters, requests, tmp_path)
+    with _one_replica(sample, "--threads", "1", "--api-key", "sesame", "--max-loras", "1",
+                      "--max-cpu-loras", "1") as (url, process):
         _answers(url, "sesame")
+        client = OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0, timeout=120)
+        results, errors = send_all(client, requests, "tiny", stagger_s=0.05)
+        assert not errors, errors
+        found = mismatches(requests, results, offline)
+        assert not found, "\n".join(found)
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
         assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
         assert httpx.get(f"{url}/metrics", timeout=10).status_code == 401
+        time.sleep(1.5)  # the replica's next report
         metrics = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer sesame"}, timeout=10)
-        assert metrics.status_code == 200 and "edgelora_replica_adapter_loads_total{replica=" in metrics.text
+        assert metrics.status_code == 200
+        loads = [sample.value for family in text_string_to_metric_families(metrics.text)
+                 for sample in family.samples if sample.name == "edgelora_replica_adapter_loads_total"]
+        print(f"adapter loads with room for one adapter, requests on two: {loads}")
+        assert len(loads) == 1 and loads[0] >= 3, loads  # a1, a2, and at least one adapter again
         process.send_signal(signal.SIGTERM)
         try:
             assert process.wait(timeout=120) == 0

@@ -73,22 +73,26 @@ def run(options: RayOptions) -> None:
     """Start (or join) Ray, deploy, serve until SIGTERM/SIGINT, then delete the application."""
     options.validate()
     served = options.serve
-    _check_port(served.host, served.port)
-    for name, value in {**QUIET_ENV, **(LOOPBACK_ENV if options.ray_address is None else {})}.items():
-        os.environ.setdefault(name, value)
+    # The port stays bound until Ray has started: a taken one fails now, and Ray's own ports
+    # (picked in ray.init) can never be this one. Serve's proxy binds it after.
+    port = _reserve_port(served.host, served.port)
     try:
-        import ray
-        from ray import serve
-    except ImportError as exc:
-        raise UserInputError(f"edgelora serve --ray needs {exc.name}: pip install 'edgelora[ray]'") from exc
+        for name, value in {**QUIET_ENV, **(LOOPBACK_ENV if options.ray_address is None else {})}.items():
+            os.environ.setdefault(name, value)
+        try:
+            import ray
+            from ray import serve
+        except ImportError as exc:
+            raise UserInputError(f"edgelora serve --ray needs {exc.name}: pip install 'edgelora[ray]'") from exc
+        app = build_app(options)  # before Ray starts: bad input costs nothing
+        if served.device == "cuda" and options.ray_address is None:
+            from edgelora.runtime import native
 
-    app = build_app(options)  # before Ray starts: bad input costs nothing
-    if served.device == "cuda" and options.ray_address is None:
-        from edgelora.runtime import native
-
-        native.require_device("cuda")  # the replicas run here: a CPU-only build fails now, not in each replica
+            native.require_device("cuda")  # the replicas run here: a CPU-only build fails now, not in each one
+        _init_ray(ray, options)
+    finally:
+        port.close()
     stop = threading.Event()
-    _init_ray(ray, options)
     _check_resources(ray, options)
     # After ray.init (Ray's core installs a SIGTERM handler that aborts the process), and kept
     # through the teardown: a second SIGTERM must not cut the graceful stop short.
@@ -143,15 +147,17 @@ def _check_resources(ray, options: RayOptions) -> None:
     log.warning("%s, or add nodes: until then Serve waits for them", message)
 
 
-def _check_port(host: str, port: int) -> None:
-    """A taken port fails now, in one line, before Ray starts (Serve's proxy binds it later)."""
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind the port now: a taken one fails in one line before Ray starts (the caller closes it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise UserInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock
 
 
 @contextlib.contextmanager
