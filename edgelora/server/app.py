@@ -244,7 +244,7 @@ def create_app(state: AppState) -> FastAPI:
         elif isinstance(exc, QueueFull):
             error = ApiError(503, str(exc), code="queue_full")
         elif isinstance(exc, RequestInterrupted):
-            error = ApiError(503, str(exc), code="replica_lost")
+            error = _stream_error(exc)
         elif isinstance(exc, UnknownAdapter):
             error = ApiError(404, str(exc), "model", "model_not_found")
         elif isinstance(exc, UserInputError):
