@@ -72,6 +72,19 @@ def test_config_file_builds_the_application(sample, tmp_path):
     assert set(adapters) == {"a1", "a2"} and Path(adapters["a2"]).parent == tmp_path / "cache"
 
 
+def test_relative_paths_are_made_absolute_where_the_app_is_built(sample, monkeypatch):
+    """Replicas run in other processes (other nodes, another cwd): they get absolute paths."""
+    from edgelora.ray import app_builder
+
+    monkeypatch.chdir(sample.onnx_dir.parent)
+    relative = sample.processed["a1"].relative_to(sample.onnx_dir.parent)
+    deployments = _deployments(app_builder({"onnx_dir": sample.onnx_dir.name, "lora_modules": [f"a1={relative}"]}))
+    _, (settings, _) = deployments["EdgeLoraReplica"]
+    _, (served, adapters, _, _) = deployments["EdgeLoraIngress"]
+    assert settings.onnx_dir == sample.onnx_dir and served.onnx_dir.is_absolute()
+    assert Path(adapters["a1"]) == sample.processed["a1"]
+
+
 def test_cuda_replicas_ask_ray_for_a_gpu_each(sample):
     from edgelora.ray import RayOptions, build_app
 

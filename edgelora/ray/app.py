@@ -8,18 +8,20 @@ log. ``app_builder`` is the import path for ``serve run`` / ``serve deploy`` con
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import socket
 import threading
+from pathlib import Path
 
 from edgelora.errors import RuntimeFailure, UserInputError
 from edgelora.lora_manifest import LoraManifest
 from edgelora.model_spec import ModelSpec
 from edgelora.ray.options import RayOptions
 from edgelora.runtime.adapter_cache import check_adapter
-from edgelora.server import engine_settings, prepare_startup_adapters
+from edgelora.server import ServeOptions, engine_settings, prepare_startup_adapters
 from edgelora.server.adapters import AdapterSources
 from edgelora.server.tenants import Tenants
 
@@ -38,7 +40,7 @@ def build_app(options: RayOptions):
     from edgelora.ray.replica import EdgeLoraReplica
 
     options.validate()
-    served = options.serve
+    served = _absolute(options.serve)  # replicas on other nodes (or another cwd) read the same paths
     onnx_dir = served.check_onnx_dir()
     Tenants.of(served.api_key, served.api_keys)  # a bad keys file fails here, not in the ingress
     startup = prepare_startup_adapters(served, AdapterSources(onnx_dir, served.cache_dir, served.lora_root))
@@ -62,6 +64,17 @@ def build_app(options: RayOptions):
     return EdgeLoraIngress.options(max_ongoing_requests=options.ingress_ongoing,
                                    graceful_shutdown_timeout_s=served.shutdown_timeout_s
                                    ).bind(served, adapters, replicas, hub)
+
+
+def _absolute(served: ServeOptions) -> ServeOptions:
+    """The options with every path made absolute where the application is built."""
+    def absolute(path):
+        return None if path is None else Path(path).expanduser().absolute()
+
+    return dataclasses.replace(
+        served, onnx_dir=absolute(served.onnx_dir), api_keys=absolute(served.api_keys),
+        lora_root=absolute(served.lora_root), lora_cache_dir=absolute(served.lora_cache_dir),
+        lora_modules={name: absolute(path) for name, path in served.lora_modules.items()})
 
 
 def app_builder(args: dict):
