@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import threading
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from edgelora.lora_manifest import LoraManifest
 from edgelora.model_spec import ModelSpec
 from edgelora.ray.options import RayOptions
 from edgelora.runtime.adapter_cache import check_adapter
-from edgelora.server import ServeOptions, engine_settings, prepare_startup_adapters
+from edgelora.server import ServeOptions, bind_port, engine_settings, prepare_startup_adapters
 from edgelora.server.adapters import AdapterSources
 from edgelora.server.tenants import Tenants
 
@@ -88,7 +87,7 @@ def run(options: RayOptions) -> None:
     served = options.serve
     # The port stays bound until Ray has started: a taken one fails now, and Ray's own ports
     # (picked in ray.init) can never be this one. Serve's proxy binds it after.
-    port = _reserve_port(served.host, served.port)
+    port = bind_port(served.host, served.port)
     try:
         for name, value in {**QUIET_ENV, **(LOOPBACK_ENV if options.ray_address is None else {})}.items():
             os.environ.setdefault(name, value)
@@ -158,19 +157,6 @@ def _check_resources(ray, options: RayOptions) -> None:
         ray.shutdown()
         raise UserInputError(message)
     log.warning("%s, or add nodes: until then Serve waits for them", message)
-
-
-def _reserve_port(host: str, port: int) -> socket.socket:
-    """Bind the port now: a taken one fails in one line before Ray starts (the caller closes it)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise UserInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    return sock
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from edgelora.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ServeOptions", "prepare_startup_adapters", "serve"]
+__all__ = ["ServeOptions", "bind_port", "engine_settings", "prepare_startup_adapters", "serve"]
 
 
 @dataclass
@@ -116,7 +116,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def bind_port(host: str, port: int) -> socket.socket:
     """Bind the port before the model loads, so a taken port fails at once with one line."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
@@ -153,7 +153,7 @@ def serve(options: ServeOptions) -> None:
     if tenants.open and not _is_loopback(options.host):
         log.warning("listening on %s with no API key: anyone who can reach it may use it "
                     "(give --api-key or --api-keys)", options.host)
-    sock = _listen(options.host, options.port)
+    sock = bind_port(options.host, options.port)
     try:
         sources = AdapterSources(onnx_dir, options.cache_dir, options.lora_root)
         startup = prepare_startup_adapters(options, sources)
