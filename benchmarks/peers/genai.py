@@ -42,11 +42,12 @@ import numpy as np
 from peer_input import (
     Column,
     InputError,
-    OneLineParser,
     RunError,
     Workload,
+    check_peer_args,
     load_workload,
     parse_adapters,
+    peer_parser,
     read_hf_config,
 )
 
@@ -58,21 +59,11 @@ LORA_MARKERS = ("/lora_A/", "/lora_B/")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; values are checked further by the loaders."""
-    parser = OneLineParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", type=Path, required=True, help="workload JSON")
-    parser.add_argument("--hf-dir", type=Path, required=True, help="Hugging Face model folder")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PEFT_DIR", help="a PEFT adapter")
+    parser = peer_parser(__doc__.splitlines()[0])
     parser.add_argument("--precision", choices=("fp32", "int4"), required=True)
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--work-dir", type=Path, required=True, help="where built models are cached")
-    parser.add_argument("--out", type=Path, required=True, help="result JSON")
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.threads < 1:
-        raise InputError("--rounds and --threads must be at least 1")
-    if not (args.hf_dir / "config.json").is_file():
-        raise InputError(f"--hf-dir {args.hf_dir}: no config.json there")
-    return args
+    return check_peer_args(parser.parse_args(argv))
 
 
 def check_equal_prompt_lengths(workload: Workload) -> None:

@@ -70,11 +70,12 @@ import httpx
 from peer_input import (
     Column,
     InputError,
-    OneLineParser,
     RunError,
     Workload,
+    check_peer_args,
     load_workload,
     parse_adapters,
+    peer_parser,
     read_hf_config,
 )
 
@@ -133,24 +134,14 @@ class RowResult:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; folders and the workload are checked by the loaders."""
-    parser = OneLineParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", type=Path, required=True, help="workload JSON")
+    parser = peer_parser(__doc__.splitlines()[0])
     parser.add_argument("--llama-dir", type=Path, required=True, help="prefix given to build_llama_cpp.sh")
-    parser.add_argument("--hf-dir", type=Path, required=True, help="Hugging Face model folder")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PEFT_DIR", help="a PEFT adapter")
     parser.add_argument("--quant", choices=("f32", "q4_0"), required=True)
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="llama-server -t and -tb (default 2)")
     parser.add_argument("--work-dir", type=Path, required=True, help="where GGUF files and logs are cached")
-    parser.add_argument("--out", type=Path, required=True, help="result JSON")
     parser.add_argument("--request-per-row", action="store_true",
                         help="one request per row instead of one per adapter group")
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.threads < 1:
-        raise InputError("--rounds and --threads must be at least 1")
-    if not (args.hf_dir / "config.json").is_file():
-        raise InputError(f"--hf-dir {args.hf_dir}: no config.json there")
-    return args
+    return check_peer_args(parser.parse_args(argv))
 
 
 def find_tools(prefix: Path) -> Tools:

@@ -46,6 +46,26 @@ class Workload:
     columns: tuple[Column, ...]
 
 
+def peer_parser(description: str) -> OneLineParser:
+    """The arguments every peer runner takes; each adds its own, then calls ``check_peer_args``."""
+    parser = OneLineParser(description=description)
+    parser.add_argument("--workload", type=Path, required=True, help="workload JSON")
+    parser.add_argument("--hf-dir", type=Path, required=True, help="Hugging Face model folder")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PEFT_DIR", help="a PEFT adapter")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--out", type=Path, required=True, help="result JSON")
+    return parser
+
+
+def check_peer_args(args: argparse.Namespace) -> argparse.Namespace:
+    """What every runner refuses before it builds anything (``threads``: its own flag)."""
+    if args.rounds < 1 or args.threads < 1:
+        raise InputError("--rounds and --threads must be at least 1")
+    if not (args.hf_dir / "config.json").is_file():
+        raise InputError(f"--hf-dir {args.hf_dir}: no config.json there")
+    return args
+
+
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     """The model's config.json: its vocabulary size and positions bound the workload."""
     try:
