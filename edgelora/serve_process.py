@@ -39,13 +39,19 @@ def running_server(*args: str, timeout_s: float = 120.0) -> Iterator[tuple[str, 
         try:
             yield _wait_healthy(f"http://{HOST}:{port}", process, log, timeout_s), process
         finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process, 60.0)
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float) -> None:
+    """Terminate (SIGTERM: a graceful stop), then kill if it has not exited after ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, log, timeout_s: float) -> str:

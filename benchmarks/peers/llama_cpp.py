@@ -79,7 +79,7 @@ from peer_input import (
     read_hf_config,
 )
 
-from edgelora.serve_process import free_port  # the loopback port probe edgelora serve's launcher uses
+from edgelora.serve_process import free_port, stop_process  # what edgelora serve's launcher uses
 
 HOST = "127.0.0.1"  # the server listens here only
 PRE_TOKENIZER_MARKER = "llama_cpp_peer: unrecognized BPE pre-tokenizer"
@@ -316,14 +316,7 @@ def wait_healthy(process: subprocess.Popen[bytes], client: httpx.Client, log: Pa
 
 def stop_server(process: subprocess.Popen[bytes]) -> None:
     """Terminate, then kill if it has not exited after 10 s."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop_process(process, 10.0)
 
 
 def peak_rss_mb(pid: int) -> float | None:
