@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edgelora import contract
 from edgelora.errors import UserInputError
+from edgelora.processed_adapter import resolve_adapter_path
 from edgelora.runtime.engine import Engine, EngineConfig
 from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig, sampling_problems
 from edgelora.runtime.tokenizer import ChatTokenizer
@@ -145,8 +146,17 @@ class LLM:
             self.engine.adapters.add(Path(path).name, Path(path))
 
     def add_lora(self, request: LoRARequest) -> None:
-        """Register (validate) an adapter ahead of use."""
+        """Register (validate) an adapter ahead of use; files that changed since make a new version of the name."""
         self.engine.adapters.add(request.lora_name, Path(request.lora_path))
+
+    def _use_lora(self, request: LoRARequest) -> None:
+        """Register the adapter unless its name already stands for that path (``add_lora`` re-reads the files)."""
+        adapters = self.engine.adapters
+        if request.lora_name in adapters:
+            _, weights = resolve_adapter_path(Path(request.lora_path))
+            if adapters.get(request.lora_name).weights.resolve() == weights.resolve():
+                return
+        self.add_lora(request)
 
     def _prompt_ids(self, prompt: Prompt, where: str) -> list[int]:
         if isinstance(prompt, str):
@@ -178,11 +188,16 @@ class LLM:
         if len(params) != count or len(requests) != count or len(labels) != count:
             raise UserInputError(f"{count} prompts but {len(params)} sampling params and {len(requests)} LoRA requests")
         rows = []
+        paths: dict[str, Path] = {}
         for prompt, param, request, where in zip(prompts, params, requests, labels):
             param.validate(where)
             if request is not None:
+                path = Path(request.lora_path).resolve()
+                if paths.setdefault(request.lora_name, path) != path:
+                    raise UserInputError(f"{where}: adapter {request.lora_name!r} names {request.lora_path}, but an "
+                                         f"earlier prompt of this call names {paths[request.lora_name]}")
                 try:
-                    self.add_lora(request)
+                    self._use_lora(request)
                 except UserInputError as exc:
                     raise type(exc)(f"{where} (adapter {request.lora_name!r}): {exc}") from exc
             rows.append(GenerationRequest(

@@ -415,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the edge: never show a traceback unless asked
         if os.environ.get("EDGELORA_DEBUG"):
             raise
+        if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] != "edgelora":
+            from edgelora.dependencies import install_hint  # an optional dependency this command needs
+
+            print(f"edgelora {args.command}: error: this command needs the module {exc.name!r}, which is not "
+                  f"installed: {install_hint(exc.name)}", file=sys.stderr)
+            return UserInputError.exit_code
         message = str(exc).splitlines()[0] if str(exc) else ""
         print(f"edgelora {args.command}: internal error: {type(exc).__name__}: {message} "
               "(set EDGELORA_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -6,6 +6,7 @@ checks exist once, and the runtime never imports the processing stage (or torch)
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,12 +58,21 @@ class ProcessedAdapterConfig:
         if not path.is_file():
             raise AdapterError(f"{directory}: no {contract.PROCESSED_CONFIG}; run 'edgelora process-lora' on the adapter")
         try:
-            raw = json.loads(path.read_text())
-            if raw.get("format") != PROCESSED_FORMAT:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise AdapterError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+        return cls.parse(data, path)
+
+    @classmethod
+    def parse(cls, data: bytes, path: Path) -> ProcessedAdapterConfig:
+        """The config from the bytes of ``path`` (named in errors)."""
+        try:
+            raw = json.loads(data)
+            if not isinstance(raw, dict) or raw.get("format") != PROCESSED_FORMAT:
                 raise ValueError("not written by 'edgelora process-lora'")
             raw.pop("format")
             return cls(**raw)
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             raise AdapterError(f"{path}: malformed processed-adapter config: {exc}") from exc
 
     def check_fits(self, spec: ModelSpec, manifest: LoraManifest | None, where: str,
@@ -86,16 +96,10 @@ class ProcessedAdapterConfig:
                                    f"{', '.join(manifest.target_modules)}; rerun insert-lora with those modules")
 
 
-def check_processed_weights(weights: Path, config: ProcessedAdapterConfig, manifest: LoraManifest, where: str) -> None:
-    """Read the safetensors header (no data) and check every tensor against the LoRA graph's inputs."""
-    from safetensors import SafetensorError, safe_open
-
+def check_processed_tensors(shapes: dict[str, list[int]], config: ProcessedAdapterConfig, manifest: LoraManifest,
+                            where: str) -> None:
+    """Check every tensor's name and shape against the LoRA graph's inputs."""
     sites = manifest.sites_by_name()
-    try:
-        with safe_open(str(weights), framework="numpy") as handle:
-            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except (OSError, SafetensorError) as exc:
-        raise AdapterError(f"{where}: unreadable {contract.PROCESSED_ADAPTER} ({exc})") from exc
     if not shapes:
         raise AdapterError(f"{where}: {contract.PROCESSED_ADAPTER} holds no tensors")
     for name, shape in shapes.items():
@@ -111,12 +115,72 @@ def check_processed_weights(weights: Path, config: ProcessedAdapterConfig, manif
             raise AdapterError(f"{where}: {name} has no matching {site.b_name if name == site.a_name else site.a_name}")
 
 
-def read_processed_tensors(weights: Path, where: str) -> dict[str, np.ndarray]:
-    """Every tensor of a processed adapter file (float16, bfloat16 via ml_dtypes, or float32)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def parse_processed_tensors(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """Every tensor of a processed adapter file's bytes (float16, bfloat16 via ml_dtypes, or float32).
 
+    From bytes already read (not the path), so the tensors are exactly the bytes that were hashed.
+    """
+    import ml_dtypes
+    from safetensors import SafetensorError, deserialize
+
+    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
     try:
-        return load_file(str(weights))
-    except (OSError, SafetensorError, ValueError, TypeError) as exc:
+        views = deserialize(data)
+    except (SafetensorError, ValueError, TypeError) as exc:
         raise AdapterError(f"{where}: unreadable {contract.PROCESSED_ADAPTER} ({exc})") from exc
+    tensors = {}
+    for name, view in views:
+        dtype = dtypes.get(view["dtype"])
+        if dtype is None:
+            raise AdapterError(f"{where}: tensor {name} is {view['dtype']}; processed adapters are F16, BF16 or F32")
+        tensors[name] = np.frombuffer(view["data"], dtype=dtype).reshape(view["shape"])
+    return tensors
+
+
+@dataclass(frozen=True)
+class ProcessedAdapterFiles:
+    """A processed adapter's two files as read at one moment, and the version their bytes make.
+
+    The version is a content digest, not file stamps: a copy that keeps modification times
+    (``cp -p``, rsync, tar, object-store syncs) or a retrain written within the clock's
+    granularity changes the bytes but not the stamps. Every read reads the whole file anyway, so
+    hashing what was read costs little and proves that the bytes parsed are the bytes registered.
+    """
+
+    folder: Path
+    weights: Path
+    config_bytes: bytes
+    weights_bytes: bytes
+
+    @property
+    def version(self) -> str:
+        return content_version(self.config_bytes, self.weights_bytes)
+
+    @classmethod
+    def read(cls, path: Path) -> ProcessedAdapterFiles:
+        folder, weights = resolve_adapter_path(path)
+        config_path = folder / contract.PROCESSED_CONFIG
+        if not config_path.is_file():
+            raise AdapterError(f"{folder}: no {contract.PROCESSED_CONFIG}; run 'edgelora process-lora' on the adapter")
+        try:
+            return cls(folder, weights, config_path.read_bytes(), weights.read_bytes())
+        except OSError as exc:
+            raise AdapterError(f"{path}: cannot read the adapter ({exc.strerror or exc})") from exc
+
+    def config(self) -> ProcessedAdapterConfig:
+        return ProcessedAdapterConfig.parse(self.config_bytes, self.folder / contract.PROCESSED_CONFIG)
+
+    def tensors(self, where: str) -> dict[str, np.ndarray]:
+        return parse_processed_tensors(self.weights_bytes, where)
+
+
+VERSION_HEX = 16  # 64 bits of sha256: unique across any one adapter's history of versions
+
+
+def content_version(*parts: bytes) -> str:
+    """A short sha256 hex digest of byte strings, each framed by its length (no two splits collide)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()[:VERSION_HEX]

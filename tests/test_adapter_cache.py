@@ -79,14 +79,16 @@ def test_lifecycle_state_table(qwen2):
     assert cache.stats.host_hits >= 1, "a3 came from its host-ready copy"
 
     cache.pin("a1", False)
-    with pytest.raises(EdgeLoraError, match="in use"):
-        held = cache.acquire(["a1"])
-        cache.remove("a1")
-    cache.release(["a1"])
-    cache.remove("a1")
-    assert (cache.names(), cache.slot_table()) == (["a2", "a3"], {2: "a3"})
+    ref = cache.current("a1")
+    cache.acquire([ref])  # a running batch holds a1's version
+    assert cache.remove("a1") is False, "held by a batch: removal waits for it"
+    assert "a1" not in cache and cache.names() == ["a2", "a3"]
+    assert cache.slot_table() == {1: str(ref), 2: "a3"}, "the held version keeps its slot, shown as name@version"
     with pytest.raises(UserInputError, match="unknown adapter 'a1'"):
         cache.activate("a1")
+    cache.release([ref])
+    assert (cache.slot_table(), ref in cache.versions()) == ({2: "a3"}, False), "freed with the last reference"
+    assert cache.remove("a3") is True, "nothing holds a3: gone at once"
 
 
 def test_acquire_never_evicts_what_the_same_batch_holds(qwen2):
@@ -99,12 +101,100 @@ def test_acquire_never_evicts_what_the_same_batch_holds(qwen2):
     assert cache.get("a1").references == 1 and cache.get("a2").references == 1, "a refused acquire holds nothing more"
 
 
-def test_name_registered_for_another_path_is_refused(qwen2):
+# -- versions: a name points at the digest of its files' bytes ----------------------------------
+
+
+def _slot_matches(cache: AdapterCache, exported, slot: int, source: str) -> bool:
+    """Slot ``slot`` holds the A^T of processed adapter ``source`` at its first targeted site."""
+    tensors = load_file(str(exported.processed[source] / contract.PROCESSED_ADAPTER))
+    index, site = next((i, s) for i, s in enumerate(exported.manifest.sites) if s.a_name in tensors)
+    a = tensors[site.a_name]
+    return bool(np.array_equal(cache._pool.a_view(index, slot, slot)[: a.shape[1]], a.T.astype(np.float32)))
+
+
+def _replace_files(folder: Path, source: Path) -> None:
+    """Overwrite an adapter folder's files in place (a retrained adapter shipped to the same path)."""
+    for name in (contract.PROCESSED_ADAPTER, contract.PROCESSED_CONFIG):
+        shutil.copy(source / name, folder / name)
+
+
+def test_same_bytes_again_are_the_same_version(qwen2, tmp_path):
+    shutil.copytree(qwen2.processed["a1"], tmp_path / "copy")
     cache = _cache(qwen2)
-    cache.add("a1", qwen2.processed["a1"])
-    cache.add("a1", qwen2.processed["a1"] / contract.PROCESSED_ADAPTER)  # the same file: fine
-    with pytest.raises(UserInputError, match="already registered"):
-        cache.add("a1", qwen2.processed["a2"])
+    first = cache.add("a1", qwen2.processed["a1"])
+    assert cache.add("a1", qwen2.processed["a1"] / contract.PROCESSED_ADAPTER) is first
+    assert cache.add("a1", tmp_path / "copy") is first, "a copy of the same bytes is the same version"
+    assert cache.versions() == [first.ref] and len(first.version) == 16
+
+
+def test_new_files_under_a_name_serve_new_holders_while_old_holders_finish(qwen2):
+    """add v1 -> a request holds it in a slot -> add v2 under the name -> both in slots -> v1 freed on release."""
+    cache = _cache(qwen2)
+    cache.add("cust", qwen2.processed["a1"])
+    old = cache.hold("cust")  # a running request on v1
+    cache.acquire([old])
+    assert cache.slot_table() == {1: "cust"}
+    new = cache.add("cust", qwen2.processed["a2"]).ref
+    assert new != old and cache.current("cust") == new and cache.get(old).retired
+    assert cache.hold("cust") == new, "a request from now on gets the new version"
+    assert cache.acquire([new]) == {new: 2}
+    assert cache.slot_table() == {1: str(old), 2: "cust"}
+    assert _slot_matches(cache, qwen2, 1, "a1") and _slot_matches(cache, qwen2, 2, "a2")
+    cache.release([old])
+    assert old in cache.versions(), "the request still holds v1 (it may run another step)"
+    cache.unhold(old)
+    assert cache.versions() == [new] and cache.slot_table() == {2: "cust"} and cache.host_ready() == ["cust"]
+
+
+def test_reloading_retired_bytes_while_held_makes_them_current_again(qwen2):
+    cache = _cache(qwen2)
+    v1 = cache.add("cust", qwen2.processed["a1"]).ref
+    cache.hold(v1)
+    cache.add("cust", qwen2.processed["a2"])
+    assert cache.add("cust", qwen2.processed["a1"]).ref == v1 and not cache.get(v1).retired
+    cache.unhold(v1)
+    assert cache.current("cust") == v1 and v1 in cache.versions(), "current again: not freed"
+
+
+def test_files_replaced_in_place_and_loaded_again_are_a_new_version(qwen2, tmp_path):
+    folder = tmp_path / "cust"
+    shutil.copytree(qwen2.processed["a1"], folder)
+    cache = _cache(qwen2)
+    old = cache.add("cust", folder).ref
+    cache.hold(old)
+    cache.activate(old)
+    _replace_files(folder, qwen2.processed["a2"])
+    new = cache.add("cust", folder).ref
+    assert new != old
+    slot = cache.activate("cust")
+    assert slot != cache.slot_of(old) and _slot_matches(cache, qwen2, slot, "a2"), "no tier serves v1's bytes for v2"
+    assert _slot_matches(cache, qwen2, cache.slot_of(old), "a1"), "the holder of v1 still reads v1"
+
+
+def test_files_changed_on_disk_without_a_load_are_never_read_as_the_registered_version(qwen2, tmp_path):
+    folder = tmp_path / "cust"
+    shutil.copytree(qwen2.processed["a1"], folder)
+    cache = _cache(qwen2, max_loras=1)
+    ref = cache.add("cust", folder).ref
+    cache.prefetch("cust")
+    _replace_files(folder, qwen2.processed["a2"])
+    assert cache.activate("cust") == 1 and _slot_matches(cache, qwen2, 1, "a1"), "the valid host copy serves it"
+    cache.deactivate("cust")
+    cache.forget_host_copy("cust")
+    with pytest.raises(AdapterError, match="adapter files changed on disk since it was loaded.*load it again"):
+        cache.activate("cust")
+    assert (cache.slot_table(), cache.host_ready(), cache.current("cust")) == ({}, [], ref), "nothing half-loaded"
+    assert cache.add("cust", folder).ref != ref and cache.activate("cust") == 1 and _slot_matches(cache, qwen2, 1, "a2")
+
+
+def test_a_load_that_expects_another_version_changes_nothing(qwen2):
+    ref = _cache(qwen2).add("cust", qwen2.processed["a1"]).ref  # the version an ingress checked
+    replica = _cache(qwen2)  # another engine, loading what the ingress checked, but the files are others now
+    with pytest.raises(AdapterError, match="changed on disk since they were checked"):
+        replica.add("cust", qwen2.processed["a2"], version=ref.version)
+    assert replica.versions() == [] and "cust" not in replica
+    assert replica.add("cust", qwen2.processed["a1"], version=ref.version, read=True).ref == ref
+    assert replica.host_ready() == ["cust"] and replica.stats.host_misses == 0, "read=True keeps the bytes it checked"
 
 
 def test_generate_over_more_adapters_than_both_levels(qwen2, tmp_path):
@@ -185,7 +275,7 @@ def test_file_damaged_after_registration_fails_activation_cleanly(qwen2, tmp_pat
     cache.add("later", folder)
     weights = folder / contract.PROCESSED_ADAPTER
     weights.write_bytes(weights.read_bytes()[:200])
-    with pytest.raises(AdapterError, match="unreadable"):
+    with pytest.raises(AdapterError, match="changed on disk"):
         cache.activate("later")
     assert cache.slot_table() == {} and cache.host_ready() == []
 

@@ -264,3 +264,39 @@ def test_move_row_packs_and_clears_what_the_target_held(qwen2):
     cache.clear_rows([2])
     for buffer in cache.host_buffers():
         assert (buffer[2] == 0).all()
+
+
+# -- adapter versions -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_loras", [3, 1])
+def test_a_new_version_serves_requests_added_after_it_while_running_rows_finish_on_theirs(qwen2, max_loras):
+    """cust = a1's bytes; a request runs; cust gets a2's bytes; a second request: each equals its version alone.
+
+    With one slot the new version waits for the old one's rows, like any request waiting for a slot.
+    """
+    engine = _engine(qwen2, max_loras=max_loras)
+    engine.adapters.add("cust", qwen2.processed["a1"])
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=4))
+    outputs: dict[str, list[int]] = {"old": [], "new": []}
+    finished_at: dict[str, int] = {}
+    scheduler.add_request("old", _request(1, "cust", 24))
+    old_version = engine.adapters.current("cust")
+    for step in range(200):
+        if step == 3:
+            engine.adapters.add("cust", qwen2.processed["a2"])
+            scheduler.add_request("new", _request(2, "cust", 8))
+        if step > 3 and not scheduler.has_unfinished_requests():
+            break
+        for update in scheduler.step():
+            outputs[update.request_id] += update.new_token_ids
+            if update.finished:
+                finished_at[update.request_id] = step
+    assert outputs["old"] == _alone(qwen2, _request(1, "a1", 24))
+    assert outputs["new"] == _alone(qwen2, _request(2, "a2", 8))
+    if max_loras == 1:
+        assert finished_at["new"] > finished_at["old"] + 1, "v2 waited for v1's slot"
+    else:
+        assert finished_at["new"] < finished_at["old"], "v2 ran beside v1"
+    assert old_version not in engine.adapters.versions(), "v1 freed with its last row"
+    assert engine.adapters.get("cust").requests == 0

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from hot_swap import HOWS, copy_adapter, greedy_ids, swap_during_stream
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import free_port, running_server
 
@@ -31,7 +32,7 @@ from edgelora.runtime.tokenizer import ChatTokenizer
 
 SERVED = "tiny"
 PROMPT = "The quick brown fox"
-MODEL_LEN = 640  # --max-model-len of the main server fixture (its longest request: 600 tokens)
+MODEL_LEN = 2048  # --max-model-len of the main server fixture: its longest requests outlive a few HTTP round trips
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 # Characters outside the tokenizer's training text: each is several byte-level tokens.
 MULTIBYTE_PROMPTS = ["Say ж and 🙂 please", "Ж🙂ж", "Translate to German: ж good morning 🙂"]
@@ -436,9 +437,90 @@ def test_bad_adapter_is_400_and_the_server_keeps_serving(server, client, folder,
     assert client.completions.create(model="a1", prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
 
 
-def test_adapter_names_are_refused_twice_or_as_the_base(server):
-    _assert_error_shape(_post(server, "/load_lora_adapter", {"lora_name": "a1", "lora_path": "d1"}), 400)
+def test_the_base_models_name_is_refused_as_an_adapter_name(server):
     _assert_error_shape(_post(server, "/load_lora_adapter", {"lora_name": SERVED, "lora_path": "d1"}), 400)
+    _assert_error_shape(_post(server, "/load_lora_adapter", {"lora_name": f"{SERVED}:x", "lora_path": "d1"}), 400)
+
+
+def test_loading_a_name_again_with_the_same_bytes_changes_nothing(server, client, offline, sample):
+    """d1 is a copy of a1's processed files: the same version, so the load is a no-op that says so."""
+    response = _post(server, "/load_lora_adapter", {"lora_name": "a1", "lora_path": "d1"})
+    assert response.status_code == 200 and "already loaded with these files" in response.text, response.text
+    answer = client.completions.create(model="a1", prompt=PROMPT, max_tokens=8, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    assert _ids(answer.choices[0]) == _greedy(offline, sample, PROMPT, "a1", 8).token_ids
+
+
+# -- adapter versions: a name's new files serve new requests; running streams finish on theirs ------------------
+def _expected_ids(offline: LLM, sample):
+    """(adapter folder, max tokens) -> offline greedy ids for PROMPT; PEFT folders map to their processed copy."""
+    processed = {**{path: path for path in sample.processed.values()},
+                 **{sample.adapters[name]: sample.processed[name] for name in sample.adapters}}
+
+    def expected(folder: Path, max_tokens: int) -> list[int]:
+        folder = processed[folder]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return offline.generate(PROMPT, params, LoRARequest(folder.name, 1, str(folder)))[0].token_ids
+
+    return expected
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_a_new_version_serves_new_requests_while_the_stream_on_the_old_one_finishes(server, offline, sample,
+                                                                                    lora_root, how):
+    swap_during_stream(server.url, lora_root, f"cust_{how}", how, sample.processed["a1"], sample.processed["a2"],
+                       PROMPT, _expected_ids(offline, sample))
+
+
+def test_a_peft_folder_rewritten_in_place_is_processed_again(server, offline, sample, lora_root):
+    """The server's processed-adapter cache is keyed by the PEFT files' bytes: no stale processed copy."""
+    swap_during_stream(server.url, lora_root, "peft_cust", "files_replaced_in_place", sample.adapters["a1"],
+                       sample.adapters["a2"], PROMPT, _expected_ids(offline, sample))
+
+
+def test_files_changed_on_disk_without_a_load_keep_serving_the_registered_version(server, offline, sample,
+                                                                                    lora_root):
+    folder = copy_adapter(sample.processed["a1"], lora_root / "drift")
+    assert _post(server, "/load_lora_adapter", {"lora_name": "drift", "lora_path": "drift"}).status_code == 200
+    expected = _expected_ids(offline, sample)
+    assert greedy_ids(server.url, "drift", PROMPT, 8) == expected(sample.processed["a1"], 8)
+    copy_adapter(sample.processed["a2"], folder)  # retrained files written over it, but not loaded
+    assert greedy_ids(server.url, "drift", PROMPT, 8) == expected(sample.processed["a1"], 8), \
+        "the host copy of the registered bytes serves it"
+    assert _post(server, "/unload_lora_adapter", {"lora_name": "drift"}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def one_slot_server(sample, lora_root, tmp_path_factory):
+    """One adapter slot and one host-ready copy: every other adapter is read from its files again."""
+    with _serving(["--onnx-dir", str(sample.onnx_dir), "--served-model-name", SERVED, "--max-loras", "1",
+                   "--max-cpu-loras", "1", "--enable-lora-updates", "--lora-root", str(lora_root),
+                   "--lora-cache-dir", str(tmp_path_factory.mktemp("one_slot_cache")), "--max-model-len",
+                   str(MODEL_LEN), "--threads", "1"]) as served:
+        yield served
+
+
+def test_with_one_slot_the_new_version_waits_for_the_old_ones_rows(one_slot_server, offline, sample, lora_root):
+    swap_during_stream(one_slot_server.url, lora_root, "slot_cust", "load_again_without_unload",
+                       sample.processed["a1"], sample.processed["a2"], PROMPT, _expected_ids(offline, sample))
+
+
+def test_files_changed_on_disk_and_evicted_give_a_clear_error_until_loaded_again(one_slot_server, offline, sample,
+                                                                                 lora_root):
+    url, expected = one_slot_server.url, _expected_ids(offline, sample)
+    folder = copy_adapter(sample.processed["a1"], lora_root / "evicted_drift")
+    copy_adapter(sample.processed["a3"], lora_root / "other")
+    for name in ("evicted_drift", "other"):
+        assert _post(one_slot_server, "/load_lora_adapter", {"lora_name": name, "lora_path": name}).status_code == 200
+    assert greedy_ids(url, "evicted_drift", PROMPT, 8) == expected(sample.processed["a1"], 8)
+    copy_adapter(sample.processed["a2"], folder)  # changed on disk, not loaded
+    assert greedy_ids(url, "other", PROMPT, 8) == expected(sample.processed["a3"], 8)  # evicts drift's only copies
+    body = {"model": "evicted_drift", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    error = _assert_error_shape(_post(one_slot_server, "/completions", body), 500)
+    assert "adapter files changed on disk" in error["message"] and "load it again" in error["message"]
+    response = _post(one_slot_server, "/load_lora_adapter", {"lora_name": "evicted_drift", "lora_path": "evicted_drift"})
+    assert response.status_code == 200 and "replaced" in response.text, response.text
+    assert greedy_ids(url, "evicted_drift", PROMPT, 8) == expected(sample.processed["a2"], 8)
 
 
 def test_clients_that_disconnect_mid_stream_leave_no_rows_and_adapters_unloadable(server, lora_root):

@@ -11,7 +11,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 
@@ -44,15 +46,15 @@ def build_app(options: RayOptions):
     Tenants.of(served.api_key, served.api_keys)  # a bad keys file fails here, not in the ingress
     startup = prepare_startup_adapters(served, AdapterSources(onnx_dir, served.cache_dir, served.lora_root))
     spec, manifest = ModelSpec.load(onnx_dir), LoraManifest.load(onnx_dir)
+    adapters = {}  # name -> (folder, version): replicas load exactly the bytes checked here
     for name, folder in startup.items():
         try:
-            check_adapter(folder, spec, manifest, served.max_lora_rank)
+            adapters[name] = (str(folder), check_adapter(folder, spec, manifest, served.max_lora_rank).version)
         except UserInputError as exc:
             raise type(exc)(f"--lora-modules {name}: {exc}") from exc
     settings = engine_settings(served, {}, threads=options.threads, max_waiting=options.max_waiting)
     settings.engine.validate()
     settings.scheduler.validate()
-    adapters = {name: str(folder) for name, folder in startup.items()}
     actor = {"num_cpus": options.threads}
     if served.device == "cuda":
         actor["num_gpus"] = 1
@@ -83,6 +85,14 @@ def app_builder(args: dict):
 
 def run(options: RayOptions) -> None:
     """Start (or join) Ray, deploy, serve until SIGTERM/SIGINT, then delete the application."""
+    neutral_dir = Path(tempfile.mkdtemp(prefix="edgelora-ray-"))  # holds nothing a worker could import
+    try:
+        _run(options, neutral_dir)
+    finally:
+        shutil.rmtree(neutral_dir, ignore_errors=True)
+
+
+def _run(options: RayOptions, neutral_dir: Path) -> None:
     options.validate()
     served = options.serve
     # The port stays bound until Ray has started: a taken one fails now, and Ray's own ports
@@ -101,7 +111,7 @@ def run(options: RayOptions) -> None:
             from edgelora.runtime import native
 
             native.require_device("cuda")  # the replicas run here: a CPU-only build fails now, not in each one
-        _init_ray(ray, options)
+        _init_ray(ray, options, neutral_dir)
     finally:
         port.close()
     stop = threading.Event()
@@ -128,17 +138,32 @@ def run(options: RayOptions) -> None:
             ray.shutdown()
 
 
-def _init_ray(ray, options: RayOptions) -> None:
-    if options.ray_address is not None:
-        try:
-            ray.init(address=options.ray_address, log_to_driver=False)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise UserInputError(f"--ray-address {options.ray_address}: cannot join the Ray cluster: "
-                                 f"{str(exc).strip().splitlines()[0]}") from exc
-        return
-    cpus = options.cpus or max(os.cpu_count() or 1, options.replicas * options.threads)
-    # address "local": always a new instance, never one found on this machine; GPUs: Ray counts them itself
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+def _init_ray(ray, options: RayOptions, neutral_dir: Path) -> None:
+    """``ray.init`` from ``neutral_dir``: Ray puts the driver's working directory first on every worker's
+    ``sys.path``, so started from a source checkout the replicas would import its unbuilt ``edgelora/``
+    instead of the installed package. A local instance's processes keep that folder as theirs."""
+    with _chdir(neutral_dir):
+        if options.ray_address is not None:
+            try:
+                ray.init(address=options.ray_address, log_to_driver=False)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                raise UserInputError(f"--ray-address {options.ray_address}: cannot join the Ray cluster: "
+                                     f"{str(exc).strip().splitlines()[0]}") from exc
+            return
+        cpus = options.cpus or max(os.cpu_count() or 1, options.replicas * options.threads)
+        # address "local": always a new instance, never one found on this machine; GPUs: Ray counts them itself
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+
+
+@contextlib.contextmanager
+def _chdir(path: Path):
+    """contextlib.chdir for Python 3.10."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _check_resources(ray, options: RayOptions) -> None:

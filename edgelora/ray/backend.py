@@ -2,8 +2,9 @@
 
 It is the ``Backend`` the FastAPI app (edgelora/server/app.py) runs on, so the ingress has the very
 routes, validation, tenants and error shapes of ``edgelora serve``. A request goes to a replica
-as a streaming call with its adapter as the multiplexed model id; the replica's items are put on
-the request's queue as the engine loop would put them.
+as a streaming call with its adapter's ``name@version`` as the multiplexed model id (so Ray's
+affinity, and each replica's cache, are per version: a replica never answers a request with an
+old version); the replica's items are put on the request's queue as the engine loop would put them.
 
 A replica that dies before the request's first token is invisible to the client: the request is
 sent again (Ray routes it to a live replica). One that dies after tokens were handed on ends the
@@ -22,12 +23,12 @@ from ray.exceptions import RayActorError
 
 from edgelora.lora_manifest import LoraManifest
 from edgelora.model_spec import ModelSpec
-from edgelora.ray.hub import Families
+from edgelora.ray.hub import Families, Registry
 from edgelora.ray.metrics import exposition
 from edgelora.ray.replica import ACCEPTED, ReplicaJob
 from edgelora.runtime.adapter_cache import check_adapter
 from edgelora.runtime.scheduler import GenerationRequest, SequenceUpdate
-from edgelora.server.engine_loop import RequestFailed, RequestInterrupted, RequestStream
+from edgelora.server.engine_loop import AdapterLoad, RequestFailed, RequestInterrupted, RequestStream
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,10 @@ RETRY_BACKOFF_S = 0.5
 class ReplicaBackend:
     """Submit/abort/load/unload over a handle to the replica deployment, and the hub."""
 
-    def __init__(self, replicas, hub, adapters: dict[str, Path], onnx_dir: Path, max_lora_rank: int):
+    def __init__(self, replicas, hub, adapters: Registry, onnx_dir: Path, max_lora_rank: int):
         self._replicas = replicas
         self._hub = hub
-        self._folders = dict(adapters)  # the registry: name -> processed folder (shared storage)
+        self._registry: Registry = dict(adapters)  # name -> (processed folder on shared storage, version)
         self._spec = ModelSpec.load(onnx_dir)
         self._manifest = LoraManifest.load(onnx_dir)
         self._max_lora_rank = max_lora_rank
@@ -60,8 +61,9 @@ class ReplicaBackend:
     # -- requests ------------------------------------------------------------------------------
     async def submit(self, request_id: str, request: GenerationRequest, adapter_label: str,
                      arrival_s: float) -> RequestStream:
-        folder = self._folders.get(request.adapter) if request.adapter is not None else None
-        job = ReplicaJob(request_id, request, adapter_label, str(folder) if folder is not None else None)
+        folder, version = self._registry.get(request.adapter, (None, None)) if request.adapter is not None \
+            else (None, None)
+        job = ReplicaJob(request_id, request, adapter_label, folder, version)
         responses = await self._start(job)
         stream = RequestStream(request_id)
         self._pumps[request_id] = asyncio.ensure_future(self._pump(job, stream, responses))
@@ -74,7 +76,7 @@ class ReplicaBackend:
 
     async def _start(self, job: ReplicaJob):
         """The replica's stream once it accepted the job; raises what the replica's scheduler refused."""
-        handle = self._replicas.options(stream=True, multiplexed_model_id=job.generation.adapter or "")
+        handle = self._replicas.options(stream=True, multiplexed_model_id=job.model_id)
         lost: Exception | None = None
         for attempt in range(START_ATTEMPTS):
             if attempt:
@@ -140,20 +142,24 @@ class ReplicaBackend:
             self._pumps.pop(job.request_id, None)
 
     # -- adapters ------------------------------------------------------------------------------
-    async def load_adapter(self, name: str, folder: Path) -> None:
-        """Check the processed adapter against the model here, then publish it: replicas load it on first use."""
-        await asyncio.to_thread(check_adapter, Path(folder), self._spec, self._manifest, self._max_lora_rank)
-        self._folders[name] = Path(folder)
+    async def load_adapter(self, name: str, folder: Path) -> AdapterLoad:
+        """Check the processed adapter against the model here and learn its version, then publish it:
+        requests from now on carry that version, and replicas load it on first use."""
+        checked = await asyncio.to_thread(check_adapter, Path(folder), self._spec, self._manifest,
+                                          self._max_lora_rank)
+        previous = self._registry.get(name)
+        self._registry[name] = (str(folder), checked.version)
         await self._publish()
+        return AdapterLoad(checked.version, previous[1] if previous is not None else None)
 
     async def unload_adapter(self, name: str) -> bool:
         """Gone for new requests now; each replica drops it at its next report, after its rows finish."""
-        self._folders.pop(name, None)
+        self._registry.pop(name, None)
         await self._publish()
         return False
 
     async def _publish(self) -> dict[str, Families]:
-        reports = await self._hub.publish.remote({name: str(path) for name, path in self._folders.items()})
+        reports = await self._hub.publish.remote(dict(self._registry))
         self._replicas_seen = len(reports)
         return reports
 

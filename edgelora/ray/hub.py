@@ -17,6 +17,9 @@ from ray import serve
 # A replica whose last report is older than this is gone (killed, or being replaced).
 STALE_AFTER_S = 5.0
 
+# The adapter registry: name -> (processed folder on shared storage, version = digest of its bytes).
+Registry = dict[str, tuple[str, str]]
+
 # Metric families as plain tuples: (name, documentation, type, [(sample name, labels, value), ...]).
 Families = list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]
 
@@ -25,22 +28,22 @@ Families = list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]
 @serve.deployment(name="EdgeLoraHub", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
                   logging_config={"enable_access_log": False})
 class AdapterHub:
-    """Adapter registry (name -> processed folder on shared storage) and the replicas' latest reports."""
+    """Adapter registry (name -> folder and version) and the replicas' latest reports."""
 
-    def __init__(self, adapters: dict[str, str]):
+    def __init__(self, adapters: Registry):
         self._adapters = dict(adapters)
         self._reports: dict[str, tuple[float, Families]] = {}
 
-    def publish(self, adapters: dict[str, str]) -> dict[str, Families]:
+    def publish(self, adapters: Registry) -> dict[str, Families]:
         """The ingress's registry replaces ours; returns the live replicas' reports."""
         self._adapters = dict(adapters)
         return self.reports()
 
-    def adapters(self) -> dict[str, str]:
+    def adapters(self) -> Registry:
         return dict(self._adapters)
 
-    def report(self, replica: str, families: Families) -> dict[str, str]:
-        """A replica's metrics; it gets the registry back (to drop adapters that were unloaded)."""
+    def report(self, replica: str, families: Families) -> Registry:
+        """A replica's metrics; it gets the registry back (to drop adapters that were unloaded or replaced)."""
         self._reports[replica] = (time.monotonic(), families)
         return dict(self._adapters)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from ray import serve
 
 from edgelora.ray.backend import ReplicaBackend
+from edgelora.ray.hub import Registry
 from edgelora.runtime.tokenizer import ChatTokenizer
 from edgelora.server import ServeOptions
 from edgelora.server.adapters import AdapterSources
@@ -26,15 +27,14 @@ from edgelora.server.tenants import Tenants
 class EdgeLoraIngress:
     """Tokenizes, checks keys and adapters, and streams each request from the replica Ray picks."""
 
-    async def __init__(self, options: ServeOptions, adapters: dict[str, str], replicas, hub):
+    async def __init__(self, options: ServeOptions, adapters: Registry, replicas, hub):
         onnx_dir = Path(options.onnx_dir)
-        folders = {name: Path(folder) for name, folder in adapters.items()}
-        backend = ReplicaBackend(replicas, hub, folders, onnx_dir, options.max_lora_rank)
+        backend = ReplicaBackend(replicas, hub, adapters, onnx_dir, options.max_lora_rank)
         info = await replicas.info.remote()
         metrics = ServerMetrics()
         self._state = AppState(options.name, backend, Tenants.of(options.api_key, options.api_keys), metrics,
                                AdapterSources(onnx_dir, options.cache_dir, options.lora_root), ChatTokenizer(onnx_dir),
-                               info["max_model_len"], options.enable_lora_updates, set(folders),
+                               info["max_model_len"], options.enable_lora_updates, set(adapters),
                                render_metrics=lambda: backend.render_metrics(metrics.registry))
 
     def __serve_build_asgi_app__(self):

@@ -1,14 +1,16 @@
 """One replica: the engine thread ``edgelora serve`` runs (``EngineLoop``, its Scheduler, its adapter cache).
 
-Requests arrive with their adapter as Ray's multiplexed model id, so Ray's router sends them to a
-replica that already holds the adapter. ``@serve.multiplexed`` is mapped onto the adapter cache:
+Requests arrive with their adapter's ``name@version`` as Ray's multiplexed model id, so Ray's
+router sends them to a replica that already holds that version. ``@serve.multiplexed`` is mapped
+onto the adapter cache:
 
-* Ray's loader (a miss) registers the adapter from its folder and reads it into the host cache,
-  and counts one load (``edgelora_replica_adapter_loads``);
+* Ray's loader (a miss) registers that version from its folder (its bytes checked against the
+  version the ingress computed) and keeps it in the host cache, and counts one load
+  (``edgelora_replica_adapter_loads``); a new version of a name replaces the old one for new
+  requests while rows on the old one finish;
 * Ray's LRU eviction (past ``max_num_models_per_replica`` = the replica's ``max_cpu_loras``)
-  unloads it from the engine; rows still decoding with it finish first, and a request that brings
-  it back meanwhile simply cancels the removal;
-* a request whose adapter was dropped between Ray's check and the engine (an eviction, an unload)
+  unloads it from the engine; rows still decoding with it finish first;
+* a request whose version was dropped between Ray's check and the engine (an eviction, an unload)
   has it registered again in the same engine-thread command as the request itself.
 
 There is no ``@serve.batch``: Ray would split batches by model id, and the point of the
@@ -31,6 +33,7 @@ from pathlib import Path
 from ray import serve
 
 from edgelora.errors import EdgeLoraError, RuntimeFailure
+from edgelora.ray.hub import Registry
 from edgelora.ray.metrics import adapter_load_metrics, families_of
 from edgelora.runtime.scheduler import GenerationRequest
 from edgelora.server.engine_loop import EngineLoop, EngineSettings, RequestFailed
@@ -50,6 +53,22 @@ class ReplicaJob:
     generation: GenerationRequest
     adapter_label: str
     adapter_folder: str | None = None
+    adapter_version: str | None = None  # the digest the ingress computed: the replica serves exactly it
+
+    @property
+    def model_id(self) -> str:
+        """Ray's multiplexed model id: ``name@version`` ('' for the base model)."""
+        return model_id(self.generation.adapter, self.adapter_version) if self.generation.adapter else ""
+
+
+def model_id(name: str, version: str | None) -> str:
+    return f"{name}@{version}" if version else name
+
+
+def split_model_id(value: str) -> tuple[str, str | None]:
+    """(name, version) of a multiplexed model id (the version never holds '@'; a name may)."""
+    name, at, version = value.rpartition("@")
+    return (name, version) if at else (value, None)
 
 
 class _Lease:
@@ -77,8 +96,8 @@ class EdgeLoraReplica:
         self._info = await asyncio.to_thread(self._engine.start)
         self._engine.bind_loop(asyncio.get_running_loop())
         self._id = serve.get_replica_context().replica_id.unique_id
-        self._held: dict[str, tuple[Path, float]] = {}  # adapters registered here: folder, when loaded
-        self._wanted: dict[str, Path] = {}  # the folder the request now loading an adapter brought
+        self._held: dict[str, tuple[Path, float]] = {}  # model id (name@version) -> folder, when loaded
+        self._wanted: dict[str, Path] = {}  # model id -> the folder the request now loading it brought
         self._report_now = asyncio.Event()
         self._multiplexed = serve.multiplexed(max_num_models_per_replica=settings.engine.max_cpu_loras)(self._loader())
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
@@ -96,15 +115,15 @@ class EdgeLoraReplica:
         name, folder = job.generation.adapter, Path(job.adapter_folder) if job.adapter_folder else None
         try:
             if name is not None and folder is not None:
-                self._wanted[name] = folder
-                await self._multiplexed(name)  # Ray's cache: the loader on a miss, an LRU touch on a hit
+                self._wanted[job.model_id] = folder
+                await self._multiplexed(job.model_id)  # Ray's cache: the loader on a miss, an LRU touch on a hit
             stream = await self._engine.submit(job.request_id, job.generation, job.adapter_label,
-                                               time.perf_counter(), folder)
+                                               time.perf_counter(), folder, job.adapter_version)
         except EdgeLoraError as exc:
             yield exc
             return
         if stream.loaded_adapter:  # evicted between Ray's cache and the engine: read again, and counted
-            self._loaded(name, folder)
+            self._loaded(job.model_id, folder)
         yield ACCEPTED
         finished = False
         try:
@@ -127,34 +146,34 @@ class EdgeLoraReplica:
     def _loader(self):
         """The function ``@serve.multiplexed`` wraps (a plain function: the limit is this replica's)."""
 
-        async def load_adapter(name: str) -> _Lease:
-            folder = self._wanted[name]
-            held = self._held.get(name)
-            if held is not None and held[0] != folder:  # registered again under the same name, elsewhere
-                await self._engine.unload_adapter(name)
+        async def load_adapter(model: str) -> _Lease:
+            folder = self._wanted[model]
+            name, version = split_model_id(model)
             started = time.perf_counter()
-            await self._engine.load_adapter(name, folder, read=True)
+            await self._engine.load_adapter(name, folder, read=True, version=version)
             self._read_seconds.observe(time.perf_counter() - started)
-            self._loaded(name, folder)
-            return _Lease(lambda: self._release(name))
+            self._loaded(model, folder)
+            return _Lease(lambda: self._release(model))
 
         return load_adapter
 
-    def _loaded(self, name: str, folder: Path) -> None:
-        self._held[name] = (folder, time.monotonic())
+    def _loaded(self, model: str, folder: Path) -> None:
+        self._held[model] = (folder, time.monotonic())
         self._loads.inc()
         self._report_now.set()
 
-    def _release(self, name: str) -> None:
-        """Ray evicted the adapter (this may run in Ray's executor thread: only thread-safe calls)."""
-        self._held.pop(name, None)
-        self._engine.release_adapter(name)
+    def _release(self, model: str) -> None:
+        """Ray evicted the version (this may run in Ray's executor thread: only thread-safe calls)."""
+        self._held.pop(model, None)
+        self._wanted.pop(model, None)
+        self._engine.release_adapter(*split_model_id(model))
 
-    def _drop_unregistered(self, registry: dict[str, str], asked_at: float) -> None:
-        """Adapters unloaded at the ingress leave this replica too (once their rows finish)."""
-        for name, (_, loaded_at) in list(self._held.items()):
-            if name not in registry and loaded_at < asked_at:
-                self._release(name)
+    def _drop_unregistered(self, registry: Registry, asked_at: float) -> None:
+        """Versions unloaded or replaced at the ingress leave this replica too (once their rows finish)."""
+        current = {model_id(name, version) for name, (_, version) in registry.items()}
+        for model, (_, loaded_at) in list(self._held.items()):
+            if model not in current and loaded_at < asked_at:
+                self._release(model)
 
     async def _report_loop(self) -> None:
         warned = False

@@ -2,13 +2,29 @@
 
 Three levels, in TensorRT-LLM's and vLLM's words:
 
-* **registered**: every adapter the cache was given, name -> processed folder, validated once
-  (config, shapes, header). Never forgotten until ``remove``: beyond the two bounded levels below,
-  an adapter is simply read again from its file on next use.
+* **registered**: every adapter the cache was given, name -> its current version (``AdapterRef``),
+  validated once. Never forgotten until ``remove``: beyond the two bounded levels below, an
+  adapter is simply read again from its file on next use.
 * **host-ready** (at most ``max_cpu_loras``): read, converted to the graph's dtype and transposed
   to the slot layout, one copy away from a slot. LRU.
 * **slots** (``max_loras``): pool memory a batch binds (device memory on CUDA, host memory on the
   CPU); slot 0 means "no adapter". LRU among idle slots.
+
+Identity is not a name (SGLang's LoRA registry, vLLM's lora_int_id): an adapter is a name plus a
+version, the digest of its files' bytes. ``add`` of a name with other bytes makes a new version
+the name's current one; a request holds the version it was submitted with (``hold`` / ``unhold``),
+so rows already running finish on the old bytes while new requests get the new ones. A version
+that is no longer current (replaced or removed: *retired*) keeps its slot and host copy while
+requests hold it, and leaves every level when the last one lets go: the pending removal lives
+here, with the references it waits for. Every read from disk checks the bytes against the
+version that was registered: files changed on disk without a new ``add`` are never served as the
+registered adapter (``AdapterChanged``); a host copy made before the change still serves it.
+
+::
+
+    add(name, files) ──> AdapterRef(name, version) ──hold──> request ──acquire──> slot ──release──┐
+         │ other bytes: new current version,                                                    │
+         └ the old one retired ──> freed (slot, host copy, entry) when no request holds it <── unhold
 
 A slot held by a running batch (reference count > 0) or pinned is never evicted; eviction happens
 before an insert, never after, so a call never drops what it has just made room for.
@@ -29,9 +45,8 @@ from edgelora.lora_manifest import LoraManifest
 from edgelora.model_spec import ModelSpec
 from edgelora.processed_adapter import (
     ProcessedAdapterConfig,
-    check_processed_weights,
-    read_processed_tensors,
-    resolve_adapter_path,
+    ProcessedAdapterFiles,
+    check_processed_tensors,
 )
 
 log = logging.getLogger(__name__)
@@ -39,16 +54,41 @@ log = logging.getLogger(__name__)
 RECENT_LOADS = 1024  # load times kept for metrics; counts and totals are kept forever
 
 
-@dataclass
-class RegisteredAdapter:
-    """What the cache knows of an adapter by name, and where it currently lives."""
+class AdapterChanged(AdapterError):
+    """The files of a registered adapter no longer hold the bytes it was registered with."""
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One version of a named adapter: what a request holds from submission to its last token."""
 
     name: str
+    version: str  # content digest of the processed files (processed_adapter.content_version)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass
+class RegisteredAdapter:
+    """What the cache knows of one adapter version, and where it currently lives."""
+
+    ref: AdapterRef
     weights: Path
     config: ProcessedAdapterConfig
     slot: int = 0  # 0: not in a slot
     references: int = 0  # running batches that use it
+    requests: int = 0  # requests holding this version (waiting or running)
     pinned: bool = False
+    retired: bool = False  # replaced or removed: freed once no request or batch holds it
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    @property
+    def version(self) -> str:
+        return self.ref.version
 
 
 @dataclass
@@ -64,9 +104,8 @@ class HostAdapter:
         return sum(array.nbytes for array in self.a + self.b if array is not None)
 
     @classmethod
-    def read(cls, weights: Path, manifest: LoraManifest, dtype, where: str) -> HostAdapter:
-        """Read a processed file and lay it out for the pool (A transposed, the graph's dtype)."""
-        tensors = read_processed_tensors(weights, where)
+    def of(cls, tensors: dict[str, np.ndarray], manifest: LoraManifest, dtype, where: str) -> HostAdapter:
+        """Lay a processed file's tensors out for the pool (A transposed, the graph's dtype)."""
         a: list[np.ndarray | None] = []
         b: list[np.ndarray | None] = []
         ranks = set()
@@ -112,22 +151,35 @@ class CacheStats:
         self.recent_load_s.append(seconds)
 
 
-def check_adapter(path: Path, spec: ModelSpec, manifest: LoraManifest, max_lora_rank: int
-                  ) -> tuple[Path, ProcessedAdapterConfig]:
-    """The weights file and config of a processed adapter, checked against the model (nothing read into memory).
+@dataclass
+class CheckedAdapter:
+    """A processed adapter read once and checked against the model: its files, config and version."""
+
+    files: ProcessedAdapterFiles
+    config: ProcessedAdapterConfig
+    tensors: dict[str, np.ndarray]
+
+    @property
+    def version(self) -> str:
+        return self.files.version
+
+
+def check_adapter(path: Path, spec: ModelSpec, manifest: LoraManifest, max_lora_rank: int) -> CheckedAdapter:
+    """Read a processed adapter's files once and check them against the model; the version is their digest.
 
     ``AdapterCache.add`` registers through it; a front end without an engine (the Ray ingress)
-    checks an adapter with it before any replica sees the path.
+    checks an adapter with it, and learns its version, before any replica sees the path.
     """
-    folder, weights = resolve_adapter_path(path)
-    config = ProcessedAdapterConfig.load(folder)
+    files = ProcessedAdapterFiles.read(path)
+    config = files.config()
     config.check_fits(spec, manifest, str(path), max_lora_rank)
-    check_processed_weights(weights, config, manifest, str(path))
-    return weights, config
+    tensors = files.tensors(str(path))
+    check_processed_tensors({name: list(value.shape) for name, value in tensors.items()}, config, manifest, str(path))
+    return CheckedAdapter(files, config, tensors)
 
 
 class AdapterCache:
-    """Names -> host-ready copies -> pool slots, each bounded level LRU."""
+    """Names -> versions -> host-ready copies -> pool slots, each bounded level LRU."""
 
     def __init__(self, pool, spec: ModelSpec, manifest: LoraManifest, max_lora_rank: int, max_cpu_loras: int,
                  dtype=np.float32):
@@ -137,30 +189,53 @@ class AdapterCache:
         self._max_lora_rank = max_lora_rank
         self._max_cpu_loras = max_cpu_loras
         self._dtype = dtype
-        self._registered: dict[str, RegisteredAdapter] = {}
-        self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU, oldest first
-        self._slots: OrderedDict[int, str] = OrderedDict()  # slot -> name, least recently used first
+        self._current: dict[str, AdapterRef] = {}  # name -> the version new requests get
+        self._registered: dict[AdapterRef, RegisteredAdapter] = {}  # current and retired-but-held versions
+        self._host: OrderedDict[AdapterRef, HostAdapter] = OrderedDict()  # LRU, oldest first
+        self._slots: OrderedDict[int, AdapterRef] = OrderedDict()  # slot -> version, least recently used first
         self.stats = CacheStats()
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def add(self, name: str, path: Path) -> RegisteredAdapter:
-        """Register (and validate) an adapter by name; nothing is read into memory yet."""
+    def add(self, name: str, path: Path, version: str | None = None, read: bool = False) -> RegisteredAdapter:
+        """Register (and validate) an adapter under ``name``; its bytes' digest is its version.
+
+        The same bytes again change nothing. Other bytes become the name's current version; the
+        previous one is retired (requests holding it finish on it). ``version``: refuse files whose
+        bytes are not that version (a Ray replica loads what the ingress checked); a version still
+        in memory (held by running requests) is made current again without reading. ``read``: keep
+        the bytes just read as the host-ready copy, so the first step copies instead of reading.
+        """
         if not name or not isinstance(name, str):
             raise UserInputError("an adapter needs a non-empty name")
-        _, weights = resolve_adapter_path(path)
-        existing = self._registered.get(name)
-        if existing is not None:
-            if existing.weights.resolve() != weights.resolve():
-                raise UserInputError(f"adapter name {name!r} is already registered for {existing.weights}")
-            return existing
-        weights, config = check_adapter(path, self._spec, self._manifest, self._max_lora_rank)
-        entry = RegisteredAdapter(name, weights, config)
-        self._registered[name] = entry
+        if version is not None and AdapterRef(name, version) in self._registered:
+            return self._make_current(self._registered[AdapterRef(name, version)])  # in memory: nothing to read
+        checked = check_adapter(path, self._spec, self._manifest, self._max_lora_rank)
+        if version is not None and checked.version != version:
+            raise AdapterChanged(f"{path}: adapter files changed on disk since they were checked (version {version}, "
+                                 f"now {checked.version}); load it again")
+        ref = AdapterRef(name, checked.version)
+        entry = self._registered.get(ref)  # current, or retired but still held: the same bytes either way
+        if entry is None:
+            entry = RegisteredAdapter(ref, checked.files.weights, checked.config)
+        entry.weights = checked.files.weights  # the latest place these bytes were seen
+        if read and ref not in self._host:
+            self._keep_host_copy(entry, self._host_adapter(checked.tensors, entry))
+        self._registered[ref] = entry
+        return self._make_current(entry)
+
+    def _make_current(self, entry: RegisteredAdapter) -> RegisteredAdapter:
+        """New requests for the name get this version; the one it replaces is retired."""
+        previous = self._current.get(entry.name)
+        self._current[entry.name] = entry.ref
+        entry.retired = False
+        if previous is not None and previous != entry.ref:
+            log.info("adapter %s: version %s replaces %s", entry.name, entry.version, previous.version)
+            self._retire(previous)
         return entry
 
-    def activate(self, name: str) -> int:
+    def activate(self, target: str | AdapterRef) -> int:
         """Make sure the adapter sits in a slot; return the slot (1..max_loras)."""
-        entry = self._entry(name)
+        entry = self._entry(target)
         if entry.slot:
             self._slots.move_to_end(entry.slot)
             self.stats.slot_hits += 1
@@ -172,70 +247,85 @@ class AdapterCache:
         self._pool.write(slot, ready.rank, ready.a, ready.b)
         self.stats.record_load(time.perf_counter() - started)
         entry.slot = slot
-        self._slots[slot] = name
-        log.debug("adapter %s -> slot %d (%.1f ms)", name, slot, self.stats.recent_load_s[-1] * 1e3)
+        self._slots[slot] = entry.ref
+        log.debug("adapter %s -> slot %d (%.1f ms)", entry.ref, slot, self.stats.recent_load_s[-1] * 1e3)
         return slot
 
-    def deactivate(self, name: str) -> None:
+    def deactivate(self, target: str | AdapterRef) -> None:
         """Take the adapter out of its slot (it stays registered, and host-ready if it was)."""
-        entry = self._entry(name)
+        entry = self._entry(target)
         if entry.references:
-            raise EdgeLoraError(f"adapter {name!r} is in use by a running batch")
+            raise EdgeLoraError(f"adapter {entry.name!r} is in use by a running batch")
         if entry.slot:
             self._pool.clear(entry.slot)
             del self._slots[entry.slot]
             entry.slot = 0
 
-    def remove(self, name: str) -> None:
-        """Forget the adapter entirely (not allowed while a batch uses it)."""
-        self.deactivate(name)
-        self._host.pop(name, None)
-        del self._registered[name]
+    def remove(self, name: str) -> bool:
+        """Forget the name now; its version leaves memory once no request holds it. True: gone at once."""
+        ref = self._current.pop(name, None)
+        if ref is None:
+            raise UserInputError(f"unknown adapter {name!r}")
+        self._retire(ref)
+        return ref not in self._registered
 
-    def pin(self, name: str, pinned: bool = True) -> None:
+    def pin(self, target: str | AdapterRef, pinned: bool = True) -> None:
         """Keep an adapter in a slot and host-ready (``pinned=False`` lets LRU take it again)."""
-        entry = self._entry(name)
+        entry = self._entry(target)
         if pinned:
             entry.pinned = True
             try:
-                self.activate(name)
+                self.activate(entry.ref)
             except BaseException:
                 entry.pinned = False
                 raise
         else:
             entry.pinned = False
 
-    def prefetch(self, name: str) -> None:
+    def prefetch(self, target: str | AdapterRef) -> None:
         """Read the adapter into the host cache now (a server's loader), so its first step copies, not reads."""
-        self._host_copy(self._entry(name))
+        self._host_copy(self._entry(target))
 
-    def forget_host_copy(self, name: str) -> None:
+    def forget_host_copy(self, target: str | AdapterRef) -> None:
         """Drop the host-ready copy (benchmarks: make the next activation read the file)."""
-        self._entry(name)
-        self._host.pop(name, None)
+        self._host.pop(self._entry(target).ref, None)
 
-    def acquire(self, names: list[str]) -> dict[str, int]:
-        """Activate and hold every named adapter for one batch; return name -> slot."""
-        distinct = list(dict.fromkeys(names))
+    def hold(self, target: str | AdapterRef) -> AdapterRef:
+        """A request takes the name's current version: it keeps it until ``unhold``, whatever is loaded meanwhile."""
+        entry = self._entry(target)
+        entry.requests += 1
+        return entry.ref
+
+    def unhold(self, ref: AdapterRef) -> None:
+        """The request that held ``ref`` has ended; a retired version with no holder left is freed."""
+        entry = self._registered.get(ref)
+        if entry is not None and entry.requests:
+            entry.requests -= 1
+            self._free_if_unused(entry)
+
+    def acquire(self, targets: list) -> dict:
+        """Activate and hold every named adapter for one batch; return target -> slot."""
+        distinct = list(dict.fromkeys(targets))
         if len(distinct) > self._pool.num_slots:
             raise UserInputError(f"a batch uses {len(distinct)} adapters but max_loras is {self._pool.num_slots}")
         slots = {}
         try:
-            for name in distinct:
-                slots[name] = self.activate(name)
-                self._registered[name].references += 1
+            for target in distinct:
+                slots[target] = self.activate(target)
+                self._entry(target).references += 1
         except BaseException:
             self.release(list(slots))
             raise
         return slots
 
-    def release(self, names: list[str]) -> None:
-        for name in dict.fromkeys(names):
-            entry = self._registered.get(name)
+    def release(self, targets: list) -> None:
+        for target in dict.fromkeys(targets):
+            entry = self._find(target)
             if entry is not None and entry.references:
                 entry.references -= 1
+                self._free_if_unused(entry)
 
-    def compact(self, names: list[str]) -> None:
+    def compact(self, targets: list) -> None:
         """Put these adapters (the ones running rows use) in slots 1..k, so a step binds k slots.
 
         The graph computes every slot of the bound stack for every row, so a step whose adapters
@@ -244,10 +334,10 @@ class AdapterCache:
         free slot if there is one, else leaves the slots (it stays registered and host-ready).
         A pinned idle occupant is never displaced, so compaction may stop short (still correct).
         """
-        wanted = list(dict.fromkeys(names))
+        wanted = list(dict.fromkeys(self._entry(target).ref for target in targets))
         k = len(wanted)
-        movers = [name for name in wanted if self._registered[name].slot > k]
-        for name in movers:
+        movers = [ref for ref in wanted if self._registered[ref].slot > k]
+        for ref in movers:
             target = next((slot for slot in range(1, k + 1)
                            if self._slots.get(slot) not in wanted
                            and not (slot in self._slots and self._registered[self._slots[slot]].pinned)), None)
@@ -261,10 +351,10 @@ class AdapterCache:
                 else:
                     self.deactivate(occupant)
                     self.stats.slot_evictions += 1
-            self._move(name, target)
+            self._move(ref, target)
 
-    def _move(self, name: str, target: int) -> None:
-        entry = self._registered[name]
+    def _move(self, ref: AdapterRef, target: int) -> None:
+        entry = self._registered[ref]
         self._pool.move(entry.slot, target)
         order = list(self._slots.items())  # keep the LRU position, change the slot number
         self._slots = OrderedDict((target if slot == entry.slot else slot, held) for slot, held in order)
@@ -272,75 +362,124 @@ class AdapterCache:
         self.stats.slot_moves += 1
 
     # -- inspection --------------------------------------------------------------------------
-    def is_resident(self, name: str) -> bool:
+    def is_resident(self, target: str | AdapterRef) -> bool:
         """In a slot now: a request for it needs no slot of its own."""
-        return bool(self._entry(name).slot)
+        return bool(self._entry(target).slot)
 
     def can_take_slot(self) -> bool:
         """A slot is free, or held by an idle unpinned adapter (activation would evict it)."""
         return len(self._slots) < self._pool.num_slots or any(
-            not self._registered[name].references and not self._registered[name].pinned for name in self._slots.values())
+            not self._registered[ref].references and not self._registered[ref].pinned for ref in self._slots.values())
 
-    def held_lru(self) -> list[str]:
+    def held_lru(self) -> list[AdapterRef]:
         """Adapters in slots that running requests hold (and that are not pinned), least recently used first."""
-        return [name for name in self._slots.values()
-                if self._registered[name].references and not self._registered[name].pinned]
+        return [ref for ref in self._slots.values()
+                if self._registered[ref].references and not self._registered[ref].pinned]
 
     def __contains__(self, name: str) -> bool:
-        return name in self._registered
+        return name in self._current
 
-    def get(self, name: str) -> RegisteredAdapter:
-        return self._entry(name)
+    def get(self, target: str | AdapterRef) -> RegisteredAdapter:
+        return self._entry(target)
 
-    def slot_of(self, name: str) -> int:
-        return self._entry(name).slot
+    def current(self, name: str) -> AdapterRef | None:
+        """The version a request for ``name`` gets now (None: not registered)."""
+        return self._current.get(name)
+
+    def slot_of(self, target: str | AdapterRef) -> int:
+        return self._entry(target).slot
 
     def slot_table(self) -> dict[int, str]:
-        return dict(sorted(self._slots.items()))
+        """Slot -> adapter name (a retired version shows as ``name@version``)."""
+        return {slot: self._label(ref) for slot, ref in sorted(self._slots.items())}
 
     def host_ready(self) -> list[str]:
-        """Names with a host-ready copy, least recently used first."""
-        return list(self._host)
+        """Names with a host-ready copy, least recently used first (a retired version: ``name@version``)."""
+        return [self._label(ref) for ref in self._host]
 
     def names(self) -> list[str]:
+        return list(self._current)
+
+    def versions(self) -> list[AdapterRef]:
+        """Every version in memory: the current ones and the retired ones requests still hold."""
         return list(self._registered)
 
     # -- internals ---------------------------------------------------------------------------
-    def _entry(self, name: str) -> RegisteredAdapter:
-        entry = self._registered.get(name)
+    def _label(self, ref: AdapterRef) -> str:
+        return ref.name if self._current.get(ref.name) == ref else str(ref)
+
+    def _find(self, target: str | AdapterRef) -> RegisteredAdapter | None:
+        ref = self._current.get(target) if isinstance(target, str) else target
+        return self._registered.get(ref) if ref is not None else None
+
+    def _entry(self, target: str | AdapterRef) -> RegisteredAdapter:
+        entry = self._find(target)
         if entry is None:
-            raise UserInputError(f"unknown adapter {name!r}")
+            raise UserInputError(f"unknown adapter {str(target)!r}")
         return entry
 
+    def _retire(self, ref: AdapterRef) -> None:
+        entry = self._registered.get(ref)
+        if entry is not None and self._current.get(ref.name) != ref:
+            entry.retired = True
+            entry.pinned = False  # a pin is the name's, not the old bytes'
+            self._free_if_unused(entry)
+
+    def _free_if_unused(self, entry: RegisteredAdapter) -> None:
+        """A retired version that no request or batch holds leaves the slots, the host cache and the registry."""
+        if not entry.retired or entry.requests or entry.references:
+            return
+        if entry.slot:
+            self._pool.clear(entry.slot)
+            del self._slots[entry.slot]
+            entry.slot = 0
+        self._host.pop(entry.ref, None)
+        del self._registered[entry.ref]
+        log.info("adapter %s freed (no request holds it)", entry.ref)
+
     def _host_copy(self, entry: RegisteredAdapter) -> HostAdapter:
-        """The host-ready copy, read from the file on a miss; cached unless every cached copy is pinned."""
-        ready = self._host.get(entry.name)
+        """The host-ready copy, read from the file on a miss (its bytes checked against the version)."""
+        ready = self._host.get(entry.ref)
         if ready is not None:
-            self._host.move_to_end(entry.name)
+            self._host.move_to_end(entry.ref)
             self.stats.host_hits += 1
             return ready
         self.stats.host_misses += 1
-        ready = HostAdapter.read(entry.weights, self._manifest, self._dtype, str(entry.weights))
+        files = ProcessedAdapterFiles.read(entry.weights)
+        if files.version != entry.version:
+            raise AdapterChanged(f"adapter {entry.name!r}: adapter files changed on disk since it was loaded "
+                                 f"({entry.weights.parent}: version {entry.version}, now {files.version}); "
+                                 "load it again")
+        ready = self._host_adapter(files.tensors(str(entry.weights)), entry)
+        self._keep_host_copy(entry, ready)
+        return ready
+
+    def _host_adapter(self, tensors: dict[str, np.ndarray], entry: RegisteredAdapter) -> HostAdapter:
+        ready = HostAdapter.of(tensors, self._manifest, self._dtype, str(entry.weights))
         if ready.rank > self._max_lora_rank:
             raise AdapterError(f"{entry.weights}: rank {ready.rank} is above the maximum LoRA rank {self._max_lora_rank}")
-        if self._max_cpu_loras > 0:
-            while len(self._host) >= self._max_cpu_loras:
-                victim = next((n for n in self._host if not self._registered[n].pinned), None)
-                if victim is None:
-                    return ready  # every cached copy is pinned: use this one once, keep none
-                del self._host[victim]
-                self.stats.host_evictions += 1
-            self._host[entry.name] = ready
         return ready
+
+    def _keep_host_copy(self, entry: RegisteredAdapter, ready: HostAdapter) -> None:
+        """Cache a host-ready copy, evicting the LRU unpinned one; none is kept if every cached copy is pinned."""
+        if self._max_cpu_loras <= 0:
+            return
+        while len(self._host) >= self._max_cpu_loras:
+            victim = next((ref for ref in self._host if not self._registered[ref].pinned), None)
+            if victim is None:
+                return  # every cached copy is pinned: use this one once, keep none
+            del self._host[victim]
+            self.stats.host_evictions += 1
+        self._host[entry.ref] = ready
 
     def _free_slot(self) -> int:
         for slot in range(1, self._pool.num_slots + 1):
             if slot not in self._slots:
                 return slot
-        for slot, name in self._slots.items():  # least recently used first
-            victim = self._registered[name]
+        for slot, ref in self._slots.items():  # least recently used first
+            victim = self._registered[ref]
             if not victim.references and not victim.pinned:
-                self.deactivate(name)
+                self.deactivate(ref)
                 self.stats.slot_evictions += 1
                 return slot
         raise EdgeLoraError("every adapter slot is held by a running batch or pinned; raise max_loras")

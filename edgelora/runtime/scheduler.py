@@ -35,6 +35,7 @@ import numpy as np
 from edgelora import contract
 from edgelora.errors import EdgeLoraError, UserInputError
 from edgelora.runtime import native
+from edgelora.runtime.adapter_cache import AdapterRef
 from edgelora.runtime.detokenizer import IncrementalDetokenizer
 from edgelora.runtime.engine import Engine
 from edgelora.runtime.kv_cache import KVCache
@@ -140,6 +141,7 @@ class _Sequence:
     request: GenerationRequest
     sampler: object
     detokenizer: IncrementalDetokenizer | None
+    adapter: AdapterRef | None = None  # the version this request holds from add_request to its end
     output_ids: list[int] = field(default_factory=list)
     row: int = -1
     total: int = 0  # tokens in this row's cache
@@ -169,7 +171,7 @@ class Scheduler:
         self._running: list[_Sequence] = []  # index = row
         self._aborts: list[str] = []
         self._finished: list[SequenceUpdate] = []  # updates owed for requests that ended outside a step
-        self._draining: str | None = None  # adapter whose slot takes no new rows (a request waits for a slot)
+        self._draining: AdapterRef | None = None  # adapter whose slot takes no new rows (a request waits for a slot)
         self._cache: KVCache | None = None
         self._decode_binding = None
         self._decode_bound: tuple | None = None
@@ -190,10 +192,6 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._running or self._waiting or self._aborts or self._finished)
-
-    def uses_adapter(self, name: str) -> bool:
-        """A waiting or running request names this adapter (it cannot be removed yet)."""
-        return any(seq.request.adapter == name for seq in (*self._running, *self._waiting.values()))
 
     def check(self, request: GenerationRequest, where: str = "request") -> GenerationRequest:
         """Refuse what cannot run; return a copy with ``max_tokens`` filled in (the rest of the context)."""
@@ -222,7 +220,11 @@ class Scheduler:
         return checked
 
     def add_request(self, request_id: str, request: GenerationRequest, where: str | None = None) -> None:
-        """Check and queue a request; it runs once a row (and its adapter's slot) is free."""
+        """Check and queue a request; it runs once a row (and its adapter's slot) is free.
+
+        The request holds its adapter's current version from here on: a new version loaded under
+        the same name meanwhile serves later requests, not this one.
+        """
         if request_id in self._waiting or any(seq.request_id == request_id for seq in self._running):
             raise UserInputError(f"request id {request_id!r} is already in use")
         checked = self.check(request, where or f"request {request_id}")
@@ -230,7 +232,8 @@ class Scheduler:
             raise QueueFull(f"the queue is full ({self.config.max_waiting} waiting requests); try again later")
         seed = checked.seed if checked.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         detokenizer = IncrementalDetokenizer(self._decode, checked.prompt_ids) if self._decode else None
-        self._waiting[request_id] = _Sequence(request_id, checked, native.Sampler(seed), detokenizer)
+        adapter = self.engine.adapters.hold(checked.adapter) if checked.adapter is not None else None
+        self._waiting[request_id] = _Sequence(request_id, checked, native.Sampler(seed), detokenizer, adapter)
 
     def abort_request(self, request_id: str) -> None:
         """Cancel a request; its final update (finish_reason "abort") comes from the next step."""
@@ -291,22 +294,19 @@ class Scheduler:
         for seq in list(self._waiting.values()):
             if free_rows == 0:
                 break
-            name = seq.request.adapter
-            if name is not None:
-                if name not in adapters:  # removed while it waited
-                    self._fail(seq, f"adapter {name!r} was removed")
-                    continue
-                if adapters.is_resident(name):
-                    if name == self._draining:
+            ref = seq.adapter
+            if ref is not None:
+                if adapters.is_resident(ref):
+                    if ref == self._draining:
                         continue
                 elif waiting_for_slot or not adapters.can_take_slot():
                     if not waiting_for_slot and self._draining is None:
-                        held = [held for held in adapters.held_lru() if held not in {s.request.adapter for s in admitted}]
+                        held = [held for held in adapters.held_lru() if held not in {s.adapter for s in admitted}]
                         self._draining = held[0] if held else None
                     waiting_for_slot = True
                     continue
                 try:
-                    adapters.acquire([name])
+                    adapters.acquire([ref])
                 except EdgeLoraError as exc:
                     self._fail(seq, str(exc))
                     continue
@@ -319,6 +319,7 @@ class Scheduler:
 
     def _fail(self, seq: _Sequence, message: str) -> None:
         del self._waiting[seq.request_id]
+        self._end(seq)
         self._finished.append(SequenceUpdate(seq.request_id, [], "", True, "error", len(seq.request.prompt_ids), 0,
                                              message))
 
@@ -330,7 +331,7 @@ class Scheduler:
         return self._cache
 
     def _slots(self, seqs: list[_Sequence]) -> list[int]:
-        return [self.engine.adapters.slot_of(seq.request.adapter) if seq.request.adapter else 0 for seq in seqs]
+        return [self.engine.adapters.slot_of(seq.adapter) if seq.adapter else 0 for seq in seqs]
 
     def _prefill(self, admitted: list[_Sequence]) -> list[SequenceUpdate]:
         """Prefill the admitted requests together into rows n..n+k-1 (right-padded prompts)."""
@@ -408,9 +409,9 @@ class Scheduler:
         return self._logits[count]
 
     def _compact(self) -> None:
-        names = [seq.request.adapter for seq in self._running if seq.request.adapter]
-        if names:
-            self.engine.adapters.compact(names)
+        refs = [seq.adapter for seq in self._running if seq.adapter]
+        if refs:
+            self.engine.adapters.compact(refs)
 
     def _sample(self, seqs: list[_Sequence], logits: np.ndarray) -> np.ndarray:
         rows = np.ascontiguousarray(logits[:, 0], dtype=np.float32)
@@ -460,7 +461,9 @@ class Scheduler:
         updates = []
         for request_id in self._aborts:
             seq = self._waiting.pop(request_id, None)
-            if seq is None:
+            if seq is not None:
+                self._end(seq)
+            else:
                 seq = next((s for s in self._running if s.request_id == request_id and not s.finish_reason), None)
                 if seq is None:
                     continue  # unknown or already finished
@@ -474,8 +477,9 @@ class Scheduler:
     def _leave(self, finished: list[_Sequence]) -> None:
         """Finished rows leave: release their adapters, move the last live row into each hole."""
         for seq in finished:
-            if seq.request.adapter:
-                self.engine.adapters.release([seq.request.adapter])
+            if seq.adapter:
+                self.engine.adapters.release([seq.adapter])
+            self._end(seq)
             last = len(self._running) - 1
             row = self._running.index(seq)
             if row != last:
@@ -484,6 +488,13 @@ class Scheduler:
                 moved.row = row
                 self._running[row] = moved
             self._running.pop()
+
+
+    def _end(self, seq: _Sequence) -> None:
+        """The request is over: it stops holding its adapter version (a retired one may be freed now)."""
+        if seq.adapter is not None:
+            self.engine.adapters.unhold(seq.adapter)
+            seq.adapter = None
 
 
 def sampling_problems(max_tokens, temperature, top_k, top_p, seed, min_tokens=0, stop=()) -> list[str]:

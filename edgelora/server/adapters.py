@@ -3,8 +3,9 @@
 A processed folder (``processed_adapter_model.safetensors`` + ``config.json``) is used as is. A
 PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``) goes through the same
 ``process_adapter`` as ``edgelora process-lora``, checked against the served model, into
-``--lora-cache-dir`` under a key of its path and file stamps, so a changed adapter is processed
-again and an unchanged one only once. The server never imports torch, so a ``.bin``-only PEFT
+``--lora-cache-dir`` under a key of its path and the digest of its files' bytes, so a changed
+adapter is processed again (even one copied with its old modification times) and an unchanged
+one only once. The server never imports torch, so a ``.bin``-only PEFT
 adapter is refused with what to do instead.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,23 +66,32 @@ class AdapterSources:
                                    f"pickles. Convert it to {contract.PEFT_WEIGHTS} (PeftModel.save_pretrained("
                                    "..., safe_serialization=True)) or run 'edgelora process-lora' on it")
             raise AdapterError(f"{path}: no {contract.PEFT_WEIGHTS}")
-        target = self.cache_dir / self._cache_key(path)
+        key = self._cache_key(path)
+        target = self.cache_dir / key
         if (target / contract.PROCESSED_ADAPTER).is_file() and (target / contract.PROCESSED_CONFIG).is_file():
             return target
         from edgelora.adapters import process_adapter  # numpy + safetensors only for a safetensors PEFT folder
 
         log.info("processing PEFT adapter %s -> %s", path, target)
         process_adapter(path, target, self.onnx_dir)
+        if self._cache_key(path) != key:  # rewritten while we read it: what we wrote may mix two versions
+            shutil.rmtree(target, ignore_errors=True)
+            raise AdapterError(f"{path}: the adapter files changed while they were processed; load it again")
         return target
 
     @staticmethod
     def _cache_key(path: Path) -> str:
-        """Folder name + a digest of the resolved path and the files' sizes and times."""
+        """Folder name + a digest of the resolved path and the files' bytes."""
         resolved = path.resolve()
         digest = hashlib.sha256(str(resolved).encode())
         for name in (contract.PEFT_CONFIG, contract.PEFT_WEIGHTS):
-            stat = (resolved / name).stat()
-            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(f"\0{name}\0".encode())
+            try:
+                with open(resolved / name, "rb") as handle:
+                    while chunk := handle.read(1 << 20):
+                        digest.update(chunk)
+            except OSError as exc:
+                raise AdapterError(f"{path}: cannot read {name} ({exc.strerror or exc})") from exc
         return f"{resolved.name}-{digest.hexdigest()[:16]}"
 
 

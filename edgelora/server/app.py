@@ -25,7 +25,7 @@ from edgelora.errors import EdgeLoraError, UserInputError
 from edgelora.runtime.scheduler import GenerationRequest, QueueFull, SequenceUpdate
 from edgelora.runtime.tokenizer import ChatTokenizer
 from edgelora.server.adapters import AdapterSources, ForbiddenPath
-from edgelora.server.engine_loop import RequestFailed, RequestInterrupted, RequestStream, UnknownAdapter
+from edgelora.server.engine_loop import AdapterLoad, RequestFailed, RequestInterrupted, RequestStream, UnknownAdapter
 from edgelora.server.metrics import CONTENT_TYPE, ServerMetrics
 from edgelora.server.protocol import (
     SSE_DONE,
@@ -73,7 +73,7 @@ class Backend(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
-    async def load_adapter(self, name: str, folder) -> None: ...
+    async def load_adapter(self, name: str, folder) -> AdapterLoad: ...
 
     async def unload_adapter(self, name: str) -> bool: ...
 
@@ -476,18 +476,26 @@ def create_app(state: AppState) -> FastAPI:
         name = body.lora_name
         if name == state.served_name or name.startswith(state.served_name + ":"):
             raise ApiError(400, f"{name!r} is the served model's name", "lora_name")
-        if name in state.adapters or name in state.loading:
-            raise ApiError(400, f"the adapter {name!r} is already loaded", "lora_name")
+        if name in state.loading:
+            raise ApiError(400, f"the adapter {name!r} is being loaded by another request; try again", "lora_name")
         path = state.sources.inside_root(body.lora_path)
         state.loading.add(name)
         try:
             folder = await asyncio.get_running_loop().run_in_executor(adapter_pool, state.sources.prepare, path)
-            await state.engine.load_adapter(name, folder)
+            loaded = await state.engine.load_adapter(name, folder)
         finally:
             state.loading.discard(name)
         state.adapters.add(name)
-        log.info("adapter %s loaded from %s", name, path)
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+        if loaded.previous is None:
+            log.info("adapter %s loaded from %s (version %s)", name, path, loaded.version)
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+        if loaded.previous == loaded.version:
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' is already loaded with these files "
+                                     f"(version {loaded.version}).")
+        log.info("adapter %s: version %s from %s replaces %s", name, loaded.version, path, loaded.previous)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' replaced: version {loaded.version} serves new "
+                                 "requests" + (f"; requests already running finish on {loaded.previous}."
+                                               if loaded.previous_running else f" ({loaded.previous} is freed)."))
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoraRequest, tenant: TenantOf) -> Response:

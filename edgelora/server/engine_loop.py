@@ -9,11 +9,13 @@
                                                  ▼
     RequestStream.queue  <── call_soon_threadsafe ── scheduler.step() ──> SequenceUpdates
                                                  │
-                                                 └─> metrics, deferred adapter removals
+                                                 └─> metrics
 
 Commands that answer (submit, load, unload) carry a ``concurrent.futures.Future`` the event loop
 awaits; updates reach each request's ``asyncio.Queue`` in one ``call_soon_threadsafe`` per step.
-An adapter that is unloaded while requests use it is removed once ``uses_adapter`` says none does.
+Adapter versions live in the adapter cache: a load of new files under a known name serves every
+request submitted after it, an unload hides the name at once, and the bytes that running rows
+still hold are freed by the cache when the last of them ends.
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ class EngineSettings:
     engine: EngineConfig
     scheduler: SchedulerConfig
     adapters: dict[str, Path] = field(default_factory=dict)  # processed folders registered at start
+
+
+@dataclass
+class AdapterLoad:
+    """What a load did: the version now current, and the one it replaced (None: a new name)."""
+
+    version: str
+    previous: str | None = None
+    previous_running: bool = True  # requests still hold the previous version (they finish on it)
 
 
 @dataclass
@@ -107,7 +118,6 @@ class EngineLoop:
         self._engine: Engine | None = None
         self._scheduler: Scheduler | None = None
         self._live: dict[str, _Live] = {}
-        self._removals: set[str] = set()  # unloaded adapters that requests still use
         self._failed: BaseException | None = None
 
     # -- lifecycle (main thread) ----------------------------------------------------------------
@@ -132,32 +142,39 @@ class EngineLoop:
 
     # -- commands (event loop) ------------------------------------------------------------------
     async def submit(self, request_id: str, request: GenerationRequest, adapter_label: str,
-                     arrival_s: float, adapter_folder: Path | None = None) -> RequestStream:
+                     arrival_s: float, adapter_folder: Path | None = None,
+                     adapter_version: str | None = None) -> RequestStream:
         """Queue a request; raises what ``add_request`` raises (UserInputError, QueueFull).
 
-        With ``adapter_folder`` (a Ray replica), an adapter that is not registered here, or whose
-        removal is pending, is registered from that folder in the same engine-thread step, so no
-        eviction can come between the check and the request (``stream.loaded_adapter`` says so).
+        With ``adapter_folder`` and ``adapter_version`` (a Ray replica), an adapter that is not
+        registered here at that version is registered from that folder in the same engine-thread
+        step, so no eviction can come between the check and the request (``stream.loaded_adapter``
+        says so), and the request runs on exactly the version the ingress checked.
         """
         stream = RequestStream(request_id)
-        await self._call(self._do_submit, stream, request, adapter_label, arrival_s, adapter_folder)
+        await self._call(self._do_submit, stream, request, adapter_label, arrival_s, adapter_folder, adapter_version)
         return stream
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (a no-op when it has finished); its row and adapter reference are released."""
         self._commands.put((self._do_abort, (request_id,), None))
 
-    async def load_adapter(self, name: str, folder: Path, read: bool = False) -> None:
-        """Register an adapter (again, if its removal is pending); ``read`` also reads it into the host cache."""
-        await self._call(self._do_load, name, folder, read)
+    async def load_adapter(self, name: str, folder: Path, read: bool = False, version: str | None = None
+                           ) -> AdapterLoad:
+        """Register an adapter, or a new version of a known name (requests submitted from now on get it).
+
+        ``read`` also keeps it in the host cache; ``version`` refuses files whose bytes are not that version.
+        """
+        return await self._call(self._do_load, name, folder, read, version)
 
     async def unload_adapter(self, name: str) -> bool:
-        """Remove now if nothing uses it, else once the requests using it finish; True if removed now."""
+        """Gone for new requests now; its memory is freed once the requests using it finish (True: at once)."""
         return await self._call(self._do_unload, name)
 
-    def release_adapter(self, name: str) -> None:
-        """``unload_adapter`` without an answer, from any thread; a no-op for an adapter that is not here."""
-        self._commands.put((self._do_release, (name,), None))
+    def release_adapter(self, name: str, version: str | None = None) -> None:
+        """``unload_adapter`` without an answer, from any thread; a no-op for an adapter that is not here
+        (or, with ``version``, whose current version is another one)."""
+        self._commands.put((self._do_release, (name, version), None))
 
     async def _call(self, method: Callable, *args):
         if not self.alive:
@@ -196,7 +213,6 @@ class EngineLoop:
         stepped = scheduler.has_unfinished_requests()
         if stepped:
             self._step()
-        self._finish_removals()
         self._metrics.observe_queue(scheduler.num_running, scheduler.num_waiting)
         self._metrics.observe_cache(self._engine.adapters.stats, len(self._engine.adapters.names()))
         if stepped:
@@ -253,13 +269,17 @@ class EngineLoop:
                 return True
 
     def _do_submit(self, stream: RequestStream, request: GenerationRequest, adapter_label: str,
-                   arrival_s: float, adapter_folder: Path | None) -> None:
+                   arrival_s: float, adapter_folder: Path | None, adapter_version: str | None) -> None:
         name = request.adapter
-        missing = name is not None and (name in self._removals or name not in self._engine.adapters)
-        if missing and adapter_folder is not None:
-            stream.loaded_adapter = name not in self._engine.adapters
-            self._do_load(name, adapter_folder)
-        elif missing:
+        adapters = self._engine.adapters
+        if name is not None and adapter_folder is not None:
+            current = adapters.current(name)
+            if current is None or (adapter_version is not None and current.version != adapter_version):
+                in_memory = adapter_version is not None and any(
+                    ref.name == name and ref.version == adapter_version for ref in adapters.versions())
+                stream.loaded_adapter = not in_memory  # a version rows still hold comes back without a read
+                self._do_load(name, adapter_folder, version=adapter_version)
+        elif name is not None and name not in adapters:
             raise UnknownAdapter(f"The model `{name}` does not exist.")
         self._scheduler.add_request(stream.request_id, request, "request")
         self._live[stream.request_id] = _Live(stream, adapter_label, arrival_s)
@@ -268,35 +288,25 @@ class EngineLoop:
         if request_id in self._live:
             self._scheduler.abort_request(request_id)
 
-    def _do_load(self, name: str, folder: Path, read: bool = False) -> None:
-        new = name not in self._engine.adapters
-        self._engine.adapters.add(name, folder)
-        self._removals.discard(name)  # loaded again (same files) before its old requests drained
-        if read:
-            try:
-                self._engine.adapters.prefetch(name)
-            except Exception:
-                if new:  # a file that cannot be read leaves nothing registered behind
-                    self._engine.adapters.remove(name)
-                raise
+    def _do_load(self, name: str, folder: Path, read: bool = False, version: str | None = None) -> AdapterLoad:
+        adapters = self._engine.adapters
+        previous = adapters.current(name)
+        entry = adapters.add(name, folder, version=version, read=read)
+        if previous is None:
+            return AdapterLoad(entry.version)
+        return AdapterLoad(entry.version, previous.version, previous in adapters.versions())
 
     def _do_unload(self, name: str) -> bool:
         if name not in self._engine.adapters:
             raise UnknownAdapter(f"the adapter {name!r} is not loaded")
-        self._removals.add(name)
-        self._finish_removals()
-        return name not in self._engine.adapters
+        removed = self._engine.adapters.remove(name)
+        log.info("adapter %s unloaded%s", name, "" if removed else " (freed once its running requests finish)")
+        return removed
 
-    def _do_release(self, name: str) -> None:
-        if name in self._engine.adapters:
+    def _do_release(self, name: str, version: str | None) -> None:
+        current = self._engine.adapters.current(name)
+        if current is not None and (version is None or current.version == version):
             self._do_unload(name)
-
-    def _finish_removals(self) -> None:
-        for name in list(self._removals):
-            if not self._scheduler.uses_adapter(name) and not self._engine.adapters.get(name).references:
-                self._engine.adapters.remove(name)
-                self._removals.discard(name)
-                log.info("adapter %s removed", name)
 
     def _step(self) -> None:
         try:
