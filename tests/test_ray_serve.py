@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from adapter_set import chat_requests, mismatches, offline_answers, processed_adapters, send_all
+from hot_swap import HOWS, swap_during_stream
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import running_server
 
@@ -30,6 +31,7 @@ ADAPTERS = 8
 BASE = "base"
 APP = "edgelora"
 REPLACEMENT_TIMEOUT_S = 120.0
+SWAP_PROMPT = "The quick brown fox"
 
 
 @dataclass
@@ -187,6 +189,30 @@ def _client_that_leaves_mid_stream_frees_its_row(url: str) -> None:
         if running == 0 and aborted >= 1:
             return
         assert time.monotonic() < deadline, f"the left stream still runs: {running} rows, {aborted}"
+
+
+@pytest.fixture(scope="module")
+def offline_ids(ray_setup):
+    """(processed adapter folder, max tokens) -> greedy ids for SWAP_PROMPT, from the Python API in this process."""
+    from edgelora.api import LLM, LoRARequest, SamplingParams
+
+    llm = LLM(ray_setup.sample.onnx_dir, num_threads=1)
+
+    def expected(folder: Path, max_tokens: int) -> list[int]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return llm.generate(SWAP_PROMPT, params, LoRARequest(folder.name, 1, str(folder)))[0].token_ids
+
+    return expected
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_a_new_version_serves_new_requests_while_the_stream_on_the_old_one_finishes(ray_setup, ray_served,
+                                                                                    offline_ids, how):
+    """The multiplexed model id carries the version: no replica keeps answering with the old one."""
+    url, _ = ray_served
+    processed = ray_setup.sample.processed
+    swap_during_stream(url, ray_setup.root, f"ray_{how}", how, processed["a1"], processed["a2"], SWAP_PROMPT,
+                       offline_ids, engine_says=False)
 
 
 def test_killed_replica_loses_no_retried_request(ray_setup, ray_cluster, ray_served):
