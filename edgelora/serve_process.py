@@ -30,12 +30,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(*args: str, timeout_s: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Yield (base url, process) once /health answers 200; terminate (then kill) the server on the way out."""
+def running_server(*args: str, timeout_s: float = 120.0, launcher: list[str] | None = None,
+                   cwd: str | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Yield (base url, process) once /health answers 200; terminate (then kill) the server on the way out.
+
+    ``launcher``: the command that is ``edgelora`` (default: this interpreter's ``-m edgelora``);
+    ``cwd``: the folder it runs in.
+    """
     port = free_port()
-    command = [sys.executable, "-m", "edgelora", "serve", "--host", HOST, "--port", str(port), *args]
+    command = [*(launcher or [sys.executable, "-m", "edgelora"]), "serve", "--host", HOST, "--port", str(port), *args]
     with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=cwd)
         try:
             yield _wait_healthy(f"http://{HOST}:{port}", process, log, timeout_s), process
         finally:

@@ -12,9 +12,9 @@ __all__ = ["free_port", "metric", "running_server"]
 STARTUP_TIMEOUT_S = 120.0
 
 
-def running_server(*args: str, timeout_s: float = STARTUP_TIMEOUT_S):
+def running_server(*args: str, timeout_s: float = STARTUP_TIMEOUT_S, **where):
     """The library's own launcher (edgelora/serve_process.py), with the tests' startup timeout."""
-    return serve_process.running_server(*args, timeout_s=timeout_s)
+    return serve_process.running_server(*args, timeout_s=timeout_s, **where)
 
 
 def metric(url: str, name: str, api_key: str | None = None) -> float:
