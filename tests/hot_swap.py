@@ -30,7 +30,11 @@ Expected = Callable[[Path, int], list[int]]
 
 
 class OpenStream:
-    """A streaming completion read up to its first data line and held open until ``close``."""
+    """A streaming completion read up to its first data line and held open until ``close``.
+
+    It keeps httpx's line iterator: dropping that iterator closes the response (the server then
+    sees a disconnect and aborts the request).
+    """
 
     def __init__(self, url: str, body: dict, headers: dict[str, str] | None = None):
         self.http = httpx.Client(timeout=TIMEOUT_S)

@@ -21,6 +21,7 @@ from server_process import running_server
 
 from edgelora.cli import main
 from edgelora.errors import UserInputError
+from edgelora.processed_adapter import ProcessedAdapterFiles
 from edgelora.server import ServeOptions
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the [ray] extra")
@@ -68,8 +69,9 @@ def test_config_file_builds_the_application(sample, tmp_path):
     assert replica.max_ongoing_requests == 8 + 8 * 8
     assert replica.ray_actor_options["num_cpus"] == 1 and "num_gpus" not in replica.ray_actor_options
     assert settings.engine.max_cpu_loras == 8 and settings.engine.max_loras == 4 and settings.adapters == {}
-    _, (adapters,) = deployments["EdgeLoraHub"]
-    assert set(adapters) == {"a1", "a2"} and Path(adapters["a2"]).parent == tmp_path / "cache"
+    _, (adapters,) = deployments["EdgeLoraHub"]  # name -> (folder, version): replicas load what was checked here
+    assert set(adapters) == {"a1", "a2"} and Path(adapters["a2"][0]).parent == tmp_path / "cache"
+    assert adapters["a1"][1] == ProcessedAdapterFiles.read(sample.processed["a1"]).version
 
 
 def test_relative_paths_are_made_absolute_where_the_app_is_built(sample, monkeypatch):
@@ -82,7 +84,7 @@ def test_relative_paths_are_made_absolute_where_the_app_is_built(sample, monkeyp
     _, (settings, _) = deployments["EdgeLoraReplica"]
     _, (served, adapters, _, _) = deployments["EdgeLoraIngress"]
     assert settings.onnx_dir == sample.onnx_dir and served.onnx_dir.is_absolute()
-    assert Path(adapters["a1"]) == sample.processed["a1"]
+    assert Path(adapters["a1"][0]) == sample.processed["a1"]
 
 
 def test_cuda_replicas_ask_ray_for_a_gpu_each(sample):

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from hot_swap import HOWS, copy_adapter, greedy_ids, swap_during_stream
+from hot_swap import HOWS, OpenStream, copy_adapter, greedy_ids, swap_during_stream
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import free_port, running_server
 
@@ -197,29 +197,9 @@ def _wait_until(condition, timeout_s: float = 20.0, interval_s: float = 0.05) ->
     return condition()
 
 
-class _OpenStream:
-    """A streaming completion read up to its first data line and held open until ``close``.
-
-    It keeps httpx's line iterator: dropping that iterator closes the response (the server then
-    sees a disconnect and aborts the request).
-    """
-
-    def __init__(self, server: Served, body: dict, key: str | None = None):
-        self.http = httpx.Client(timeout=TIMEOUT_S)
-        request = self.http.build_request("POST", server.v1 + "/completions", json={**body, "stream": True},
-                                          headers=server.headers(key))
-        self.response = self.http.send(request, stream=True)
-        assert self.response.status_code == 200, self.response.read()
-        self._lines = self.response.iter_lines()
-        self.first = next(line for line in self._lines if line.startswith("data: "))
-
-    def rest(self) -> list[str]:
-        """The remaining data lines, to the end of the stream."""
-        return [line for line in self._lines if line.startswith("data: ")]
-
-    def close(self) -> None:
-        self.response.close()
-        self.http.close()
+def _open_stream(server: Served, body: dict, key: str | None = None) -> OpenStream:
+    """A streaming completion read up to its first data line and held open until ``close``."""
+    return OpenStream(server.url, body, server.headers(key))
 
 
 # -- models, completions, chat -----------------------------------------------------------------------
@@ -529,7 +509,7 @@ def test_clients_that_disconnect_mid_stream_leave_no_rows_and_adapters_unloadabl
     body = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "temperature": 0}
 
     def leave_after_first_chunk(index: int) -> None:
-        _OpenStream(server, {**body, "model": ("d1", "d2", SERVED)[index % 3]}).close()  # gone mid-stream
+        _open_stream(server, {**body, "model": ("d1", "d2", SERVED)[index % 3]}).close()  # gone mid-stream
 
     def leave_before_the_answer(index: int) -> None:
         with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
@@ -550,7 +530,7 @@ def test_clients_that_disconnect_mid_stream_leave_no_rows_and_adapters_unloadabl
 
 def test_unloading_an_adapter_in_use_lets_its_request_finish(server, lora_root):
     assert _post(server, "/load_lora_adapter", {"lora_name": "busy", "lora_path": "d1"}).status_code == 200
-    stream = _OpenStream(server, {"model": "busy", "prompt": PROMPT, "max_tokens": 600, "ignore_eos": True,
+    stream = _open_stream(server, {"model": "busy", "prompt": PROMPT, "max_tokens": 600, "ignore_eos": True,
                                   "temperature": 0})
     try:
         unload = _post(server, "/unload_lora_adapter", {"lora_name": "busy"})
@@ -590,7 +570,7 @@ def test_a_short_request_finishes_while_a_long_one_decodes(server):
 
         thread = threading.Thread(target=short)
         thread.start()
-        stream = _OpenStream(server, {"model": SERVED, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
+        stream = _open_stream(server, {"model": SERVED, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
                                       "temperature": 0})
         go.set()
         chunks = 1 + sum(1 for line in stream.rest() if line != "data: [DONE]")
@@ -645,7 +625,7 @@ def test_max_concurrent_caps_a_key_with_429(tenant_server):
     tenant_a, tenant_b = _tenant_client(tenant_server, "key-a"), _tenant_client(tenant_server, "key-b")
     tenant_b.models.list()  # connections made before the clock starts: the long request lasts about a second
     tenant_a.models.list()
-    stream = _OpenStream(tenant_server, {"model": "a2", "prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True,
+    stream = _open_stream(tenant_server, {"model": "a2", "prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True,
                                          "temperature": 0}, key="key-b")
     try:
         with pytest.raises(openai.RateLimitError):
@@ -688,7 +668,7 @@ def test_full_queue_is_503(small_server):
     http, third = httpx.Client(timeout=TIMEOUT_S), httpx.Client(timeout=TIMEOUT_S)
     for warm in (http, third):  # connections made before the clock starts: the long request lasts about a second
         warm.get(small_server.url + "/health")
-    running = _OpenStream(small_server, body)  # holds the only row
+    running = _open_stream(small_server, body)  # holds the only row
     waiting = http.send(http.build_request("POST", small_server.v1 + "/completions", json={**body, "stream": True}),
                         stream=True)  # accepted: the one waiting place
     try:
@@ -731,7 +711,7 @@ def test_sigterm_lets_the_running_request_finish_and_exits_0(sample):
         started, result = threading.Event(), {}
 
         def long_request() -> None:
-            stream = _OpenStream(served, {"model": SERVED, "prompt": PROMPT, "max_tokens": 2500, "ignore_eos": True,
+            stream = _open_stream(served, {"model": SERVED, "prompt": PROMPT, "max_tokens": 2500, "ignore_eos": True,
                                            "temperature": 0, "return_token_ids": True})
             started.set()
             result["events"] = [stream.first, *stream.rest()]
