@@ -120,16 +120,19 @@ def parse_processed_tensors(data: bytes, where: str) -> dict[str, np.ndarray]:
 
     From bytes already read (not the path), so the tensors are exactly the bytes that were hashed.
     """
-    import ml_dtypes
     from safetensors import SafetensorError, deserialize
 
-    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+    dtypes = {"F32": np.float32, "F16": np.float16}
     try:
         views = deserialize(data)
     except (SafetensorError, ValueError, TypeError) as exc:
         raise AdapterError(f"{where}: unreadable {contract.PROCESSED_ADAPTER} ({exc})") from exc
     tensors = {}
     for name, view in views:
+        if view["dtype"] == "BF16" and "BF16" not in dtypes:
+            import ml_dtypes  # half a second to import: only when a file holds bfloat16
+
+            dtypes["BF16"] = ml_dtypes.bfloat16
         dtype = dtypes.get(view["dtype"])
         if dtype is None:
             raise AdapterError(f"{where}: tensor {name} is {view['dtype']}; processed adapters are F16, BF16 or F32")
