@@ -48,7 +48,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for mode, extra in modes.items():
             with running_server(*extra, *common, timeout_s=600) as (url, _):
-                report = run_bench_serve(BenchServeOptions(list(modules), url=url, concurrency=levels,
+                report = run_bench_serve(BenchServeOptions(adapters=list(modules), url=url, concurrency=levels,
                                                            requests=args.requests, max_tokens=args.max_tokens))
             for level in report["levels"]:
                 for figure in FIGURES:

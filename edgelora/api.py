@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgelora import contract
 from edgelora.errors import UserInputError
 from edgelora.processed_adapter import resolve_adapter_path
-from edgelora.runtime.engine import Engine, EngineConfig
-from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig, sampling_problems
+from edgelora.runtime.config import EngineConfig, SchedulerConfig
+from edgelora.runtime.engine import Engine
+from edgelora.runtime.scheduler import GenerationRequest, Scheduler, sampling_problems
 from edgelora.runtime.tokenizer import ChatTokenizer
 
 # A prompt is raw text, a chat (list of {"role", "content"}), or token ids.
@@ -34,9 +34,9 @@ class LoraConfig:
     """
 
     lora_dir: list[str] = field(default_factory=list)  # processed adapters registered at start (name = folder name)
-    max_lora_rank: int = contract.MAX_LORA_RANK
-    max_loras: int = 8
-    max_cpu_loras: int = 16
+    max_lora_rank: int = EngineConfig.max_lora_rank
+    max_loras: int = EngineConfig.max_loras
+    max_cpu_loras: int | None = EngineConfig.max_cpu_loras  # None: max(16, max_loras); never below max_loras
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,8 @@ class LLM:
     join as others finish, and the call returns when all are done.
     """
 
-    def __init__(self, model: str | Path, lora_config: LoraConfig | None = None, max_batch_size: int = 8,
+    def __init__(self, model: str | Path, lora_config: LoraConfig | None = None,
+                 max_batch_size: int = SchedulerConfig.max_num_seqs,
                  device: str = "cpu", num_threads: int | None = None, max_model_len: int | None = None):
         lora_config = lora_config or LoraConfig()
         self.engine = Engine(Path(model), EngineConfig(

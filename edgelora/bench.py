@@ -27,7 +27,7 @@ from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerCo
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)  # built by keyword only: a field added anywhere cannot shift the others
 class BenchOptions:
     onnx_dir: Path
     adapters: list[Path]

@@ -37,7 +37,7 @@ DECODE_SECONDS = "edgelora_decode_step_seconds"
 DECODE_OVERHEAD_SECONDS = "edgelora_decode_overhead_seconds"
 
 
-@dataclass
+@dataclass(kw_only=True)  # built by keyword only: a field added anywhere cannot shift the others
 class BenchServeOptions:
     adapters: list[str]  # served adapter names (None of them: base only); "base" means the served model
     url: str | None = None
@@ -191,10 +191,12 @@ def _server_args(options: BenchServeOptions) -> list[str]:
 def _offline(options: BenchServeOptions, prompts: list[list[int]]):
     """An LLM over the same folder and adapters, and a function timing one batch of the given prompts."""
     from edgelora.api import LLM, LoraConfig, LoRARequest, SamplingParams
+    from edgelora.runtime.config import EngineConfig
 
     names = [name for name in options.adapters if name != "base"]
-    llm = LLM(options.onnx_dir, LoraConfig(max_loras=max(1, options.max_loras or len(names) or 1),
-                                           max_cpu_loras=max(16, len(names))),
+    max_loras = max(1, options.max_loras or len(names) or 1)
+    host_loras = max(EngineConfig(max_loras=max_loras).host_loras, len(names))  # every adapter stays host-ready
+    llm = LLM(options.onnx_dir, LoraConfig(max_loras=max_loras, max_cpu_loras=host_loras),
               max_batch_size=max(options.concurrency), num_threads=options.threads)
     requests = {name: LoRARequest(name, index + 1, str(options.lora_modules[name])) for index, name in enumerate(names)}
     params = SamplingParams(max_tokens=options.max_tokens, temperature=0.0, ignore_eos=True)

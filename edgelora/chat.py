@@ -39,7 +39,7 @@ COMMANDS = ("/lora NAME switches adapter (/lora alone: the base model), /loras l
             "/reset clears the history, /quit exits")
 
 
-@dataclass
+@dataclass(kw_only=True)  # built by keyword only: a field added anywhere cannot shift the others
 class ChatOptions:
     """What ``edgelora chat`` was started with. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
 

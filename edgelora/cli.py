@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from edgelora.errors import EdgeLoraError, UserInputError
+from edgelora.runtime.config import MIN_HOST_LORAS, EngineConfig, SchedulerConfig
 
 log = logging.getLogger("edgelora")
+RANK_HELP = f"largest adapter rank accepted (1..{EngineConfig.max_lora_rank})"
 
 
 def _quiet_transformers() -> None:
@@ -54,8 +56,9 @@ def _insert_lora(args: argparse.Namespace) -> None:
 def _quantize(args: argparse.Namespace) -> None:
     from edgelora.graph.quantize import QuantizeOptions, quantize_export
 
-    quantize_export(args.onnx_dir, args.output_dir, QuantizeOptions(args.mode, args.block_size, args.asymmetric,
-                                                                    args.accuracy_level, args.gguf_file))
+    quantize_export(args.onnx_dir, args.output_dir, QuantizeOptions(
+        mode=args.mode, block_size=args.block_size, asymmetric=args.asymmetric, accuracy_level=args.accuracy_level,
+        gguf_file=args.gguf_file))
 
 
 def _process_lora(args: argparse.Namespace) -> None:
@@ -75,8 +78,10 @@ def _merge_lora(args: argparse.Namespace) -> None:
 def _infer(args: argparse.Namespace) -> None:
     from edgelora.infer_file import InferOptions, run_infer
 
-    result = run_infer(InferOptions(args.onnx_dir, args.input_file, args.output_file, args.max_lora_rank,
-                                    args.max_batch_size, args.device, args.threads))
+    result = run_infer(InferOptions(
+        onnx_dir=args.onnx_dir, input_file=args.input_file, output_file=args.output_file,
+        max_lora_rank=args.max_lora_rank, max_batch_size=args.max_batch_size, device=args.device,
+        num_threads=args.threads))
     stats = result["stats"]
     log.info("%d responses in %.2f s (%s decode tokens/s) -> %s", stats["requests"], stats["total_s"],
              stats["decode_tokens_per_s"], args.output_file)
@@ -92,20 +97,25 @@ def _int_list(text: str) -> list[int]:
 def _bench(args: argparse.Namespace) -> None:
     from edgelora.bench import BenchOptions, parse_rows, run_bench
 
-    run_bench(BenchOptions(args.onnx_dir, args.adapters, args.batch, args.prompt_len, args.max_tokens, args.repeats,
-                           args.contexts, args.context_batch, args.context_steps, args.threads, args.device, args.json,
-                           [parse_rows(text) for text in args.rows or []], args.prompt_file))
+    run_bench(BenchOptions(
+        onnx_dir=args.onnx_dir, adapters=args.adapters, batches=args.batch, prompt_len=args.prompt_len,
+        max_tokens=args.max_tokens, repeats=args.repeats, contexts=args.contexts, context_batch=args.context_batch,
+        context_steps=args.context_steps, num_threads=args.threads, device=args.device, json_path=args.json,
+        rows=[parse_rows(text) for text in args.rows or []], prompt_file=args.prompt_file))
 
 
 def _serve(args: argparse.Namespace) -> None:
     from edgelora.lora_modules import parse_lora_modules
     from edgelora.server import ServeOptions, serve
 
-    options = ServeOptions(args.onnx_dir, parse_lora_modules(args.lora_modules), args.served_model_name,
-                           args.max_loras, args.max_cpu_loras, args.max_lora_rank, args.max_num_seqs,
-                           args.max_model_len, args.host, args.port, args.api_key, args.api_keys, args.lora_root,
-                           args.lora_cache_dir, args.enable_lora_updates, args.max_waiting, args.device, args.threads,
-                           args.shutdown_timeout)
+    options = ServeOptions(
+        onnx_dir=args.onnx_dir, lora_modules=parse_lora_modules(args.lora_modules),
+        served_model_name=args.served_model_name, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+        max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        host=args.host, port=args.port, api_key=args.api_key, api_keys=args.api_keys, lora_root=args.lora_root,
+        lora_cache_dir=args.lora_cache_dir, enable_lora_updates=args.enable_lora_updates,
+        max_waiting=args.max_waiting, device=args.device, threads=args.threads,
+        shutdown_timeout_s=args.shutdown_timeout)
     if not args.ray:
         if args.replicas is not None or args.ray_address is not None:
             raise UserInputError("--replicas and --ray-address need --ray")
@@ -115,7 +125,8 @@ def _serve(args: argparse.Namespace) -> None:
         from edgelora.ray import RayOptions, run
     except ImportError as exc:
         raise UserInputError(f"edgelora serve --ray needs {exc.name}: pip install 'edgelora[ray]'") from exc
-    run(RayOptions(options, 1 if args.replicas is None else args.replicas, args.ray_address))
+    run(RayOptions(serve=options, replicas=1 if args.replicas is None else args.replicas,
+                   ray_address=args.ray_address))
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
@@ -124,19 +135,22 @@ def _bench_serve(args: argparse.Namespace) -> None:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
 
-    run_bench_serve(BenchServeOptions(args.adapters, args.url, args.onnx_dir, parse_lora_modules(args.lora_modules),
-                                      args.concurrency, args.requests, args.prompt_len, args.max_tokens, args.repeats,
-                                      args.threads, args.max_loras, args.max_num_seqs, args.compare_offline,
-                                      args.api_key, args.json))
+    run_bench_serve(BenchServeOptions(
+        adapters=args.adapters, url=args.url, onnx_dir=args.onnx_dir, lora_modules=parse_lora_modules(args.lora_modules),
+        concurrency=args.concurrency, requests=args.requests, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
+        repeats=args.repeats, threads=args.threads, max_loras=args.max_loras, max_num_seqs=args.max_num_seqs,
+        compare_offline=args.compare_offline, api_key=args.api_key, json_path=args.json))
 
 
 def _chat(args: argparse.Namespace) -> None:
     from edgelora.chat import ChatOptions, run_chat
     from edgelora.lora_modules import parse_lora_modules
 
-    run_chat(ChatOptions(args.onnx_dir, parse_lora_modules(args.lora_modules), args.lora, args.system, args.max_tokens,
-                         args.temperature, args.top_p, args.top_k, args.seed, args.max_model_len, args.max_lora_rank,
-                         args.device, args.threads))
+    run_chat(ChatOptions(
+        onnx_dir=args.onnx_dir, lora_modules=parse_lora_modules(args.lora_modules), lora=args.lora, system=args.system,
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        max_model_len=args.max_model_len, max_lora_rank=args.max_lora_rank, device=args.device,
+        num_threads=args.threads))
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -266,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(infer, "--onnx-dir", required=True, type=Path, help="folder with lora_model.onnx (export + insert-lora)")
     _flag(infer, "--input-file", required=True, type=Path, help="input JSON (Edge-LLM format)")
     _flag(infer, "--output-file", required=True, type=Path, help="where to write {responses, stats} (atomically)")
-    _flag(infer, "--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (1..64)")
-    _flag(infer, "--max-batch-size", "--max-num-seqs", type=int, default=8, help="most requests run together in one batch")
+    _flag(infer, "--max-lora-rank", type=int, default=EngineConfig.max_lora_rank, help=RANK_HELP)
+    _flag(infer, "--max-batch-size", "--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,
+          help="most requests run together in one batch")
     infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider (cuda needs onnxruntime-gpu)")
     infer.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores)")
 
@@ -306,12 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
           help="adapters served from the start: processed folders, or PEFT folders (processed at startup)")
     _flag(serve, "--served-model-name", default=None, help="the base model's name in the API; default: the onnx folder's name")
-    _flag(serve, "--max-loras", type=int, default=8, help="adapter slots a step can use at once")
-    _flag(serve, "--max-cpu-loras", type=int, default=None,
-          help="adapters kept ready in host memory; default: max(16, --max-loras)")
-    _flag(serve, "--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (1..64)")
-    _flag(serve, "--max-num-seqs", "--max-batch-size", "--max_batch_size", "--maxBatchSize", type=int, default=8,
-          help="requests decoded together (rows of the batch)")
+    _flag(serve, "--max-loras", type=int, default=EngineConfig.max_loras, help="adapter slots a step can use at once")
+    _flag(serve, "--max-cpu-loras", type=int, default=EngineConfig.max_cpu_loras,
+          help=f"adapters kept ready in host memory (at least --max-loras); default: max({MIN_HOST_LORAS}, --max-loras)")
+    _flag(serve, "--max-lora-rank", type=int, default=EngineConfig.max_lora_rank, help=RANK_HELP)
+    _flag(serve, "--max-num-seqs", "--max-batch-size", "--max_batch_size", "--maxBatchSize", type=int,
+          default=SchedulerConfig.max_num_seqs, help="requests decoded together (rows of the batch)")
     _flag(serve, "--max-model-len", type=int, default=None,
           help="prompt + generated tokens per request; default: the model's positions")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (another than loopback without a key logs a warning)")
@@ -387,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None, help="sampling seed, the same for every answer; default: random")
     _flag(chat, "--max-model-len", type=int, default=None,
           help="conversation + answer tokens; default: the model's positions")
-    _flag(chat, "--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (1..64)")
+    _flag(chat, "--max-lora-rank", type=int, default=EngineConfig.max_lora_rank, help=RANK_HELP)
     chat.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider (cuda needs onnxruntime-gpu)")
     chat.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime; default: all cores")
     return parser

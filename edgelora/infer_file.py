@@ -17,18 +17,19 @@ from edgelora import contract
 from edgelora.api import LLM, LoraConfig, LoRARequest, SamplingParams
 from edgelora.errors import UserInputError
 from edgelora.fileio import check_writable_file, write_text_atomic
+from edgelora.runtime.config import EngineConfig, SchedulerConfig
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_generate_length", "seed")
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "max_generate_length": 256, "seed": None}
 
 
-@dataclass
+@dataclass(kw_only=True)  # built by keyword only: a field added anywhere cannot shift the others
 class InferOptions:
     onnx_dir: Path
     input_file: Path
     output_file: Path
-    max_lora_rank: int = contract.MAX_LORA_RANK
-    max_batch_size: int = 8
+    max_lora_rank: int = EngineConfig.max_lora_rank
+    max_batch_size: int = SchedulerConfig.max_num_seqs
     device: str = "cpu"
     num_threads: int | None = None
 

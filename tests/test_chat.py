@@ -68,7 +68,7 @@ def offline(sample) -> Offline:
 
 def make_chat(sample, **overrides) -> Chat:
     options = dict(lora_modules=dict(sample.processed), temperature=0.0, max_tokens=MAX_TOKENS, num_threads=2)
-    return Chat(ChatOptions(sample.onnx_dir, **{**options, **overrides}))
+    return Chat(ChatOptions(onnx_dir=sample.onnx_dir, **{**options, **overrides}))
 
 
 def converse(chat: Chat, lines: list[str], stdout_tty: bool = False) -> tuple[str, str]:

@@ -90,7 +90,7 @@ def test_relative_paths_are_made_absolute_where_the_app_is_built(sample, monkeyp
 def test_cuda_replicas_ask_ray_for_a_gpu_each(sample):
     from edgelora.ray import RayOptions, build_app
 
-    options = RayOptions(ServeOptions(sample.onnx_dir, device="cuda", threads=2), replicas=3)
+    options = RayOptions(serve=ServeOptions(onnx_dir=sample.onnx_dir, device="cuda", threads=2), replicas=3)
     replica, _ = _deployments(build_app(options))["EdgeLoraReplica"]
     assert replica.ray_actor_options == {"num_cpus": 2, "num_gpus": 1}
     assert replica.num_replicas == 3
@@ -114,13 +114,13 @@ def test_build_refuses_what_no_replica_could_serve(sample, tmp_path):
     from edgelora.ray import RayOptions, build_app
 
     with pytest.raises(UserInputError, match="no lora_model.onnx"):
-        build_app(RayOptions(ServeOptions(tmp_path)))
+        build_app(RayOptions(serve=ServeOptions(onnx_dir=tmp_path)))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "processed_adapter_model.safetensors").write_bytes(b"not safetensors")
     (broken / "config.json").write_text("{}")
     with pytest.raises(UserInputError, match="--lora-modules bad"):
-        build_app(RayOptions(ServeOptions(sample.onnx_dir, lora_modules={"bad": broken})))
+        build_app(RayOptions(serve=ServeOptions(onnx_dir=sample.onnx_dir, lora_modules={"bad": broken})))
 
 
 def test_metrics_of_every_replica_are_labelled():

@@ -33,7 +33,7 @@ CARRIED = ("hf_config.json", "tokenizer.json", "tokenizer_config.json", "special
            "tokenizer.model")
 
 
-@dataclass
+@dataclass(kw_only=True)  # built by keyword only: a field added anywhere cannot shift the others
 class QuantizeOptions:
     """Weight-only quantization settings (ONNX Runtime's names in brackets)."""
 

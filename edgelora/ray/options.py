@@ -21,7 +21,7 @@ INGRESS_MIN_ONGOING = 256
 PATH_FIELDS = {"onnx_dir", "api_keys", "lora_root", "lora_cache_dir"}
 
 
-@dataclass
+@dataclass(kw_only=True)  # built by keyword only: a field added anywhere cannot shift the others
 class RayOptions:
     """``edgelora serve --ray``: K replicas, each one engine with its own scheduler, behind one ingress."""
 
@@ -94,6 +94,6 @@ class RayOptions:
             values["lora_modules"] = {str(name): Path(path) for name, path in modules.items()}
         else:
             raise UserInputError("args: lora_modules must be a list of NAME=PATH or a mapping")
-        options = cls(ServeOptions(**values), **own)
+        options = cls(serve=ServeOptions(**values), **own)
         options.validate()
         return options

@@ -99,7 +99,7 @@ class EdgeLoraReplica:
         self._held: dict[str, tuple[Path, float]] = {}  # model id (name@version) -> folder, when loaded
         self._wanted: dict[str, Path] = {}  # model id -> the folder the request now loading it brought
         self._report_now = asyncio.Event()
-        self._multiplexed = serve.multiplexed(max_num_models_per_replica=settings.engine.max_cpu_loras)(self._loader())
+        self._multiplexed = serve.multiplexed(max_num_models_per_replica=settings.engine.host_loras)(self._loader())
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
         log.info("replica %s ready (%d adapters registered)", self._id, len(self._held))
 

@@ -1,6 +1,17 @@
-"""The runtime: ORT session over lora_model.onnx, native adapter slots and sampler, KV cache, step scheduler."""
+"""The runtime: ORT session over lora_model.onnx, native adapter slots and sampler, KV cache, step scheduler.
 
-from edgelora.runtime.engine import Engine, EngineConfig
-from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig, SequenceUpdate
+Names load lazily, so ``edgelora.runtime.config`` (the settings, for the CLI's flags) costs no
+numpy and no ONNX Runtime.
+"""
 
-__all__ = ["Engine", "EngineConfig", "GenerationRequest", "Scheduler", "SchedulerConfig", "SequenceUpdate"]
+from importlib import import_module
+
+_HOMES = {"Engine": "engine", "EngineConfig": "config", "GenerationRequest": "scheduler", "Scheduler": "scheduler",
+          "SchedulerConfig": "config", "SequenceUpdate": "scheduler"}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(import_module(f"edgelora.runtime.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'edgelora.runtime' has no attribute {name!r}")

@@ -9,7 +9,6 @@ Which rows run, and when, is the scheduler's business (``scheduler.py``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,30 +20,9 @@ from edgelora.lora_manifest import LoraManifest
 from edgelora.model_spec import ModelSpec
 from edgelora.runtime import native
 from edgelora.runtime.adapter_cache import AdapterCache
+from edgelora.runtime.config import EngineConfig
 from edgelora.runtime.kv_cache import KVCache
 from edgelora.runtime.session import NUMPY_DTYPES, Device, make_session, runtime_failures
-
-
-@dataclass
-class EngineConfig:
-    """Sizes fixed when the engine starts (TensorRT-LLM's LoraConfig words)."""
-
-    max_lora_rank: int = contract.MAX_LORA_RANK
-    max_loras: int = 8  # adapter slots ready for a batch
-    max_cpu_loras: int = 16  # adapters kept ready in host memory (converted, one copy from a slot)
-    device: str = "cpu"
-    num_threads: int | None = None
-
-    def validate(self) -> None:
-        problems = []
-        if not 1 <= self.max_lora_rank <= contract.MAX_LORA_RANK:
-            problems.append(f"max_lora_rank {self.max_lora_rank} (1..{contract.MAX_LORA_RANK})")
-        if self.max_loras < 1:
-            problems.append(f"max_loras {self.max_loras} (>= 1)")
-        if self.max_cpu_loras < self.max_loras:
-            problems.append(f"max_cpu_loras {self.max_cpu_loras} (>= max_loras)")
-        if problems:
-            raise UserInputError("invalid engine settings: " + "; ".join(problems))
 
 
 class Engine:
@@ -72,7 +50,7 @@ class Engine:
                                        self.config.max_loras, self.config.max_lora_rank, self.spec.dtype,
                                        self.device.kind)
         self.adapters = AdapterCache(self.pool, self.spec, self.manifest, self.config.max_lora_rank,
-                                     self.config.max_cpu_loras, self.float_dtype)
+                                     self.config.host_loras, self.float_dtype)
         self._no_adapter = {site.a_name: np.zeros(contract.lora_a_shape(1, site.in_features, 0), self.float_dtype)
                             for site in self.manifest.sites}
         self._no_adapter.update({site.b_name: np.zeros(contract.lora_b_shape(1, 0, site.out_features), self.float_dtype)

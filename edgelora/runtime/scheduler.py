@@ -36,6 +36,7 @@ from edgelora import contract
 from edgelora.errors import EdgeLoraError, UserInputError
 from edgelora.runtime import native
 from edgelora.runtime.adapter_cache import AdapterRef
+from edgelora.runtime.config import SchedulerConfig
 from edgelora.runtime.detokenizer import IncrementalDetokenizer
 from edgelora.runtime.engine import Engine
 from edgelora.runtime.kv_cache import KVCache
@@ -43,30 +44,6 @@ from edgelora.runtime.kv_cache import KVCache
 
 class QueueFull(EdgeLoraError):
     """The waiting queue is at ``max_waiting``: try again later (a 503 in the server)."""
-
-
-@dataclass
-class SchedulerConfig:
-    """Sizes of the persistent batch (vLLM's names)."""
-
-    max_num_seqs: int = 8  # rows decoded together
-    max_model_len: int | None = None  # prompt + generated tokens per request; None: the model's positions
-    max_waiting: int | None = None  # queued requests beyond the running ones; None: unbounded
-    # Positions a host KV cache holds at first; it doubles when a step needs more.
-    kv_cache_initial_len: int = 256
-
-    def validate(self) -> None:
-        problems = []
-        if self.max_num_seqs < 1:
-            problems.append(f"max_num_seqs {self.max_num_seqs} (>= 1)")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            problems.append(f"max_model_len {self.max_model_len} (>= 2)")
-        if self.max_waiting is not None and self.max_waiting < 0:
-            problems.append(f"max_waiting {self.max_waiting} (>= 0)")
-        if self.kv_cache_initial_len < 1:
-            problems.append(f"kv_cache_initial_len {self.kv_cache_initial_len} (>= 1)")
-        if problems:
-            raise UserInputError("invalid scheduler settings: " + "; ".join(problems))
 
 
 @dataclass

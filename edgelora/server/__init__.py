@@ -21,23 +21,24 @@ from pathlib import Path
 
 from edgelora import contract
 from edgelora.errors import UserInputError
+from edgelora.runtime.config import EngineConfig, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ServeOptions", "bind_port", "engine_settings", "prepare_startup_adapters", "serve"]
 
 
-@dataclass
+@dataclass(kw_only=True)  # built by keyword only: a field added anywhere cannot shift the others
 class ServeOptions:
     """Every setting of ``edgelora serve`` (vLLM's flag names)."""
 
     onnx_dir: Path
     lora_modules: dict[str, Path] = field(default_factory=dict)  # name -> PEFT or processed folder
     served_model_name: str | None = None  # default: the onnx folder's name
-    max_loras: int = 8
-    max_cpu_loras: int | None = None  # default: max(16, max_loras)
-    max_lora_rank: int = contract.MAX_LORA_RANK
-    max_num_seqs: int = 8
+    max_loras: int = EngineConfig.max_loras
+    max_cpu_loras: int | None = EngineConfig.max_cpu_loras  # None: EngineConfig.host_loras' rule
+    max_lora_rank: int = EngineConfig.max_lora_rank
+    max_num_seqs: int = SchedulerConfig.max_num_seqs
     max_model_len: int | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -62,25 +63,31 @@ class ServeOptions:
             problems.append("give --api-key or --api-keys, not both")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port {self.port} (0..65535)")
-        if self.max_waiting is not None and self.max_waiting < 0:
-            problems.append(f"--max-waiting {self.max_waiting} (>= 0)")
-        if self.threads is not None and self.threads < 1:
-            problems.append(f"--threads {self.threads} (>= 1)")
         if self.shutdown_timeout_s < 0:
             problems.append(f"--shutdown-timeout {self.shutdown_timeout_s} (>= 0)")
         if self.served_model_name is not None and not self.served_model_name.strip():
             problems.append("--served-model-name is empty")
+        for config in (self.engine_config(), self.scheduler_config()):
+            try:
+                config.validate()
+            except UserInputError as exc:
+                problems.append(str(exc))
         if problems:
             raise UserInputError("; ".join(problems))
+
+    def engine_config(self, threads: int | None = None) -> EngineConfig:
+        """The engine's settings (``threads`` overrides ``--threads``: a Ray replica's share)."""
+        return EngineConfig(max_lora_rank=self.max_lora_rank, max_loras=self.max_loras,
+                            max_cpu_loras=self.max_cpu_loras, device=self.device, num_threads=threads or self.threads)
+
+    def scheduler_config(self, max_waiting: int | None = None) -> SchedulerConfig:
+        """The scheduler's settings (``max_waiting`` overrides ``--max-waiting``: a Ray replica's bound)."""
+        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+                               max_waiting=self.max_waiting if max_waiting is None else max_waiting)
 
     @property
     def name(self) -> str:
         return self.served_model_name or Path(self.onnx_dir).resolve().name
-
-    @property
-    def cpu_loras(self) -> int:
-        """``max_cpu_loras`` with its default filled in."""
-        return self.max_cpu_loras if self.max_cpu_loras is not None else max(16, self.max_loras)
 
     @property
     def cache_dir(self) -> Path:
@@ -179,17 +186,10 @@ def serve(options: ServeOptions) -> None:
 def engine_settings(options: ServeOptions, adapters: dict[str, Path], threads: int | None = None,
                     max_waiting: int | None = None):
     """What one engine thread builds from the options (``threads``/``max_waiting`` override them: Ray replicas)."""
-    from edgelora.runtime.engine import EngineConfig
-    from edgelora.runtime.scheduler import SchedulerConfig
     from edgelora.server.engine_loop import EngineSettings
 
-    return EngineSettings(
-        Path(options.onnx_dir),
-        EngineConfig(max_lora_rank=options.max_lora_rank, max_loras=options.max_loras, max_cpu_loras=options.cpu_loras,
-                     device=options.device, num_threads=threads or options.threads),
-        SchedulerConfig(max_num_seqs=options.max_num_seqs, max_model_len=options.max_model_len,
-                        max_waiting=options.max_waiting if max_waiting is None else max_waiting),
-        adapters)
+    return EngineSettings(onnx_dir=Path(options.onnx_dir), engine=options.engine_config(threads),
+                          scheduler=options.scheduler_config(max_waiting), adapters=adapters)
 
 
 def _run_until_signal(server, sock: socket.socket) -> None:

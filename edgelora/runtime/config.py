@@ -1,0 +1,73 @@
+"""The runtime's settings and their defaults, defined once.
+
+``EngineConfig`` (adapter capacity, device, threads) and ``SchedulerConfig`` (rows, context,
+queue) are the one home of every default: the Python API (``LoraConfig``, ``LLM``), ``serve``'s
+options and flags, ``infer``, ``chat``, ``bench`` and the Ray replicas read them from here. A
+light module (no numpy, no ONNX Runtime), so the CLI can build its flags from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgelora import contract
+from edgelora.errors import UserInputError
+
+MIN_HOST_LORAS = 16  # the default max_cpu_loras is max(MIN_HOST_LORAS, max_loras)
+
+
+@dataclass(kw_only=True)  # built by keyword only: a field added anywhere cannot shift the others
+class EngineConfig:
+    """Sizes fixed when the engine starts (TensorRT-LLM's LoraConfig words).
+
+    The one home of these defaults: the Python API's ``LoraConfig``, ``serve``'s options and
+    flags, ``infer``, ``chat``, ``bench`` and Ray read them from here.
+    """
+
+    max_lora_rank: int = contract.MAX_LORA_RANK
+    max_loras: int = 8  # adapter slots ready for a batch
+    max_cpu_loras: int | None = None  # adapters kept converted in host memory; None: max(16, max_loras)
+    device: str = "cpu"
+    num_threads: int | None = None  # None: every core
+
+    @property
+    def host_loras(self) -> int:
+        """``max_cpu_loras`` with its default filled in (never below the slots it feeds)."""
+        return self.max_cpu_loras if self.max_cpu_loras is not None else max(MIN_HOST_LORAS, self.max_loras)
+
+    def validate(self) -> None:
+        problems = []
+        if not 1 <= self.max_lora_rank <= contract.MAX_LORA_RANK:
+            problems.append(f"max_lora_rank {self.max_lora_rank} (1..{contract.MAX_LORA_RANK})")
+        if self.max_loras < 1:
+            problems.append(f"max_loras {self.max_loras} (>= 1)")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            problems.append(f"max_cpu_loras {self.max_cpu_loras} (>= max_loras {self.max_loras})")
+        if self.num_threads is not None and self.num_threads < 1:
+            problems.append(f"num_threads {self.num_threads} (>= 1)")
+        if problems:
+            raise UserInputError("invalid engine settings: " + "; ".join(problems))
+
+
+@dataclass(kw_only=True)  # built by keyword only: a field added anywhere cannot shift the others
+class SchedulerConfig:
+    """Sizes of the persistent batch (vLLM's names)."""
+
+    max_num_seqs: int = 8  # rows decoded together
+    max_model_len: int | None = None  # prompt + generated tokens per request; None: the model's positions
+    max_waiting: int | None = None  # queued requests beyond the running ones; None: unbounded
+    # Positions a host KV cache holds at first; it doubles when a step needs more.
+    kv_cache_initial_len: int = 256
+
+    def validate(self) -> None:
+        problems = []
+        if self.max_num_seqs < 1:
+            problems.append(f"max_num_seqs {self.max_num_seqs} (>= 1)")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            problems.append(f"max_model_len {self.max_model_len} (>= 2)")
+        if self.max_waiting is not None and self.max_waiting < 0:
+            problems.append(f"max_waiting {self.max_waiting} (>= 0)")
+        if self.kv_cache_initial_len < 1:
+            problems.append(f"kv_cache_initial_len {self.kv_cache_initial_len} (>= 1)")
+        if problems:
+            raise UserInputError("invalid scheduler settings: " + "; ".join(problems))
