@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgelora.errors import UserInputError
 from edgelora.processed_adapter import resolve_adapter_path
 from edgelora.runtime.config import EngineConfig, SchedulerConfig
 from edgelora.runtime.engine import Engine
-from edgelora.runtime.scheduler import GenerationRequest, Scheduler, sampling_problems
+from edgelora.runtime.sampling import SamplingParams
+from edgelora.runtime.scheduler import GenerationRequest, Scheduler
 from edgelora.runtime.tokenizer import ChatTokenizer
 
 # A prompt is raw text, a chat (list of {"role", "content"}), or token ids.
@@ -54,31 +55,6 @@ class LoRARequest:
     @property
     def path(self) -> str:
         return self.lora_path
-
-
-@dataclass
-class SamplingParams:
-    """How to pick tokens and when to stop. temperature 0 or top_k 1 is greedy; top_k 0 and top_p 1 switch those filters off.
-
-    ``max_tokens=None`` generates up to the rest of the context; ``stop`` strings end the text
-    (they are not part of it); ``min_tokens`` and ``ignore_eos`` are vLLM's extensions.
-    """
-
-    max_tokens: int | None = 256
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    min_tokens: int = 0
-    ignore_eos: bool = False
-
-    def validate(self, where: str = "sampling") -> None:
-        """Checks the values alone; lengths against the model are checked by the scheduler."""
-        problems = sampling_problems(self.max_tokens, self.temperature, self.top_k, self.top_p, self.seed,
-                                     self.min_tokens, self.stop)
-        if problems:
-            raise UserInputError(f"{where}: invalid " + "; ".join(problems))
 
 
 @dataclass
@@ -201,10 +177,8 @@ class LLM:
                     self._use_lora(request)
                 except UserInputError as exc:
                     raise type(exc)(f"{where} (adapter {request.lora_name!r}): {exc}") from exc
-            rows.append(GenerationRequest(
-                self._prompt_ids(prompt, where), request.lora_name if request else None, param.max_tokens,
-                float(param.temperature), int(param.top_k), float(param.top_p), param.seed, param.ignore_eos,
-                param.min_tokens, list(param.stop)))
+            rows.append(GenerationRequest(self._prompt_ids(prompt, where), request.lora_name if request else None,
+                                          replace(param, stop=list(param.stop))))
         before = copy.copy(self.scheduler.stats)
         started = time.perf_counter()
         finished = self.scheduler.run_to_completion(rows, labels)

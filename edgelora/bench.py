@@ -22,6 +22,7 @@ from edgelora.errors import UserInputError
 from edgelora.fileio import write_text_atomic
 from edgelora.runtime import native
 from edgelora.runtime.engine import Engine, EngineConfig
+from edgelora.runtime.sampling import SamplingParams
 from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -115,9 +116,8 @@ def _rows(adapters: list[str | None], options: BenchOptions, vocab: int, seed: i
         chosen = [rng.integers(0, vocab, options.prompt_len).tolist() for _ in adapters]
     # EOS masked until max_tokens (min_tokens; ignore_eos would let it be sampled and go on), as the
     # peers do (min_new_tokens, min_length): every engine picks the same greedy token where EOS would win.
-    return [GenerationRequest(prompt, adapter, options.max_tokens, temperature=0.0,
-                              min_tokens=options.max_tokens)
-            for prompt, adapter in zip(chosen, adapters)]
+    greedy = SamplingParams(max_tokens=options.max_tokens, temperature=0.0, min_tokens=options.max_tokens)
+    return [GenerationRequest(prompt, adapter, greedy) for prompt, adapter in zip(chosen, adapters)]
 
 
 def _configurations(names: list[str], batches: list[int], rows: list[list[str | None]]) -> list[ConfigResult]:

@@ -31,7 +31,8 @@ from edgelora import contract
 from edgelora.errors import UserInputError
 from edgelora.processed_adapter import resolve_adapter_path
 from edgelora.runtime.engine import Engine, EngineConfig
-from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig, sampling_problems
+from edgelora.runtime.sampling import SamplingParams
+from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig
 from edgelora.runtime.tokenizer import ChatTokenizer
 
 PROMPT = "> "
@@ -57,10 +58,14 @@ class ChatOptions:
     device: str = "cpu"
     num_threads: int | None = None
 
+    def sampling(self) -> SamplingParams:
+        """Each answer's sampling (chat's defaults: temperature 0.7, top_p 0.9, 256 tokens)."""
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, seed=self.seed)
+
     def validate(self) -> None:
         """Every problem at once, before the model is loaded."""
-        problems = sampling_problems(self.max_tokens, self.temperature, self.top_k, self.top_p, self.seed)
-        problems = [f"invalid {problem}" for problem in problems]
+        problems = [f"invalid {problem}" for problem in self.sampling().problems()]
         if self.lora is not None and self.lora not in self.lora_modules:
             problems.append(f"--lora {self.lora!r} is not one of the --lora-modules ({_names(self.lora_modules)})")
         for name, path in self.lora_modules.items():
@@ -135,9 +140,7 @@ class Chat:
         options = self.options
         request_id = f"turn-{self._turns}"
         self._turns += 1
-        self.scheduler.add_request(request_id, GenerationRequest(
-            prompt_ids, self.adapter, options.max_tokens, float(options.temperature), int(options.top_k),
-            float(options.top_p), options.seed))
+        self.scheduler.add_request(request_id, GenerationRequest(prompt_ids, self.adapter, options.sampling()))
         pieces: list[str] = []
         aborted = False
         while True:

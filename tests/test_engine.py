@@ -145,12 +145,14 @@ def test_each_row_is_budgeted_with_its_own_prompt(qwen2):
     engine.spec.max_position_embeddings = 64
     scheduler = Scheduler(engine)
     rng = np.random.default_rng(0)
-    rows = [GenerationRequest(rng.integers(0, 100, 10).tolist(), None, max_tokens=50, temperature=0, ignore_eos=True),
-            GenerationRequest(rng.integers(0, 100, 40).tolist(), None, max_tokens=2, temperature=0, ignore_eos=True)]
+    rows = [GenerationRequest(rng.integers(0, 100, 10).tolist(), None,
+                              SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)),
+            GenerationRequest(rng.integers(0, 100, 40).tolist(), None,
+                              SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))]
     results = scheduler.run_to_completion(rows, ["row 0", "row 1"])
     assert [len(r.output_ids) for r in results] == [50, 2]
     with pytest.raises(UserInputError, match="row 1: prompt \\(40 tokens\\) \\+ max tokens \\(30\\) exceeds the 64"):
-        scheduler.run_to_completion([rows[0], GenerationRequest(rows[1].prompt_ids, None, max_tokens=30)],
+        scheduler.run_to_completion([rows[0], GenerationRequest(rows[1].prompt_ids, None, SamplingParams(max_tokens=30))],
                                     ["row 0", "row 1"])
     assert not scheduler.has_unfinished_requests(), "a refused call queues nothing"
 

@@ -12,6 +12,7 @@ import asyncio
 
 import pytest
 
+from edgelora.runtime.sampling import SamplingParams
 from edgelora.runtime.scheduler import GenerationRequest
 from edgelora.server import ServeOptions, engine_settings
 from edgelora.server.engine_loop import EngineLoop, UnknownAdapter
@@ -21,7 +22,7 @@ PROMPT = [5, 6, 7, 8]
 
 
 def _long(adapter: str, tokens: int = 120) -> GenerationRequest:
-    return GenerationRequest(PROMPT, adapter, max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    return GenerationRequest(PROMPT, adapter, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
 
 
 async def _finish(stream) -> list:

@@ -8,6 +8,7 @@ import pytest
 from edgelora.errors import UserInputError
 from edgelora.runtime.detokenizer import IncrementalDetokenizer
 from edgelora.runtime.engine import Engine, EngineConfig
+from edgelora.runtime.sampling import SamplingParams
 from edgelora.runtime.scheduler import GenerationRequest, QueueFull, Scheduler, SchedulerConfig
 from edgelora.runtime.tokenizer import ChatTokenizer
 
@@ -29,7 +30,8 @@ def _prompt(seed: int, length: int) -> list[int]:
 
 
 def _request(seed: int, adapter: str | None, max_tokens: int, length: int = 6, **extra) -> GenerationRequest:
-    return GenerationRequest(_prompt(seed, length), adapter, max_tokens, temperature=0.0, ignore_eos=True, **extra)
+    return GenerationRequest(_prompt(seed, length), adapter,
+                             SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **extra))
 
 
 def _alone(sample, request: GenerationRequest) -> list[int]:
@@ -207,24 +209,24 @@ def test_min_tokens_masks_eos_and_ignore_eos_runs_to_max_tokens(qwen2):
     engine.eos_ids = [greedy[3]]  # make the 4th greedy token the end of sequence
     eos_at = greedy.index(greedy[3])
     scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=1))
-    ends = scheduler.run_to_completion([GenerationRequest(_prompt(11, 6), None, 12, temperature=0.0)])[0]
+    ends = scheduler.run_to_completion([GenerationRequest(_prompt(11, 6), None, SamplingParams(max_tokens=12, temperature=0.0))])[0]
     assert ends.output_ids == greedy[: eos_at + 1] and ends.finish_reason == "stop"
-    late = scheduler.run_to_completion([GenerationRequest(_prompt(11, 6), None, 12, temperature=0.0,
-                                                          min_tokens=eos_at + 3)])[0]
+    late = scheduler.run_to_completion([GenerationRequest(_prompt(11, 6), None, SamplingParams(
+        max_tokens=12, temperature=0.0, min_tokens=eos_at + 3))])[0]
     assert greedy[3] not in late.output_ids[: eos_at + 2], "eos cannot be sampled before min_tokens"
-    ignored = scheduler.run_to_completion([GenerationRequest(_prompt(11, 6), None, 12, temperature=0.0,
-                                                             ignore_eos=True)])[0]
+    ignored = scheduler.run_to_completion([GenerationRequest(_prompt(11, 6), None, SamplingParams(
+        max_tokens=12, temperature=0.0, ignore_eos=True))])[0]
     assert ignored.output_ids == greedy and ignored.finish_reason == "length"
 
 
 def test_max_tokens_defaults_to_the_rest_of_max_model_len(qwen2):
     scheduler = Scheduler(_engine(qwen2), SchedulerConfig(max_num_seqs=2, max_model_len=16))
-    result = scheduler.run_to_completion([GenerationRequest(_prompt(1, 10), None, None, temperature=0.0,
-                                                            ignore_eos=True)])[0]
+    result = scheduler.run_to_completion([GenerationRequest(_prompt(1, 10), None, SamplingParams(
+        max_tokens=None, temperature=0.0, ignore_eos=True))])[0]
     assert len(result.output_ids) == 6 and result.finish_reason == "length"
     assert scheduler._cache.max_len == 16, "the KV cache never grows past max_model_len"
     with pytest.raises(UserInputError, match=r"prompt \(10 tokens\) \+ max tokens \(7\) exceeds the 16 positions"):
-        scheduler.check(GenerationRequest(_prompt(1, 10), None, 7))
+        scheduler.check(GenerationRequest(_prompt(1, 10), None, SamplingParams(max_tokens=7)))
     with pytest.raises(UserInputError, match="above the model's"):
         Scheduler(scheduler.engine, SchedulerConfig(max_model_len=qwen2.spec.max_position_embeddings + 1))
 
@@ -233,8 +235,8 @@ def test_max_tokens_defaults_to_the_rest_of_max_model_len(qwen2):
                                          ("min_tokens", -1), ("stop", ["ok", ""]), ("seed", -5)])
 def test_bad_request_fields_are_refused(qwen2, tokenizer, field, value):
     scheduler = Scheduler(_engine(qwen2), tokenizer=tokenizer)
-    request = GenerationRequest(_prompt(1, 4), None, 4)
-    setattr(request, field, value)
+    request = GenerationRequest(_prompt(1, 4), None, SamplingParams(max_tokens=4))
+    setattr(request.sampling, field, value)
     with pytest.raises(UserInputError, match=field):
         scheduler.add_request("x", request)
     assert not scheduler.has_unfinished_requests()
@@ -242,7 +244,7 @@ def test_bad_request_fields_are_refused(qwen2, tokenizer, field, value):
 
 def test_unknown_adapter_is_refused(qwen2):
     with pytest.raises(UserInputError, match="unknown adapter 'zz'"):
-        Scheduler(_engine(qwen2)).add_request("x", GenerationRequest(_prompt(1, 4), "zz", 4))
+        Scheduler(_engine(qwen2)).add_request("x", GenerationRequest(_prompt(1, 4), "zz", SamplingParams(max_tokens=4)))
 
 
 # -- KV rows --------------------------------------------------------------------------------------

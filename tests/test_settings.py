@@ -72,3 +72,35 @@ def test_options_are_built_by_keyword_only(options):
     assert dataclasses.is_dataclass(options) and all(field.kw_only for field in dataclasses.fields(options))
     with pytest.raises(TypeError):
         options("positional")
+
+
+# -- one sampling type ----------------------------------------------------------------------------------------
+
+
+def test_every_entry_point_builds_the_one_sampling_type_with_its_own_defaults(tmp_path):
+    """API, server request models, infer rows and chat: one SamplingParams, one validation; their own defaults."""
+    from edgelora import SamplingParams as Public
+    from edgelora.infer_file import read_input_file
+    from edgelora.runtime.sampling import SamplingParams
+    from edgelora.server.protocol import CompletionRequest
+
+    assert Public is SamplingParams and Public().max_tokens == 256
+    served = CompletionRequest(model="m", prompt="hi").sampling_params(None)
+    assert type(served) is SamplingParams and (served.max_tokens, served.temperature, served.top_k) == (None, 1.0, 0)
+    (tmp_path / "in.json").write_text('{"requests": [{"messages": [{"role": "user", "content": "hi"}]}]}')
+    row = read_input_file(tmp_path / "in.json").requests[0].sampling
+    assert type(row) is SamplingParams and (row.top_k, row.max_tokens) == (50, 256)
+    chat = ChatOptions(onnx_dir=tmp_path).sampling()
+    assert type(chat) is SamplingParams and (chat.temperature, chat.top_p) == (0.7, 0.9)
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", -2),
+                                              ("min_tokens", -1), ("stop", ["ok", ""]), ("seed", -5)])
+def test_one_validation_names_the_field_for_every_entry_point(tmp_path, field, value):
+    from edgelora.runtime.sampling import SamplingParams
+
+    with pytest.raises(UserInputError, match=f"prompt 0: invalid {field}"):
+        SamplingParams(**{field: value}).validate("prompt 0")
+    if field in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        with pytest.raises(UserInputError, match=f"invalid {field}"):
+            ChatOptions(onnx_dir=tmp_path, **{field: value}).validate()

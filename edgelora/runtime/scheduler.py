@@ -23,12 +23,10 @@ slots 1..k (``AdapterCache.compact``), so a step's LoRA work is that of the adap
 
 from __future__ import annotations
 
-import copy
-import math
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -40,6 +38,7 @@ from edgelora.runtime.config import SchedulerConfig
 from edgelora.runtime.detokenizer import IncrementalDetokenizer
 from edgelora.runtime.engine import Engine
 from edgelora.runtime.kv_cache import KVCache
+from edgelora.runtime.sampling import SamplingParams
 
 
 class QueueFull(EdgeLoraError):
@@ -52,14 +51,7 @@ class GenerationRequest:
 
     prompt_ids: list[int]
     adapter: str | None = None
-    max_tokens: int | None = None  # None: the rest of max_model_len (as vLLM)
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False  # benchmarks: always generate max_tokens
-    min_tokens: int = 0  # eos and stop strings do not end the request before this many tokens
-    stop: list[str] = field(default_factory=list)  # stop strings (not part of the returned text)
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=None))
 
 
 @dataclass
@@ -173,11 +165,11 @@ class Scheduler:
     def check(self, request: GenerationRequest, where: str = "request") -> GenerationRequest:
         """Refuse what cannot run; return a copy with ``max_tokens`` filled in (the rest of the context)."""
         self.engine.check_prompt(request.prompt_ids, where)
+        sampling = request.sampling
         room = self.max_model_len - len(request.prompt_ids)
-        max_tokens = request.max_tokens if request.max_tokens is not None else room
-        problems = sampling_problems(request.max_tokens, request.temperature, request.top_k, request.top_p,
-                                     request.seed, request.min_tokens, request.stop)
-        if request.stop and self._decode is None:
+        max_tokens = sampling.max_tokens if sampling.max_tokens is not None else room
+        problems = sampling.problems()
+        if sampling.stop and self._decode is None:
             problems.append("stop strings (this scheduler has no tokenizer)")
         if problems:
             raise UserInputError(f"{where}: invalid " + "; ".join(problems))
@@ -186,15 +178,12 @@ class Scheduler:
                                  f"exceeds the {self.max_model_len} positions a request may use"
                                  + (" (max_model_len)" if self.max_model_len != self.engine.spec.max_position_embeddings
                                     else " (the model's positions)"))
-        if request.min_tokens > max_tokens:
-            raise UserInputError(f"{where}: min_tokens {request.min_tokens} is above max_tokens {max_tokens}")
+        if sampling.min_tokens > max_tokens:
+            raise UserInputError(f"{where}: min_tokens {sampling.min_tokens} is above max_tokens {max_tokens}")
         if request.adapter is not None and request.adapter not in self.engine.adapters:
             raise UserInputError(f"{where}: unknown adapter {request.adapter!r}")
-        checked = copy.copy(request)
-        checked.max_tokens = max_tokens
-        checked.prompt_ids = list(request.prompt_ids)
-        checked.stop = list(request.stop)
-        return checked
+        return GenerationRequest(list(request.prompt_ids), request.adapter,
+                                 replace(sampling, max_tokens=max_tokens, stop=list(sampling.stop)))
 
     def add_request(self, request_id: str, request: GenerationRequest, where: str | None = None) -> None:
         """Check and queue a request; it runs once a row (and its adapter's slot) is free.
@@ -207,7 +196,7 @@ class Scheduler:
         checked = self.check(request, where or f"request {request_id}")
         if self.config.max_waiting is not None and len(self._waiting) >= self.config.max_waiting:
             raise QueueFull(f"the queue is full ({self.config.max_waiting} waiting requests); try again later")
-        seed = checked.seed if checked.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        seed = checked.sampling.seed if checked.sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         detokenizer = IncrementalDetokenizer(self._decode, checked.prompt_ids) if self._decode else None
         adapter = self.engine.adapters.hold(checked.adapter) if checked.adapter is not None else None
         self._waiting[request_id] = _Sequence(request_id, checked, native.Sampler(seed), detokenizer, adapter)
@@ -394,37 +383,37 @@ class Scheduler:
         rows = np.ascontiguousarray(logits[:, 0], dtype=np.float32)
         if self._eos_index.size:
             for index, seq in enumerate(seqs):
-                if len(seq.output_ids) < seq.request.min_tokens and not seq.request.ignore_eos:
+                if len(seq.output_ids) < seq.request.sampling.min_tokens and not seq.request.sampling.ignore_eos:
                     rows[index, self._eos_index] = -np.inf  # vLLM's min_tokens: eos cannot be sampled yet
-        requests = [seq.request for seq in seqs]
+        requests = [seq.request.sampling for seq in seqs]
         return native.sample_batch(rows, [seq.sampler for seq in seqs], [float(r.temperature) for r in requests],
                                    [int(r.top_k) for r in requests], [float(r.top_p) for r in requests])
 
     # -- tokens out ----------------------------------------------------------------------------
     def _accept(self, seq: _Sequence, token: int) -> SequenceUpdate:
         """Record a sampled token; decide whether the request ends; hand out the text it completes."""
-        request = seq.request
+        sampling = seq.request.sampling
         seq.output_ids.append(token)
         self.stats.generated_tokens += 1
-        enough = len(seq.output_ids) >= request.min_tokens
-        if token in self._eos and not request.ignore_eos and enough:
+        enough = len(seq.output_ids) >= sampling.min_tokens
+        if token in self._eos and not sampling.ignore_eos and enough:
             seq.finish_reason = "stop"
         text = ""
         if seq.detokenizer is not None:
             seq.detokenizer.add(token)
-            if seq.finish_reason or len(seq.output_ids) >= request.max_tokens:
+            if seq.finish_reason or len(seq.output_ids) >= sampling.max_tokens:
                 seq.detokenizer.flush()
             text = seq.detokenizer.text
-            if request.stop and enough:
-                cut = _find_stop(text, request.stop, max(0, seq.emitted - max(map(len, request.stop))))
+            if sampling.stop and enough:
+                cut = _find_stop(text, sampling.stop, max(0, seq.emitted - max(map(len, sampling.stop))))
                 if cut is not None:
                     text = text[:cut]
                     seq.finish_reason = "stop"
-        if seq.finish_reason is None and len(seq.output_ids) >= request.max_tokens:
+        if seq.finish_reason is None and len(seq.output_ids) >= sampling.max_tokens:
             seq.finish_reason = "length"
         if seq.finish_reason is None:
             seq.pending = token
-            held = max(map(len, request.stop)) - 1 if request.stop else 0  # may be the start of a stop string
+            held = max(map(len, sampling.stop)) - 1 if sampling.stop else 0  # may be the start of a stop string
             release = max(seq.emitted, len(text) - held)
         else:
             release = len(text)
@@ -432,7 +421,7 @@ class Scheduler:
         piece = text[seq.emitted:release]
         seq.emitted = release
         return SequenceUpdate(seq.request_id, [token], piece, seq.finish_reason is not None, seq.finish_reason,
-                              len(request.prompt_ids), len(seq.output_ids))
+                              len(seq.request.prompt_ids), len(seq.output_ids))
 
     def _take_aborts(self) -> list[SequenceUpdate]:
         updates = []
@@ -472,29 +461,6 @@ class Scheduler:
         if seq.adapter is not None:
             self.engine.adapters.unhold(seq.adapter)
             seq.adapter = None
-
-
-def sampling_problems(max_tokens, temperature, top_k, top_p, seed, min_tokens=0, stop=()) -> list[str]:
-    """What is wrong with these values by themselves (lengths against the model are checked in ``check``)."""
-    def is_int(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    problems = []
-    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 1):
-        problems.append(f"max_tokens {max_tokens!r} (>= 1)")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        problems.append(f"temperature {temperature!r} (>= 0)")
-    if not is_int(top_k) or top_k < 0:
-        problems.append(f"top_k {top_k!r} (>= 0)")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        problems.append(f"top_p {top_p!r} (0 < top_p <= 1)")
-    if seed is not None and (not is_int(seed) or seed < 0):
-        problems.append(f"seed {seed!r} (a non-negative integer)")
-    if not is_int(min_tokens) or min_tokens < 0:
-        problems.append(f"min_tokens {min_tokens!r} (>= 0)")
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-        problems.append("stop (a list of non-empty strings)")
-    return problems
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:

@@ -296,12 +296,7 @@ def create_app(state: AppState) -> FastAPI:
 
     def generation_request(body: SamplingFields, prompt_ids: list[int], adapter: str | None,
                            max_tokens: int | None) -> GenerationRequest:
-        return GenerationRequest(
-            prompt_ids=prompt_ids, adapter=adapter, max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else float(body.temperature),
-            top_k=0 if body.top_k is None or body.top_k < 0 else body.top_k,
-            top_p=1.0 if body.top_p is None else float(body.top_p),
-            seed=body.seed, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, stop=body.stop_list())
+        return GenerationRequest(prompt_ids=prompt_ids, adapter=adapter, sampling=body.sampling_params(max_tokens))
 
     async def accept(tenant: Tenant, request_id: str, generation: GenerationRequest, arrival_s: float) -> _Ticket:
         """Hand the request to the engine; 429 over the key's limit, 503 on a full queue, 400 on bad input."""

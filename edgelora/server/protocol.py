@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgelora.errors import EdgeLoraError
+from edgelora.runtime.sampling import SamplingParams
 
 
 def _omit_none(value: Any) -> bool:
@@ -93,6 +94,15 @@ class SamplingFields(BaseModel):
             return []
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return [stop for stop in stops if stop]
+
+    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        """The request's sampling with the server's defaults: OpenAI's temperature 1.0 and top_p 1.0, vLLM's
+        top_k -1 (off), ``max_tokens`` None = the rest of the context."""
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else float(self.temperature),
+            top_k=0 if self.top_k is None or self.top_k < 0 else self.top_k,
+            top_p=1.0 if self.top_p is None else float(self.top_p), seed=self.seed, stop=self.stop_list(),
+            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos)
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

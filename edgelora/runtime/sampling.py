@@ -1,0 +1,61 @@
+"""How to pick tokens and when to stop: one type, one validation, for every entry point.
+
+The Python API (``LLM.generate``), the server's request models (``SamplingFields.sampling_params``),
+``infer``'s input rows, ``chat`` and ``bench`` all build a ``SamplingParams``; the scheduler runs
+what it holds. Each entry point keeps its own documented defaults by building it with them
+(``infer``: top_k 50; ``chat``: temperature 0.7, top_p 0.9; the server: the rest of the context);
+the dataclass's own defaults are the Python API's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from edgelora.errors import UserInputError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. temperature 0 or top_k 1 is greedy; top_k 0 and top_p 1 switch those filters off.
+
+    ``max_tokens=None`` generates up to the rest of the context; ``stop`` strings end the text
+    (they are not part of it); ``min_tokens`` and ``ignore_eos`` are vLLM's extensions.
+    """
+
+    max_tokens: int | None = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    min_tokens: int = 0
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values by themselves (lengths against the model are the scheduler's check)."""
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        problems = []
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
+            problems.append(f"max_tokens {self.max_tokens!r} (>= 1)")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            problems.append(f"temperature {self.temperature!r} (>= 0)")
+        if not is_int(self.top_k) or self.top_k < 0:
+            problems.append(f"top_k {self.top_k!r} (>= 0)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            problems.append(f"top_p {self.top_p!r} (0 < top_p <= 1)")
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
+            problems.append(f"seed {self.seed!r} (a non-negative integer)")
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
+            problems.append(f"min_tokens {self.min_tokens!r} (>= 0)")
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            problems.append("stop (a list of non-empty strings)")
+        return problems
+
+    def validate(self, where: str = "sampling") -> None:
+        problems = self.problems()
+        if problems:
+            raise UserInputError(f"{where}: invalid " + "; ".join(problems))
