@@ -28,24 +28,19 @@ MODES = ("every", "last")
 
 
 def _trial(onnx_dir: Path, mode: str, batch: int, prompt_len: int, repeats: int, threads: int) -> dict:
-    from edgelora.runtime.engine import Engine, EngineConfig
+    from edgelora.runtime.config import EngineConfig
+    from edgelora.runtime.engine import Engine, StepPlan
 
     engine = Engine(onnx_dir, EngineConfig(max_loras=1, max_cpu_loras=1, num_threads=threads))
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rng = np.random.default_rng(0)
-    input_ids = rng.integers(0, engine.spec.vocab_size, (batch, prompt_len), dtype=np.int64)
-    mask = np.ones((batch, prompt_len), np.int64)
-    positions = np.tile(np.arange(prompt_len, dtype=np.int64), (batch, 1))
-    kept = positions if mode == "every" else positions[:, -1:]
+    prompts = rng.integers(0, engine.spec.vocab_size, (batch, prompt_len)).tolist()
+    plan = StepPlan(0, prompts, [0] * batch, [0] * batch, every_position=mode == "every")
     durations = []
     for _ in range(repeats):
-        binding = engine.session.io_binding()
-        cache = engine.new_cache(batch, prompt_len + 1)
-        cache.bind(binding)
-        binding.bind_cpu_input("lora_index", engine.bind_adapters(binding, [0] * batch))
+        engine.open_rows(batch, prompt_len + 1)
         started = time.perf_counter()
-        logits = engine.bind_logits(binding, kept)
-        engine.run_step(binding, input_ids, mask, positions)
+        logits = engine.step(plan)
         durations.append(time.perf_counter() - started)
     return {"prefill_ms": statistics.median(durations) * 1e3, "logits_bytes": int(logits.nbytes),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

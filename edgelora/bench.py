@@ -21,7 +21,8 @@ from edgelora import contract
 from edgelora.errors import UserInputError
 from edgelora.fileio import write_text_atomic
 from edgelora.runtime import native
-from edgelora.runtime.engine import Engine, EngineConfig
+from edgelora.runtime.config import EngineConfig
+from edgelora.runtime.engine import Engine, StepPlan
 from edgelora.runtime.sampling import SamplingParams
 from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig
 
@@ -187,27 +188,21 @@ def time_decode(engine: Engine, adapters: list[str | None], context_len: int, st
     names = [name for name in adapters if name]
     slot_of = engine.adapters.acquire(names)
     try:
-        binding = engine.session.io_binding()
-        cache = engine.new_cache(batch, context_len + steps)
+        cache = engine.open_rows(batch, context_len + steps)
         rng = np.random.default_rng(0)
         for buffer in cache.host_buffers():
             buffer[...] = rng.standard_normal(buffer.shape, dtype=np.float32).astype(buffer.dtype)
-        cache.bind(binding)
-        binding.bind_cpu_input(contract.LORA_INDEX,
-                               engine.bind_adapters(binding, [slot_of[n] if n else 0 for n in adapters]))
-        tokens = np.zeros((batch, 1), np.int64)
+        cache.note_written(0, np.full(batch, cache.length))
+        slots = [slot_of[n] if n else 0 for n in adapters]
+        tokens = [0] * batch
         samplers = [native.Sampler(0) for _ in range(batch)]
         zeros, ones = [0.0] * batch, [1.0] * batch
         durations = []
-        logits = engine.bind_logits(binding, np.zeros((batch, 1), np.int64))
         for step in range(steps):
             started = time.perf_counter()
-            total = context_len + step + 1
-            mask = np.ones((batch, total), np.int64)
-            positions = np.full((batch, 1), total - 1, np.int64)
-            engine.run_step(binding, tokens, mask, positions)
+            logits = engine.step(StepPlan(0, [[token] for token in tokens], [context_len + step] * batch, slots))
             tokens = native.sample_batch(np.ascontiguousarray(logits[:, 0], dtype=np.float32), samplers, zeros,
-                                         [0] * batch, ones).reshape(batch, 1)
+                                         [0] * batch, ones).tolist()
             durations.append(time.perf_counter() - started)
         return durations
     finally:

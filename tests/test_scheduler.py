@@ -224,7 +224,7 @@ def test_max_tokens_defaults_to_the_rest_of_max_model_len(qwen2):
     result = scheduler.run_to_completion([GenerationRequest(_prompt(1, 10), None, SamplingParams(
         max_tokens=None, temperature=0.0, ignore_eos=True))])[0]
     assert len(result.output_ids) == 6 and result.finish_reason == "length"
-    assert scheduler._cache.max_len == 16, "the KV cache never grows past max_model_len"
+    assert scheduler.engine.kv.max_len == 16, "the KV cache never grows past max_model_len"
     with pytest.raises(UserInputError, match=r"prompt \(10 tokens\) \+ max tokens \(7\) exceeds the 16 positions"):
         scheduler.check(GenerationRequest(_prompt(1, 10), None, SamplingParams(max_tokens=7)))
     with pytest.raises(UserInputError, match="above the model's"):

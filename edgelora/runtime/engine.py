@@ -1,20 +1,33 @@
-"""The model step: one ORT session over lora_model.onnx, adapter slots bound per step.
+"""The model step: one ORT session over lora_model.onnx; ``step(plan)`` runs one planned step.
+
+The engine owns everything a run binds: the session, the IOBindings, the KV cache rows
+(``open_rows``) and the adapter stack. A ``StepPlan`` says which rows run, the tokens each feeds,
+where they go and which adapter slot each row uses; ``step`` returns the logits of each row's last
+fed token. Which rows run, and when, is the scheduler's business (``scheduler.py``); bench and
+the benchmarks call the same ``step``.
+
+::
+
+    StepPlan(first_row, token_ids, positions, slots) ──> step ──> logits [rows, kept, vocab]
+        prefill: fresh prompts (positions 0), right-padded; rows cleared first
+        decode:  one token per row at its own position; the binding is reused between steps
 
 A step may mix adapters row by row: the slots its rows use are bound as one contiguous stack
 (a zero-copy view of the pool) and ``lora_index`` routes each row; base rows get index 0. The
 graph computes logits only at ``logits_positions`` (each row's last token), never over the prompt.
-Which rows run, and when, is the scheduler's business (``scheduler.py``).
 """
 
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgelora import contract
-from edgelora.errors import UserInputError
+from edgelora.errors import EdgeLoraError, UserInputError
 from edgelora.fingerprint import METADATA_KEY
 from edgelora.lora_manifest import LoraManifest
 from edgelora.model_spec import ModelSpec
@@ -25,8 +38,34 @@ from edgelora.runtime.kv_cache import KVCache
 from edgelora.runtime.session import NUMPY_DTYPES, Device, make_session, runtime_failures
 
 
+@dataclass
+class StepPlan:
+    """One model step over KV rows first_row..first_row+n-1 (vLLM's scheduler output, reduced to what a run needs)."""
+
+    first_row: int
+    token_ids: list[list[int]]  # per row: a whole prompt (prefill) or its one pending token (decode)
+    positions: list[int]  # per row: where its first fed token goes (0: a fresh prompt; else its cache length)
+    slots: list[int]  # per row: adapter slot (0: no adapter)
+    every_position: bool = False  # logits of every fed token, not only the last (benchmarks/prefill_logits.py)
+
+    @property
+    def rows(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_prefill(self) -> bool:
+        return all(position == 0 for position in self.positions)
+
+    def check(self) -> None:
+        if not self.token_ids or len(self.positions) != self.rows or len(self.slots) != self.rows:
+            raise EdgeLoraError(f"a step plan needs one token list, position and slot per row "
+                                f"({self.rows} / {len(self.positions)} / {len(self.slots)})")
+        if not self.is_prefill and any(len(tokens) != 1 for tokens in self.token_ids):
+            raise EdgeLoraError("a step runs fresh prompts, or one token per row on top of its cache")
+
+
 class Engine:
-    """One session with shared base weights, the adapter cache, and what binding a step needs."""
+    """One session with shared base weights, the adapter cache, the KV rows, and ``step``."""
 
     def __init__(self, onnx_dir: Path, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
@@ -60,6 +99,11 @@ class Engine:
         self._stack_generation = -1
         self.eos_ids = sorted(set(self.spec.eos_token_ids))
         self.pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
+        self.kv: KVCache | None = None
+        self.last_run_s = 0.0  # inside ONNX Runtime, the last step
+        self._decode_binding = None
+        self._decode_bound: tuple | None = None
+        self._logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- requests ------------------------------------------------------------------------------
     def check_prompt(self, prompt_ids: list[int], where: str) -> None:
@@ -125,12 +169,84 @@ class Engine:
             self._stack_cache[key] = values
         return self._stack_cache[key]
 
-    # -- steps -------------------------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int, initial_len: int | None = None) -> KVCache:
-        """A KV cache for ``batch`` rows, every row cleared (assigned)."""
-        cache = KVCache(self.spec, batch, max_len, self.device, initial_len=initial_len)
-        cache.clear_rows(range(batch))
-        return cache
+    # -- rows and steps ------------------------------------------------------------------------
+    def open_rows(self, rows: int, max_len: int, initial_len: int | None = None) -> KVCache:
+        """The KV rows every later step runs on, all cleared (a new set replaces the previous one)."""
+        self.kv = KVCache(self.spec, rows, max_len, self.device, initial_len=initial_len)
+        self.kv.clear_rows(range(rows))
+        self._decode_binding, self._decode_bound = None, None
+        return self.kv
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy KV row ``source`` over ``target`` (the scheduler keeps live rows packed at the front)."""
+        self._rows().move_row(source, target)
+
+    def shrink_rows(self, positions: int) -> None:
+        """Give host KV memory back when the live rows need at most ``positions`` positions."""
+        if self.kv is not None:
+            self.kv.shrink(positions)
+
+    def step(self, plan: StepPlan) -> np.ndarray:
+        """Run one planned step; the logits [rows, kept, vocab] are valid until the next step."""
+        plan.check()
+        started = time.perf_counter()
+        logits = self._prefill(plan) if plan.is_prefill else self._decode(plan)
+        self.last_run_s = time.perf_counter() - started
+        return logits
+
+    def _rows(self) -> KVCache:
+        if self.kv is None:
+            raise EdgeLoraError("no KV rows: call open_rows first")
+        return self.kv
+
+    def _prefill(self, plan: StepPlan) -> np.ndarray:
+        """Fresh prompts into rows first..first+n-1, right-padded to the longest."""
+        cache, count, first = self._rows(), plan.rows, plan.first_row
+        lengths = np.array([len(tokens) for tokens in plan.token_ids], np.int64)
+        width = int(lengths.max())
+        cache.reserve(width)
+        cache.clear_rows(range(first, first + count))
+        binding = self.session.io_binding()
+        cache.bind_rows(binding, first, first + count)
+        binding.bind_cpu_input(contract.LORA_INDEX, self.bind_adapters(binding, plan.slots))
+        input_ids = np.full((count, width), self.pad_id, np.int64)
+        for index, tokens in enumerate(plan.token_ids):
+            input_ids[index, : lengths[index]] = tokens
+        attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        position_ids = np.tile(np.arange(width, dtype=np.int64), (count, 1))
+        kept = position_ids if plan.every_position else (lengths - 1).reshape(count, 1)
+        logits = self.bind_logits(binding, kept)
+        self.run_step(binding, input_ids, attention_mask, position_ids)
+        cache.note_written(first, np.full(count, width))
+        return logits
+
+    def _decode(self, plan: StepPlan) -> np.ndarray:
+        """One token per row, each at its own position; the binding and logits buffer are reused."""
+        cache, count, first = self._rows(), plan.rows, plan.first_row
+        totals = np.array(plan.positions, np.int64)  # the fed token goes at position total
+        width = int(totals.max()) + 1
+        changed = cache.reserve(width)
+        if self._decode_binding is None:
+            self._decode_binding = self.session.io_binding()
+        binding = self._decode_binding
+        if changed or self._decode_bound != (first, count, cache.generation):
+            cache.bind_rows(binding, first, first + count)
+            self._decode_bound = (first, count, cache.generation)
+        positions, logits = self._logits_buffers(count)
+        self.bind_logits(binding, positions, logits)
+        binding.bind_cpu_input(contract.LORA_INDEX, self.bind_adapters(binding, plan.slots))
+        attention_mask = (np.arange(width)[None, :] <= totals[:, None]).astype(np.int64)
+        input_ids = np.array(plan.token_ids, np.int64)
+        self.run_step(binding, input_ids, attention_mask, totals.reshape(count, 1))
+        cache.note_written(first, totals + 1)
+        return logits
+
+    def _logits_buffers(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """logits_positions zeros [n, 1] and a logits buffer [n, 1, vocab], made once per row count."""
+        if count not in self._logits:
+            self._logits[count] = (np.zeros((count, 1), np.int64),
+                                   np.empty((count, 1, self.spec.vocab_size), self.float_dtype))
+        return self._logits[count]
 
     def bind_logits(self, binding, positions: np.ndarray, buffer: np.ndarray | None = None) -> np.ndarray:
         """Bind ``logits_positions`` [batch, kept] and a host buffer [batch, kept, vocab] for the logits.

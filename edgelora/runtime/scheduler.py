@@ -30,14 +30,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from edgelora import contract
 from edgelora.errors import EdgeLoraError, UserInputError
 from edgelora.runtime import native
 from edgelora.runtime.adapter_cache import AdapterRef
 from edgelora.runtime.config import SchedulerConfig
 from edgelora.runtime.detokenizer import IncrementalDetokenizer
-from edgelora.runtime.engine import Engine
-from edgelora.runtime.kv_cache import KVCache
+from edgelora.runtime.engine import Engine, StepPlan
 from edgelora.runtime.sampling import SamplingParams
 
 
@@ -141,10 +139,7 @@ class Scheduler:
         self._aborts: list[str] = []
         self._finished: list[SequenceUpdate] = []  # updates owed for requests that ended outside a step
         self._draining: AdapterRef | None = None  # adapter whose slot takes no new rows (a request waits for a slot)
-        self._cache: KVCache | None = None
-        self._decode_binding = None
-        self._decode_bound: tuple | None = None
-        self._logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._rows_open = False  # the engine's KV rows are opened for this batch on the first step
         self._eos = set(engine.eos_ids)
         self._eos_index = np.array(engine.eos_ids, np.int64)
         self.last_step = StepStats()
@@ -218,8 +213,8 @@ class Scheduler:
         elif self._running:
             updates += self._decode_step()
         self._leave([seq for seq in self._running if seq.finish_reason])
-        if not self._running and self._cache is not None:
-            self._cache.shrink(0)
+        if not self._running and self._rows_open:
+            self.engine.shrink_rows(0)
         self.last_step.total_s = time.perf_counter() - started
         if admitted:
             self.stats.prefill_s += self.last_step.total_s
@@ -290,89 +285,52 @@ class Scheduler:
                                              message))
 
     # -- model steps ---------------------------------------------------------------------------
-    def _kv(self) -> KVCache:
-        if self._cache is None:
-            self._cache = KVCache(self.engine.spec, self.config.max_num_seqs, self.max_model_len, self.engine.device,
+    def _open_rows(self) -> None:
+        """The engine's KV rows for this scheduler's batch, opened on the first step."""
+        if not self._rows_open:
+            self.engine.open_rows(self.config.max_num_seqs, self.max_model_len,
                                   initial_len=min(self.max_model_len, self.config.kv_cache_initial_len))
-        return self._cache
+            self._rows_open = True
 
     def _slots(self, seqs: list[_Sequence]) -> list[int]:
         return [self.engine.adapters.slot_of(seq.adapter) if seq.adapter else 0 for seq in seqs]
 
     def _prefill(self, admitted: list[_Sequence]) -> list[SequenceUpdate]:
-        """Prefill the admitted requests together into rows n..n+k-1 (right-padded prompts)."""
-        engine, cache = self.engine, self._kv()
+        """Prefill the admitted requests together into rows n..n+k-1 (one engine step)."""
+        self._open_rows()
         first_row = len(self._running)
         for offset, seq in enumerate(admitted):
             seq.row = first_row + offset
             self._running.append(seq)
         self._compact()
-        count = len(admitted)
-        lengths = np.array([len(seq.request.prompt_ids) for seq in admitted], np.int64)
-        width = int(lengths.max())
-        cache.reserve(width)
-        cache.clear_rows(range(first_row, first_row + count))
-        binding = engine.session.io_binding()
-        cache.bind_rows(binding, first_row, first_row + count)
-        binding.bind_cpu_input(contract.LORA_INDEX, engine.bind_adapters(binding, self._slots(admitted)))
-        input_ids = np.full((count, width), engine.pad_id, np.int64)
-        for index, seq in enumerate(admitted):
-            input_ids[index, : lengths[index]] = seq.request.prompt_ids
-        attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        position_ids = np.tile(np.arange(width, dtype=np.int64), (count, 1))
-        logits = engine.bind_logits(binding, (lengths - 1).reshape(count, 1))
-        run_started = time.perf_counter()
-        engine.run_step(binding, input_ids, attention_mask, position_ids)
-        self.last_step.run_s = time.perf_counter() - run_started
-        cache.note_written(first_row, np.full(count, width))
-        for seq, length in zip(admitted, lengths):
-            seq.total = int(length)
+        prompts = [seq.request.prompt_ids for seq in admitted]
+        logits = self.engine.step(StepPlan(first_row, prompts, [0] * len(admitted), self._slots(admitted)))
+        self.last_step.run_s = self.engine.last_run_s
+        for seq, prompt in zip(admitted, prompts):
+            seq.total = len(prompt)
         tokens = self._sample(admitted, logits)
-        self.last_step.prefill_rows = count
+        self.last_step.prefill_rows = len(admitted)
         self.stats.prefill_steps += 1
         self.stats.prefill_run_s += self.last_step.run_s
-        self.stats.prompt_tokens += int(lengths.sum())
+        self.stats.prompt_tokens += sum(map(len, prompts))
         return [self._accept(seq, int(token)) for seq, token in zip(admitted, tokens)]
 
     def _decode_step(self) -> list[SequenceUpdate]:
-        """One token for every live row: rows 0..n-1, each at its own position."""
-        engine, cache = self.engine, self._kv()
+        """One token for every live row: rows 0..n-1, each at its own position (one engine step)."""
         rows = self._running
-        count = len(rows)
-        totals = np.array([seq.total for seq in rows], np.int64)  # the pending token goes at position total
-        width = int(totals.max()) + 1
-        changed = cache.reserve(width)
         self._compact()
-        if self._decode_binding is None:
-            self._decode_binding = engine.session.io_binding()
-        binding = self._decode_binding
-        if changed or self._decode_bound != (count, cache.generation):
-            cache.bind_rows(binding, 0, count)
-            self._decode_bound = (count, cache.generation)
-        positions, logits = self._logits_buffers(count)
-        engine.bind_logits(binding, positions, logits)
-        binding.bind_cpu_input(contract.LORA_INDEX, engine.bind_adapters(binding, self._slots(rows)))
-        attention_mask = (np.arange(width)[None, :] <= totals[:, None]).astype(np.int64)
-        input_ids = np.array([[seq.pending] for seq in rows], np.int64)
-        run_started = time.perf_counter()
-        engine.run_step(binding, input_ids, attention_mask, totals.reshape(count, 1))
-        self.last_step.run_s = time.perf_counter() - run_started
-        cache.note_written(0, totals + 1)
+        # the pending token goes at position total (the row's cache length)
+        logits = self.engine.step(StepPlan(0, [[seq.pending] for seq in rows], [seq.total for seq in rows],
+                                           self._slots(rows)))
+        self.last_step.run_s = self.engine.last_run_s
         for seq in rows:
             seq.total += 1
         tokens = self._sample(rows, logits)
-        self.last_step.decode_rows = count
+        self.last_step.decode_rows = len(rows)
         self.stats.decode_steps += 1
-        self.stats.decode_rows += count
+        self.stats.decode_rows += len(rows)
         self.stats.decode_run_s += self.last_step.run_s
         return [self._accept(seq, int(token)) for seq, token in zip(rows, tokens)]
-
-    def _logits_buffers(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """logits_positions zeros [n, 1] and a logits buffer [n, 1, vocab], made once per row count."""
-        if count not in self._logits:
-            self._logits[count] = (np.zeros((count, 1), np.int64),
-                                   np.empty((count, 1, self.engine.spec.vocab_size), self.engine.float_dtype))
-        return self._logits[count]
 
     def _compact(self) -> None:
         refs = [seq.adapter for seq in self._running if seq.adapter]
@@ -450,7 +408,7 @@ class Scheduler:
             row = self._running.index(seq)
             if row != last:
                 moved = self._running[last]
-                self._kv().move_row(last, row)
+                self.engine.move_row(last, row)
                 moved.row = row
                 self._running[row] = moved
             self._running.pop()
