@@ -23,19 +23,15 @@ slots 1..k (``AdapterCache.compact``), so a step's LoRA work is that of the adap
 
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
 from edgelora.errors import EdgeLoraError, UserInputError
-from edgelora.runtime import native
 from edgelora.runtime.adapter_cache import AdapterRef
 from edgelora.runtime.config import SchedulerConfig
-from edgelora.runtime.detokenizer import IncrementalDetokenizer
 from edgelora.runtime.engine import Engine, StepPlan
+from edgelora.runtime.output import OutputStage, OutputState
 from edgelora.runtime.sampling import SamplingParams
 
 
@@ -106,17 +102,11 @@ class SchedulerStats:
 class _Sequence:
     request_id: str
     request: GenerationRequest
-    sampler: object
-    detokenizer: IncrementalDetokenizer | None
+    out: OutputState  # sampler, detokenizer, tokens, text, finish_reason (the output stage's)
     adapter: AdapterRef | None = None  # the version this request holds from add_request to its end
-    output_ids: list[int] = field(default_factory=list)
     row: int = -1
     total: int = 0  # tokens in this row's cache
     pending: int = 0  # the last sampled token, not yet in the cache
-    emitted: int = 0  # characters of text handed out
-    finish_reason: str | None = None
-    error: str | None = None
-    text: str = ""  # the final text once finished (stop string cut off)
 
 
 class Scheduler:
@@ -133,15 +123,13 @@ class Scheduler:
         if positions and limit > positions:
             raise UserInputError(f"max_model_len {limit} is above the model's {positions} positions")
         self.max_model_len = limit
-        self._decode = tokenizer.decode if tokenizer is not None else None
+        self.output = OutputStage(engine.eos_ids, tokenizer.decode if tokenizer is not None else None)
         self._waiting: OrderedDict[str, _Sequence] = OrderedDict()
         self._running: list[_Sequence] = []  # index = row
         self._aborts: list[str] = []
         self._finished: list[SequenceUpdate] = []  # updates owed for requests that ended outside a step
         self._draining: AdapterRef | None = None  # adapter whose slot takes no new rows (a request waits for a slot)
         self._rows_open = False  # the engine's KV rows are opened for this batch on the first step
-        self._eos = set(engine.eos_ids)
-        self._eos_index = np.array(engine.eos_ids, np.int64)
         self.last_step = StepStats()
         self.stats = SchedulerStats()
 
@@ -164,7 +152,7 @@ class Scheduler:
         room = self.max_model_len - len(request.prompt_ids)
         max_tokens = sampling.max_tokens if sampling.max_tokens is not None else room
         problems = sampling.problems()
-        if sampling.stop and self._decode is None:
+        if sampling.stop and self.output.detokenize is None:
             problems.append("stop strings (this scheduler has no tokenizer)")
         if problems:
             raise UserInputError(f"{where}: invalid " + "; ".join(problems))
@@ -191,10 +179,9 @@ class Scheduler:
         checked = self.check(request, where or f"request {request_id}")
         if self.config.max_waiting is not None and len(self._waiting) >= self.config.max_waiting:
             raise QueueFull(f"the queue is full ({self.config.max_waiting} waiting requests); try again later")
-        seed = checked.sampling.seed if checked.sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        detokenizer = IncrementalDetokenizer(self._decode, checked.prompt_ids) if self._decode else None
         adapter = self.engine.adapters.hold(checked.adapter) if checked.adapter is not None else None
-        self._waiting[request_id] = _Sequence(request_id, checked, native.Sampler(seed), detokenizer, adapter)
+        self._waiting[request_id] = _Sequence(request_id, checked, self.output.start(checked.sampling,
+                                                                                     checked.prompt_ids), adapter)
 
     def abort_request(self, request_id: str) -> None:
         """Cancel a request; its final update (finish_reason "abort") comes from the next step."""
@@ -212,7 +199,7 @@ class Scheduler:
             updates += self._prefill(admitted)
         elif self._running:
             updates += self._decode_step()
-        self._leave([seq for seq in self._running if seq.finish_reason])
+        self._leave([seq for seq in self._running if seq.out.finish_reason])
         if not self._running and self._rows_open:
             self.engine.shrink_rows(0)
         self.last_step.total_s = time.perf_counter() - started
@@ -308,7 +295,7 @@ class Scheduler:
         self.last_step.run_s = self.engine.last_run_s
         for seq, prompt in zip(admitted, prompts):
             seq.total = len(prompt)
-        tokens = self._sample(admitted, logits)
+        tokens = self.output.sample([seq.out for seq in admitted], logits)
         self.last_step.prefill_rows = len(admitted)
         self.stats.prefill_steps += 1
         self.stats.prefill_run_s += self.last_step.run_s
@@ -325,7 +312,7 @@ class Scheduler:
         self.last_step.run_s = self.engine.last_run_s
         for seq in rows:
             seq.total += 1
-        tokens = self._sample(rows, logits)
+        tokens = self.output.sample([seq.out for seq in rows], logits)
         self.last_step.decode_rows = len(rows)
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(rows)
@@ -337,49 +324,14 @@ class Scheduler:
         if refs:
             self.engine.adapters.compact(refs)
 
-    def _sample(self, seqs: list[_Sequence], logits: np.ndarray) -> np.ndarray:
-        rows = np.ascontiguousarray(logits[:, 0], dtype=np.float32)
-        if self._eos_index.size:
-            for index, seq in enumerate(seqs):
-                if len(seq.output_ids) < seq.request.sampling.min_tokens and not seq.request.sampling.ignore_eos:
-                    rows[index, self._eos_index] = -np.inf  # vLLM's min_tokens: eos cannot be sampled yet
-        requests = [seq.request.sampling for seq in seqs]
-        return native.sample_batch(rows, [seq.sampler for seq in seqs], [float(r.temperature) for r in requests],
-                                   [int(r.top_k) for r in requests], [float(r.top_p) for r in requests])
-
-    # -- tokens out ----------------------------------------------------------------------------
     def _accept(self, seq: _Sequence, token: int) -> SequenceUpdate:
-        """Record a sampled token; decide whether the request ends; hand out the text it completes."""
-        sampling = seq.request.sampling
-        seq.output_ids.append(token)
+        """The output stage takes the token; a row that goes on feeds it next step."""
+        piece = self.output.accept(seq.out, token)
         self.stats.generated_tokens += 1
-        enough = len(seq.output_ids) >= sampling.min_tokens
-        if token in self._eos and not sampling.ignore_eos and enough:
-            seq.finish_reason = "stop"
-        text = ""
-        if seq.detokenizer is not None:
-            seq.detokenizer.add(token)
-            if seq.finish_reason or len(seq.output_ids) >= sampling.max_tokens:
-                seq.detokenizer.flush()
-            text = seq.detokenizer.text
-            if sampling.stop and enough:
-                cut = _find_stop(text, sampling.stop, max(0, seq.emitted - max(map(len, sampling.stop))))
-                if cut is not None:
-                    text = text[:cut]
-                    seq.finish_reason = "stop"
-        if seq.finish_reason is None and len(seq.output_ids) >= sampling.max_tokens:
-            seq.finish_reason = "length"
-        if seq.finish_reason is None:
+        if seq.out.finish_reason is None:
             seq.pending = token
-            held = max(map(len, sampling.stop)) - 1 if sampling.stop else 0  # may be the start of a stop string
-            release = max(seq.emitted, len(text) - held)
-        else:
-            release = len(text)
-            seq.text = text
-        piece = text[seq.emitted:release]
-        seq.emitted = release
-        return SequenceUpdate(seq.request_id, [token], piece, seq.finish_reason is not None, seq.finish_reason,
-                              len(seq.request.prompt_ids), len(seq.output_ids))
+        return SequenceUpdate(seq.request_id, [token], piece, seq.out.finish_reason is not None,
+                              seq.out.finish_reason, len(seq.request.prompt_ids), len(seq.out.output_ids))
 
     def _take_aborts(self) -> list[SequenceUpdate]:
         updates = []
@@ -388,14 +340,14 @@ class Scheduler:
             if seq is not None:
                 self._end(seq)
             else:
-                seq = next((s for s in self._running if s.request_id == request_id and not s.finish_reason), None)
+                seq = next((s for s in self._running if s.request_id == request_id and not s.out.finish_reason), None)
                 if seq is None:
                     continue  # unknown or already finished
-            seq.finish_reason = "abort"
+            seq.out.finish_reason = "abort"
             updates.append(SequenceUpdate(request_id, [], "", True, "abort", len(seq.request.prompt_ids),
-                                          len(seq.output_ids)))
+                                          len(seq.out.output_ids)))
         self._aborts = []
-        self._leave([seq for seq in self._running if seq.finish_reason == "abort"])
+        self._leave([seq for seq in self._running if seq.out.finish_reason == "abort"])
         return updates
 
     def _leave(self, finished: list[_Sequence]) -> None:
@@ -420,8 +372,3 @@ class Scheduler:
             self.engine.adapters.unhold(seq.adapter)
             seq.adapter = None
 
-
-def _find_stop(text: str, stops: list[str], start: int) -> int | None:
-    """Where the earliest stop string begins in text[start:] (absolute index), or None."""
-    found = [index for index in (text.find(stop, start) for stop in stops) if index >= 0]
-    return min(found) if found else None

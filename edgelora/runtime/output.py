@@ -1,0 +1,99 @@
+"""The output stage: logits -> tokens -> text, and when a request ends.
+
+One object for what happens to a step's logits: sampling (seeded per request; ``min_tokens``
+masks EOS), incremental detokenizing (never half a character), stop strings (text that may begin
+one is held back) and the stop conditions (EOS, a stop string, ``max_tokens``). The scheduler
+plans steps and hands each step's logits here; "decode" elsewhere means the decode phase only.
+
+::
+
+    logits [rows, 1, vocab] ──sample──> token per row ──accept──> OutputState: ids, text, finish_reason
+                     (EOS masked below min_tokens)         (detokenizer, stop strings, eos, length)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgelora.runtime import native
+from edgelora.runtime.detokenizer import IncrementalDetokenizer
+from edgelora.runtime.sampling import SamplingParams
+
+
+@dataclass
+class OutputState:
+    """One request's side of the output stage: its sampler, detokenizer, tokens and text so far."""
+
+    sampling: SamplingParams  # checked: max_tokens filled in
+    sampler: object  # native.Sampler, seeded
+    detokenizer: IncrementalDetokenizer | None
+    output_ids: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of text handed out
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    text: str = ""  # the final text once finished (a stop string cut off)
+
+
+class OutputStage:
+    """Sampling, detokenizing and stop checks for every request of one scheduler."""
+
+    def __init__(self, eos_ids: list[int], detokenize: Callable[[list[int]], str] | None = None):
+        self.detokenize = detokenize  # the tokenizer's decode; None: token ids only (no text, no stop strings)
+        self._eos = set(eos_ids)
+        self._eos_index = np.array(eos_ids, np.int64)
+
+    def start(self, sampling: SamplingParams, prompt_ids: list[int]) -> OutputState:
+        """A request's state: its own seeded sampler (a fresh seed when none is given)."""
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        detokenizer = IncrementalDetokenizer(self.detokenize, prompt_ids) if self.detokenize else None
+        return OutputState(sampling, native.Sampler(seed), detokenizer)
+
+    def sample(self, states: list[OutputState], logits: np.ndarray) -> np.ndarray:
+        """One token per row from logits [rows, 1, vocab]."""
+        rows = np.ascontiguousarray(logits[:, 0], dtype=np.float32)
+        if self._eos_index.size:
+            for index, state in enumerate(states):
+                if len(state.output_ids) < state.sampling.min_tokens and not state.sampling.ignore_eos:
+                    rows[index, self._eos_index] = -np.inf  # vLLM's min_tokens: eos cannot be sampled yet
+        params = [state.sampling for state in states]
+        return native.sample_batch(rows, [state.sampler for state in states], [float(p.temperature) for p in params],
+                                   [int(p.top_k) for p in params], [float(p.top_p) for p in params])
+
+    def accept(self, state: OutputState, token: int) -> str:
+        """Record a sampled token, decide whether the request ends (``finish_reason``); return the new text."""
+        sampling = state.sampling
+        state.output_ids.append(token)
+        enough = len(state.output_ids) >= sampling.min_tokens
+        if token in self._eos and not sampling.ignore_eos and enough:
+            state.finish_reason = "stop"
+        text = ""
+        if state.detokenizer is not None:
+            state.detokenizer.add(token)
+            if state.finish_reason or len(state.output_ids) >= sampling.max_tokens:
+                state.detokenizer.flush()
+            text = state.detokenizer.text
+            if sampling.stop and enough:
+                cut = _find_stop(text, sampling.stop, max(0, state.emitted - max(map(len, sampling.stop))))
+                if cut is not None:
+                    text = text[:cut]
+                    state.finish_reason = "stop"
+        if state.finish_reason is None and len(state.output_ids) >= sampling.max_tokens:
+            state.finish_reason = "length"
+        if state.finish_reason is None:
+            held = max(map(len, sampling.stop)) - 1 if sampling.stop else 0  # may be the start of a stop string
+            release = max(state.emitted, len(text) - held)
+        else:
+            release = len(text)
+            state.text = text
+        piece = text[state.emitted:release]
+        state.emitted = release
+        return piece
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+    """Where the earliest stop string begins in text[start:] (absolute index), or None."""
+    found = [index for index in (text.find(stop, start) for stop in stops) if index >= 0]
+    return min(found) if found else None
