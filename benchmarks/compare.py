@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora import contract
+from edgelora.formats import contract
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "benchmarks" / "peers"

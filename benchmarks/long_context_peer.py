@@ -2,7 +2,7 @@
 
 Both engines get the same model, batch, contexts and thread count; rounds interleave the engines
 and contexts, and medians are reported (the machines are shared and noisy: compare ratios).
-edgelora's cache is filled with random keys/values (``edgelora.bench.time_decode``); onnxruntime-genai's
+edgelora's cache is filled with random keys/values (``edgelora.tools.bench.time_decode``); onnxruntime-genai's
 by a prefill of random tokens, which is not timed. Attention cost does not depend on the values.
 
     python -m onnxruntime_genai.models.builder -i HF_DIR -o GENAI_DIR -p fp32 -e cpu
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora.bench import time_decode
 from edgelora.runtime.engine import Engine, EngineConfig
+from edgelora.tools.bench import time_decode
 
 
 def genai_decode(model_dir: Path, threads: int):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from graph_runner import empty_past, session, token_feeds  # noqa: E402
 
-from edgelora.model_spec import ModelSpec  # noqa: E402
+from edgelora.formats.model_spec import ModelSpec  # noqa: E402
 from edgelora.runtime.tokenizer import ChatTokenizer  # noqa: E402
 
 DEFAULT_TEXT = ROOT / "samples" / "demo_adapters" / "training_data.json"

@@ -32,8 +32,8 @@ import httpx
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgelora.lora_modules import parse_lora_modules
-from edgelora.serve_process import running_server
+from edgelora.entrypoints.lora_modules import parse_lora_modules
+from edgelora.tools.serve_process import running_server
 
 PROMPT = [{"role": "user", "content": "Write one sentence about the sea."}]
 

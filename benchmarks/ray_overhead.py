@@ -19,9 +19,9 @@ import statistics
 import time
 from pathlib import Path
 
-from edgelora.bench_serve import BenchServeOptions, run_bench_serve
-from edgelora.lora_modules import parse_lora_modules
-from edgelora.serve_process import running_server
+from edgelora.entrypoints.lora_modules import parse_lora_modules
+from edgelora.tools.bench_serve import BenchServeOptions, run_bench_serve
+from edgelora.tools.serve_process import running_server
 
 FIGURES = ("output_tokens_per_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")
 

@@ -10,7 +10,7 @@ __all__ = ["LLM", "LoRARequest", "LoraConfig", "SamplingParams"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from edgelora import api
+        from edgelora.entrypoints import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'edgelora' has no attribute {name!r}")

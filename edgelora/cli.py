@@ -76,7 +76,7 @@ def _merge_lora(args: argparse.Namespace) -> None:
 
 
 def _infer(args: argparse.Namespace) -> None:
-    from edgelora.infer_file import InferOptions, run_infer
+    from edgelora.entrypoints.infer_file import InferOptions, run_infer
 
     result = run_infer(InferOptions(
         onnx_dir=args.onnx_dir, input_file=args.input_file, output_file=args.output_file,
@@ -95,7 +95,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from edgelora.bench import BenchOptions, parse_rows, run_bench
+    from edgelora.tools.bench import BenchOptions, parse_rows, run_bench
 
     run_bench(BenchOptions(
         onnx_dir=args.onnx_dir, adapters=args.adapters, batches=args.batch, prompt_len=args.prompt_len,
@@ -105,8 +105,8 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from edgelora.lora_modules import parse_lora_modules
-    from edgelora.server import ServeOptions, serve
+    from edgelora.entrypoints.lora_modules import parse_lora_modules
+    from edgelora.entrypoints.server import ServeOptions, serve
 
     options = ServeOptions(
         onnx_dir=args.onnx_dir, lora_modules=parse_lora_modules(args.lora_modules),
@@ -122,7 +122,7 @@ def _serve(args: argparse.Namespace) -> None:
         serve(options)
         return
     try:
-        from edgelora.ray import RayOptions, run
+        from edgelora.entrypoints.ray import RayOptions, run
     except ImportError as exc:
         raise UserInputError(f"edgelora serve --ray needs {exc.name}: pip install 'edgelora[ray]'") from exc
     run(RayOptions(serve=options, replicas=1 if args.replicas is None else args.replicas,
@@ -130,8 +130,8 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
-    from edgelora.bench_serve import BenchServeOptions, run_bench_serve
-    from edgelora.lora_modules import parse_lora_modules
+    from edgelora.entrypoints.lora_modules import parse_lora_modules
+    from edgelora.tools.bench_serve import BenchServeOptions, run_bench_serve
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
 
@@ -143,8 +143,8 @@ def _bench_serve(args: argparse.Namespace) -> None:
 
 
 def _chat(args: argparse.Namespace) -> None:
-    from edgelora.chat import ChatOptions, run_chat
-    from edgelora.lora_modules import parse_lora_modules
+    from edgelora.entrypoints.chat import ChatOptions, run_chat
+    from edgelora.entrypoints.lora_modules import parse_lora_modules
 
     run_chat(ChatOptions(
         onnx_dir=args.onnx_dir, lora_modules=parse_lora_modules(args.lora_modules), lora=args.lora, system=args.system,

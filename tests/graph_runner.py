@@ -12,9 +12,9 @@ import numpy as np
 import onnxruntime as ort
 from safetensors.numpy import load_file
 
-from edgelora import contract
-from edgelora.lora_manifest import LoraManifest
-from edgelora.model_spec import ModelSpec
+from edgelora.formats import contract
+from edgelora.formats.lora_manifest import LoraManifest
+from edgelora.formats.model_spec import ModelSpec
 
 NUMPY = {"float32": np.float32, "float16": np.float16}
 

@@ -10,9 +10,9 @@ import pytest
 
 from edgelora.adapters import process_adapter
 from edgelora.export import ExportOptions, export_model
+from edgelora.formats.lora_manifest import LoraManifest
+from edgelora.formats.model_spec import ModelSpec
 from edgelora.graph import insert_lora
-from edgelora.lora_manifest import LoraManifest
-from edgelora.model_spec import ModelSpec
 
 FAMILIES = ("qwen2", "llama")
 

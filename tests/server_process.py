@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from edgelora import serve_process
-from edgelora.serve_process import free_port
+from edgelora.tools import serve_process
+from edgelora.tools.serve_process import free_port
 
 __all__ = ["free_port", "metric", "running_server"]
 

@@ -109,7 +109,7 @@ def test_gguf_export_logits_equal_transformers_own_gguf_model(demo):
     from graph_runner import empty_past, token_feeds
     from transformers import AutoModelForCausalLM
 
-    from edgelora.model_spec import ModelSpec
+    from edgelora.formats.model_spec import ModelSpec
 
     work, gguf, _, _ = demo
     spec = ModelSpec.load(work / "onnx")

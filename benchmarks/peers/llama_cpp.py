@@ -79,7 +79,7 @@ from peer_input import (
     read_hf_config,
 )
 
-from edgelora.serve_process import free_port, stop_process  # what edgelora serve's launcher uses
+from edgelora.tools.serve_process import free_port, stop_process  # what edgelora serve's launcher uses
 
 HOST = "127.0.0.1"  # the server listens here only
 PRE_TOKENIZER_MARKER = "llama_cpp_peer: unrecognized BPE pre-tokenizer"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edgelora import contract
 from edgelora.adapters.peft import read_peft_adapter
 from edgelora.errors import AdapterError, UserInputError
 from edgelora.export.hf_folder import copy_tokenizer_files, read_hf_config
-from edgelora.fileio import staged_output
+from edgelora.formats import contract
+from edgelora.formats.fileio import staged_output
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora import contract
 from edgelora.errors import AdapterError, UserInputError
+from edgelora.formats import contract
 
 log = logging.getLogger(__name__)
 

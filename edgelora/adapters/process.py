@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora import contract
 from edgelora.adapters.peft import PeftAdapter, read_peft_adapter
 from edgelora.errors import AdapterError, UserInputError
-from edgelora.fileio import staged_output
-from edgelora.lora_manifest import LoraManifest
-from edgelora.model_spec import ModelSpec
-from edgelora.processed_adapter import PROCESSED_FORMAT, STORAGE_DTYPES, ProcessedAdapterConfig
+from edgelora.formats import contract
+from edgelora.formats.fileio import staged_output
+from edgelora.formats.lora_manifest import LoraManifest
+from edgelora.formats.model_spec import ModelSpec
+from edgelora.formats.processed_adapter import PROCESSED_FORMAT, STORAGE_DTYPES, ProcessedAdapterConfig
 
 log = logging.getLogger(__name__)
 

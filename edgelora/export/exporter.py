@@ -14,13 +14,13 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from edgelora import contract
 from edgelora.errors import UnsupportedModelError, UserInputError
 from edgelora.export import attention, rotary
 from edgelora.export.gguf import convert_gguf, find_gguf
 from edgelora.export.hf_folder import copy_tokenizer_files, eos_token_ids, read_hf_config
-from edgelora.fileio import staged_output
-from edgelora.model_spec import DTYPES, ModelSpec
+from edgelora.formats import contract
+from edgelora.formats.fileio import staged_output
+from edgelora.formats.model_spec import DTYPES, ModelSpec
 
 log = logging.getLogger(__name__)
 

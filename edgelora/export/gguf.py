@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edgelora.errors import UnsupportedModelError, UserInputError
 from edgelora.export.architectures import FAMILIES, supported_list
-from edgelora.fileio import staged_output
+from edgelora.formats.fileio import staged_output
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora import contract
 from edgelora.errors import UserInputError
-from edgelora.model_spec import ModelSpec
+from edgelora.formats import contract
+from edgelora.formats.model_spec import ModelSpec
 
 BLOCK = 32
 GGUF_MODULES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",

@@ -14,14 +14,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from edgelora import contract
 from edgelora.errors import UserInputError
-from edgelora.fileio import staged_output
-from edgelora.fingerprint import METADATA_KEY, export_fingerprint
+from edgelora.formats import contract
+from edgelora.formats.fileio import staged_output
+from edgelora.formats.fingerprint import METADATA_KEY, export_fingerprint
+from edgelora.formats.lora_manifest import LoraManifest, LoraSite
+from edgelora.formats.model_spec import ModelSpec
 from edgelora.graph.fuse_projections import fuse_projections
 from edgelora.graph.static_shapes import fold_static_shapes
-from edgelora.lora_manifest import LoraManifest, LoraSite
-from edgelora.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

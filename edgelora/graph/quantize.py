@@ -18,10 +18,10 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edgelora import contract
 from edgelora.errors import UserInputError
-from edgelora.fileio import staged_output
-from edgelora.model_spec import ModelSpec
+from edgelora.formats import contract
+from edgelora.formats.fileio import staged_output
+from edgelora.formats.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

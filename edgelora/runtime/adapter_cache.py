@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from edgelora.errors import AdapterError, EdgeLoraError, UserInputError
-from edgelora.lora_manifest import LoraManifest
-from edgelora.model_spec import ModelSpec
-from edgelora.processed_adapter import (
+from edgelora.formats.lora_manifest import LoraManifest
+from edgelora.formats.model_spec import ModelSpec
+from edgelora.formats.processed_adapter import (
     ProcessedAdapterConfig,
     ProcessedAdapterFiles,
     check_processed_tensors,

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgelora import contract
 from edgelora.errors import UserInputError
+from edgelora.formats import contract
 
 MIN_HOST_LORAS = 16  # the default max_cpu_loras is max(MIN_HOST_LORAS, max_loras)
 

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora import contract
 from edgelora.errors import EdgeLoraError, UserInputError
-from edgelora.fingerprint import METADATA_KEY
-from edgelora.lora_manifest import LoraManifest
-from edgelora.model_spec import ModelSpec
+from edgelora.formats import contract
+from edgelora.formats.fingerprint import METADATA_KEY
+from edgelora.formats.lora_manifest import LoraManifest
+from edgelora.formats.model_spec import ModelSpec
 from edgelora.runtime import native
 from edgelora.runtime.adapter_cache import AdapterCache
 from edgelora.runtime.config import EngineConfig

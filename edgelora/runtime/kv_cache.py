@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgelora import contract
-from edgelora.model_spec import ModelSpec
+from edgelora.formats import contract
+from edgelora.formats.model_spec import ModelSpec
 from edgelora.runtime import native
 from edgelora.runtime.session import NUMPY_DTYPES, Device
 

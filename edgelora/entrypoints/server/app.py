@@ -1,0 +1,513 @@
+"""The HTTP side of ``edgelora serve``: FastAPI routes in OpenAI's (and vLLM's) shapes.
+
+Every route runs on the event loop and never waits on the model: requests go to the engine
+thread (``EngineLoop``) and their tokens come back on per-request queues; tokenizing and adapter
+processing run in worker threads. Errors leave as ``{"error": {...}}`` with OpenAI's status codes.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Protocol
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edgelora.entrypoints.server.adapters import AdapterSources, ForbiddenPath
+from edgelora.entrypoints.server.engine_loop import (
+    AdapterLoad,
+    RequestFailed,
+    RequestInterrupted,
+    RequestStream,
+    UnknownAdapter,
+)
+from edgelora.entrypoints.server.metrics import CONTENT_TYPE, ServerMetrics
+from edgelora.entrypoints.server.protocol import (
+    SSE_DONE,
+    ApiError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    LoadLoraRequest,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    UnloadLoraRequest,
+    Usage,
+    sse,
+)
+from edgelora.entrypoints.server.tenants import Tenant, Tenants
+from edgelora.errors import EdgeLoraError, UserInputError
+from edgelora.runtime.scheduler import GenerationRequest, QueueFull, SequenceUpdate
+from edgelora.runtime.tokenizer import ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+UPDATES_FLAG = "--enable-lora-updates"
+
+
+class Backend(Protocol):
+    """What the routes need of the engine side: ``EngineLoop`` (one process) or edgelora.entrypoints.ray's replicas.
+
+    ``submit`` raises what the scheduler's ``add_request`` raises (UserInputError, QueueFull,
+    UnknownAdapter); the stream then carries SequenceUpdates, or a RequestFailed.
+    """
+
+    @property
+    def alive(self) -> bool: ...
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    async def submit(self, request_id: str, request: GenerationRequest, adapter_label: str,
+                     arrival_s: float) -> RequestStream: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    async def load_adapter(self, name: str, folder) -> AdapterLoad: ...
+
+    async def unload_adapter(self, name: str) -> bool: ...
+
+
+@dataclass
+class AppState:
+    """Everything the routes share; mutated only on the event loop."""
+
+    served_name: str
+    engine: Backend
+    tenants: Tenants
+    metrics: ServerMetrics
+    sources: AdapterSources
+    tokenizer: ChatTokenizer  # the HTTP side's own (the engine thread detokenizes with another)
+    max_model_len: int
+    enable_lora_updates: bool = False
+    adapters: set[str] = field(default_factory=set)  # names requests may use
+    loading: set[str] = field(default_factory=set)  # names being loaded right now
+    in_flight: dict[str, int] = field(default_factory=dict)  # tenant label -> running + waiting requests
+    created: int = field(default_factory=lambda: int(time.time()))
+    # /metrics' body; None: this process's own registry (edgelora.entrypoints.ray merges every replica's)
+    render_metrics: Callable[[], Awaitable[bytes]] | None = None
+
+
+@dataclass
+class _Result:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, update: SequenceUpdate) -> None:
+        self.text.append(update.new_text)
+        self.token_ids += update.new_token_ids
+        self.finish_reason = update.finish_reason
+        self.prompt_tokens = update.prompt_tokens
+        self.completion_tokens = update.completion_tokens
+
+    @property
+    def usage(self) -> Usage:
+        return Usage.of(self.prompt_tokens, self.completion_tokens)
+
+
+class _Ticket:
+    """One accepted request: on close (finished, failed or the client gone) abort it if it still runs
+    and give the tenant its slot back. Closing twice is harmless."""
+
+    def __init__(self, state: AppState, tenant: Tenant, stream: RequestStream):
+        self.state, self.tenant, self.stream = state, tenant, stream
+        self._closed = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.stream.finished:
+            self.state.engine.abort(self.stream.request_id)
+        _release(self.state, self.tenant)
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that close their ticket however the stream ends (a disconnect cancels it)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _json(model: BaseModel) -> JSONResponse:
+    """Dumped by pydantic itself, so fields marked exclude_if (vLLM's token ids) stay out when unset."""
+    return JSONResponse(model.model_dump(mode="json"))
+
+
+def _release(state: AppState, tenant: Tenant) -> None:
+    count = state.in_flight.get(tenant.label, 0) - 1
+    if count > 0:
+        state.in_flight[tenant.label] = count
+    else:
+        state.in_flight.pop(tenant.label, None)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """OpenAI-style message and param from pydantic's errors (the first few)."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    if errors[0].get("type") == "json_invalid":
+        detail = (errors[0].get("ctx") or {}).get("error", "")
+        return f"the body is not valid JSON{': ' + str(detail) if detail else ''}", None
+    parts, param = [], None
+    for error in errors[:3]:
+        location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+        param = param or location or None
+        message = "field required" if error.get("type") == "missing" else str(error.get("msg", "invalid"))
+        parts.append(f"{location}: {message}" if location else message)
+    return "; ".join(parts), param
+
+
+def _stream_error(exc: RequestFailed) -> ApiError:
+    """The error event of a stream the engine could not finish (503 when sending it again would work)."""
+    if isinstance(exc, RequestInterrupted):
+        return ApiError(503, str(exc), code="replica_lost")
+    return ApiError(500, str(exc))
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so only a disconnect comes)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _updates(stream: RequestStream) -> AsyncIterator[SequenceUpdate]:
+    """A request's updates until its last; RequestFailed if the engine could not finish it."""
+    while True:
+        item = await stream.queue.get()
+        if isinstance(item, RequestFailed):
+            stream.finished = True
+            raise item
+        if item.finished:
+            stream.finished = True
+        yield item
+        if item.finished:
+            return
+
+
+def create_app(state: AppState) -> FastAPI:
+    """The FastAPI app over a started engine loop."""
+    tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="edgelora-tokenize")
+    adapter_pool = ThreadPoolExecutor(1, thread_name_prefix="edgelora-adapters")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.engine.bind_loop(asyncio.get_running_loop())
+        yield
+        tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        adapter_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="edgelora", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    # -- errors: always OpenAI's shape -----------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(ApiError(400, message, param).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(EdgeLoraError)
+    async def _ours(request: Request, exc: EdgeLoraError) -> JSONResponse:
+        if isinstance(exc, ForbiddenPath):
+            error = ApiError(403, str(exc), "lora_path")
+        elif isinstance(exc, QueueFull):
+            error = ApiError(503, str(exc), code="queue_full")
+        elif isinstance(exc, RequestInterrupted):
+            error = _stream_error(exc)
+        elif isinstance(exc, UnknownAdapter):
+            error = ApiError(404, str(exc), "model", "model_not_found")
+        elif isinstance(exc, UserInputError):
+            error = ApiError(400, str(exc))
+        else:
+            log.error("request failed: %s", exc)
+            error = ApiError(500, str(exc))
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(Exception)
+    async def _defect(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback; the client still gets OpenAI's shape, and the server goes on.
+        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}").body(), status_code=500)
+
+    # -- shared pieces ---------------------------------------------------------------------------
+    async def tenant_of(request: Request) -> Tenant:
+        tenant = state.tenants.authenticate(request.headers.get("authorization"))
+        if tenant is None:
+            raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+        return tenant
+
+    TenantOf = Annotated[Tenant, Depends(tenant_of)]  # FastAPI resolves the key per request
+
+    def require_admin(tenant: Tenant) -> None:
+        if not tenant.admin:
+            raise ApiError(403, "this API key may not manage adapters (needs \"admin\": true)")
+
+    def require_updates() -> None:
+        if not state.enable_lora_updates:
+            raise ApiError(404, f"loading and unloading adapters at run time is off; start the server with "
+                                f"{UPDATES_FLAG} (and --lora-root)", code="lora_updates_disabled")
+
+    def resolve_model(name: str, tenant: Tenant) -> str | None:
+        """None for the base model, else the adapter name; 404 for what this key cannot see."""
+        if name == state.served_name:
+            return None
+        prefix = state.served_name + ":"
+        adapter = name[len(prefix):] if name.startswith(prefix) else name
+        if adapter in state.adapters and tenant.may_use(adapter):
+            return adapter
+        raise ApiError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    async def tokenize(call: Callable, *args) -> list[int]:
+        ids = await asyncio.get_running_loop().run_in_executor(tokenize_pool, call, *args)
+        if not ids:
+            raise ApiError(400, "the prompt is empty (it encodes to no tokens)", "prompt")
+        return ids
+
+    def generation_request(body: SamplingFields, prompt_ids: list[int], adapter: str | None,
+                           max_tokens: int | None) -> GenerationRequest:
+        return GenerationRequest(prompt_ids=prompt_ids, adapter=adapter, sampling=body.sampling_params(max_tokens))
+
+    async def accept(tenant: Tenant, request_id: str, generation: GenerationRequest, arrival_s: float) -> _Ticket:
+        """Hand the request to the engine; 429 over the key's limit, 503 on a full queue, 400 on bad input."""
+        label = generation.adapter or "base"
+        if tenant.max_concurrent is not None and state.in_flight.get(tenant.label, 0) >= tenant.max_concurrent:
+            state.metrics.requests.labels(label, "rejected").inc()
+            raise ApiError(429, f"this API key already has {tenant.max_concurrent} requests running or waiting",
+                           code="rate_limit_exceeded")
+        state.in_flight[tenant.label] = state.in_flight.get(tenant.label, 0) + 1
+        try:
+            stream = await state.engine.submit(request_id, generation, label, arrival_s)
+        except BaseException:
+            state.engine.abort(request_id)  # cancelled while queued: it may have been added (a no-op if not)
+            _release(state, tenant)
+            state.metrics.requests.labels(label, "rejected").inc()
+            raise
+        return _Ticket(state, tenant, stream)
+
+    async def collect(ticket: _Ticket, request: Request) -> _Result | None:
+        """The whole result, or None if the client left first (the request is then aborted)."""
+        result = _Result()
+
+        async def gather() -> _Result:
+            async for update in _updates(ticket.stream):
+                result.add(update)
+            return result
+
+        gathering = asyncio.ensure_future(gather())
+        disconnect = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({gathering, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+            if not gathering.done():
+                gathering.cancel()
+            ticket.close()
+        return gathering.result() if gathering.done() and not gathering.cancelled() else None
+
+    # -- routes ----------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Response:
+        if not state.engine.alive:
+            raise ApiError(503, "the engine has stopped")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        if not state.tenants.open:
+            require_admin(await tenant_of(request))
+        body = state.metrics.render() if state.render_metrics is None else await state.render_metrics()
+        return Response(body, media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(tenant: TenantOf) -> Response:
+        cards = [ModelCard(id=state.served_name, root=state.served_name, created=state.created)]
+        cards += [ModelCard(id=name, root=name, parent=state.served_name, created=state.created)
+                  for name in sorted(state.adapters) if tenant.may_use(name)]
+        return _json(ModelList(data=cards))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request, tenant: TenantOf) -> Response:
+        arrival_s = time.perf_counter()
+        adapter = resolve_model(body.model, tenant)
+        if body.logprobs is not None:
+            raise ApiError(400, "logprobs are not supported", "logprobs")
+        if body.echo:
+            raise ApiError(400, "echo is not supported", "echo")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, "one prompt per request (n = 1)", "prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            prompt_ids = await tokenize(state.tokenizer.encode, prompt)
+        elif prompt:
+            prompt_ids = list(prompt)
+        else:
+            raise ApiError(400, "the prompt is empty", "prompt")
+        generation = generation_request(body, prompt_ids, adapter, body.max_tokens)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        ticket = await accept(tenant, request_id, generation, arrival_s)
+        if body.stream:
+            return _EventStream(completion_events(ticket, body, prompt_ids), ticket.close)
+        result = await collect(ticket, request)
+        if result is None:
+            return Response(status_code=499)
+        choice = CompletionChoice(text="".join(result.text), finish_reason=result.finish_reason,
+                                  prompt_token_ids=prompt_ids if body.return_token_ids else None,
+                                  token_ids=result.token_ids if body.return_token_ids else None)
+        return _json(CompletionResponse(id=request_id, model=body.model, choices=[choice], usage=result.usage))
+
+    async def completion_events(ticket: _Ticket, body: CompletionRequest, prompt_ids: list[int]
+                                ) -> AsyncIterator[str]:
+        created, request_id = int(time.time()), ticket.stream.request_id
+        ids = body.return_token_ids
+        result = _Result()
+        first = True
+        try:
+            async for update in _updates(ticket.stream):
+                result.add(update)
+                if not (update.new_text or update.finished or (ids and update.new_token_ids)):
+                    continue
+                choice = CompletionChoice(text=update.new_text, finish_reason=update.finish_reason,
+                                          prompt_token_ids=prompt_ids if ids and first else None,
+                                          token_ids=update.new_token_ids if ids else None)
+                first = False
+                yield sse(CompletionChunk(id=request_id, created=created, model=body.model, choices=[choice]))
+        except RequestFailed as exc:
+            yield sse(_stream_error(exc).body())
+            yield SSE_DONE
+            return
+        if body.include_usage():
+            yield sse(CompletionChunk(id=request_id, created=created, model=body.model, choices=[],
+                                      usage=result.usage))
+        yield SSE_DONE
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request,
+                               tenant: TenantOf) -> Response:
+        arrival_s = time.perf_counter()
+        adapter = resolve_model(body.model, tenant)
+        if body.logprobs:
+            raise ApiError(400, "logprobs are not supported", "logprobs")
+        messages = [message.as_template_input() for message in body.messages]
+        prompt_ids = await tokenize(state.tokenizer.prompt_ids, messages)
+        generation = generation_request(body, prompt_ids, adapter, body.token_budget())
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        ticket = await accept(tenant, request_id, generation, arrival_s)
+        if body.stream:
+            return _EventStream(chat_events(ticket, body, prompt_ids), ticket.close)
+        result = await collect(ticket, request)
+        if result is None:
+            return Response(status_code=499)
+        choice = ChatChoice(message=AssistantMessage(content="".join(result.text)),
+                            finish_reason=result.finish_reason,
+                            token_ids=result.token_ids if body.return_token_ids else None)
+        return _json(ChatCompletionResponse(id=request_id, model=body.model, choices=[choice], usage=result.usage,
+                                            prompt_token_ids=prompt_ids if body.return_token_ids else None))
+
+    async def chat_events(ticket: _Ticket, body: ChatCompletionRequest, prompt_ids: list[int]) -> AsyncIterator[str]:
+        created, request_id = int(time.time()), ticket.stream.request_id
+        ids = body.return_token_ids
+
+        def chunk(delta: DeltaMessage, finish_reason: str | None = None, token_ids: list[int] | None = None,
+                  **extra) -> str:
+            choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason, token_ids=token_ids)
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[choice],
+                                           **extra))
+
+        yield chunk(DeltaMessage(role="assistant", content=""), prompt_token_ids=prompt_ids if ids else None)
+        result = _Result()
+        try:
+            async for update in _updates(ticket.stream):
+                result.add(update)
+                if update.new_text or (ids and update.new_token_ids):
+                    yield chunk(DeltaMessage(content=update.new_text), token_ids=update.new_token_ids if ids else None)
+                if update.finished:
+                    yield chunk(DeltaMessage(), update.finish_reason)
+        except RequestFailed as exc:
+            yield sse(_stream_error(exc).body())
+            yield SSE_DONE
+            return
+        if body.include_usage():
+            yield sse(ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[],
+                                          usage=result.usage))
+        yield SSE_DONE
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraRequest, tenant: TenantOf) -> Response:
+        require_updates()
+        require_admin(tenant)
+        name = body.lora_name
+        if name == state.served_name or name.startswith(state.served_name + ":"):
+            raise ApiError(400, f"{name!r} is the served model's name", "lora_name")
+        if name in state.loading:
+            raise ApiError(400, f"the adapter {name!r} is being loaded by another request; try again", "lora_name")
+        path = state.sources.inside_root(body.lora_path)
+        state.loading.add(name)
+        try:
+            folder = await asyncio.get_running_loop().run_in_executor(adapter_pool, state.sources.prepare, path)
+            loaded = await state.engine.load_adapter(name, folder)
+        finally:
+            state.loading.discard(name)
+        state.adapters.add(name)
+        if loaded.previous is None:
+            log.info("adapter %s loaded from %s (version %s)", name, path, loaded.version)
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+        if loaded.previous == loaded.version:
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' is already loaded with these files "
+                                     f"(version {loaded.version}).")
+        log.info("adapter %s: version %s from %s replaces %s", name, loaded.version, path, loaded.previous)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' replaced: version {loaded.version} serves new "
+                                 "requests" + (f"; requests already running finish on {loaded.previous}."
+                                               if loaded.previous_running else f" ({loaded.previous} is freed)."))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraRequest, tenant: TenantOf) -> Response:
+        require_updates()
+        require_admin(tenant)
+        name = body.lora_name
+        if name not in state.adapters:
+            raise ApiError(404, f"the adapter {name!r} is not loaded", "lora_name", "model_not_found")
+        state.adapters.discard(name)  # new requests get a 404 from now on
+        removed = await state.engine.unload_adapter(name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully."
+                                 + ("" if removed else " Requests that use it finish first."))
+
+    return app

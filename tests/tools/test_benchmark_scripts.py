@@ -1,0 +1,63 @@
+"""The component benchmarks run end to end on the tiny sample and write the figures they print
+(no speed asserts: figures come from benchmark runs, never from tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def qwen2(exported_samples):
+    return exported_samples["qwen2"]
+
+
+def test_prefill_logits_compares_every_and_last_position(qwen2, tmp_path):
+    out = tmp_path / "prefill.json"
+    assert _script("prefill_logits").main(["--onnx-dir", str(qwen2.onnx_dir), "--batch", "2", "--prompt-len", "6",
+                                           "--repeats", "1", "--rounds", "1", "--threads", "1", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())["summary"]
+    vocab = qwen2.spec.vocab_size
+    assert summary["every"]["logits_bytes"] == 2 * 6 * vocab * 4 and summary["last"]["logits_bytes"] == 2 * vocab * 4
+    assert summary["every"]["prefill_ms"] > 0 and summary["last"]["peak_rss_bytes"] > 0
+
+
+def test_cold_adapter_load_times_first_second_and_reload(qwen2, tmp_path):
+    out = tmp_path / "cold.json"
+    adapters = [str(qwen2.processed[name]) for name in ("a1", "a2")]
+    assert _script("cold_adapter_load").main(["--onnx-dir", str(qwen2.onnx_dir), "--adapters", *adapters,
+                                              "--trials", "1", "--threads", "1", "--json", str(out)]) == 0
+    medians = json.loads(out.read_text())["median_ms"]
+    assert set(medians) == {"register", "first", "second", "reload", "touch_fresh_slot_bytes"}
+    assert all(value > 0 for value in medians.values())
+
+
+def test_sampler_cost_reports_every_setting(tmp_path):
+    out = tmp_path / "sampler.json"
+    assert _script("sampler_cost").main(["--vocab", "4096", "--steps", "2", "--rounds", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())
+
+
+def test_quant_quality_compares_quantized_logits_with_float(qwen2, tmp_path):
+    from edgelora.graph.quantize import QuantizeOptions, quantize_export
+
+    int8 = tmp_path / "q8"
+    quantize_export(qwen2.onnx_dir, int8, QuantizeOptions(mode="int8"))
+    out = tmp_path / "quality.json"
+    assert _script("quant_quality").main(["--float-dir", str(qwen2.onnx_dir), "--quantized-dir", str(int8),
+                                          str(qwen2.onnx_dir), "--tokens", "40", "--json", str(out)]) == 0
+    quantized, itself = json.loads(out.read_text())
+    assert quantized["quantization"].startswith("int8") and 0 < quantized["mean_abs"] < quantized["max_abs"]
+    assert itself["max_abs"] == 0 and itself["top1_agreement"] == 1.0, "the float model against itself"
