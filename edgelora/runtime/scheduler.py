@@ -129,7 +129,7 @@ class Scheduler:
         self._aborts: list[str] = []
         self._finished: list[SequenceUpdate] = []  # updates owed for requests that ended outside a step
         self._draining: AdapterRef | None = None  # adapter whose slot takes no new rows (a request waits for a slot)
-        self._rows_open = False  # the engine's KV rows are opened for this batch on the first step
+        self._rows = None  # the engine's KV rows this batch runs on (opened on the first step)
         self.last_step = StepStats()
         self.stats = SchedulerStats()
 
@@ -200,7 +200,7 @@ class Scheduler:
         elif self._running:
             updates += self._decode_step()
         self._leave([seq for seq in self._running if seq.out.finish_reason])
-        if not self._running and self._rows_open:
+        if not self._running and self._rows is not None:
             self.engine.shrink_rows(0)
         self.last_step.total_s = time.perf_counter() - started
         if admitted:
@@ -273,11 +273,14 @@ class Scheduler:
 
     # -- model steps ---------------------------------------------------------------------------
     def _open_rows(self) -> None:
-        """The engine's KV rows for this scheduler's batch, opened on the first step."""
-        if not self._rows_open:
-            self.engine.open_rows(self.config.max_num_seqs, self.max_model_len,
-                                  initial_len=min(self.max_model_len, self.config.kv_cache_initial_len))
-            self._rows_open = True
+        """The engine's KV rows for this batch: opened on the first step, and again if someone else
+        (a benchmark on the same engine) replaced them while no row of ours was live."""
+        if self._rows is not None and self.engine.kv is self._rows:
+            return
+        if self._running:
+            raise EdgeLoraError("the engine's KV rows were replaced while this scheduler's requests run")
+        self._rows = self.engine.open_rows(self.config.max_num_seqs, self.max_model_len,
+                                           initial_len=min(self.max_model_len, self.config.kv_cache_initial_len))
 
     def _slots(self, seqs: list[_Sequence]) -> list[int]:
         return [self.engine.adapters.slot_of(seq.adapter) if seq.adapter else 0 for seq in seqs]
@@ -305,6 +308,7 @@ class Scheduler:
     def _decode_step(self) -> list[SequenceUpdate]:
         """One token for every live row: rows 0..n-1, each at its own position (one engine step)."""
         rows = self._running
+        self._open_rows()  # a no-op unless the rows were replaced under running requests (then an error)
         self._compact()
         # the pending token goes at position total (the row's cache length)
         logits = self.engine.step(StepPlan(0, [[seq.pending] for seq in rows], [seq.total for seq in rows],

@@ -79,8 +79,13 @@ class FakeEngine:
         if not prompt_ids:
             raise UserInputError(f"{where}: the prompt has no tokens")
 
-    def open_rows(self, rows: int, max_len: int, initial_len: int | None = None) -> None:
+    def open_rows(self, rows: int, max_len: int, initial_len: int | None = None) -> list[list[int]]:
         self.rows, self.prompt_len = [[] for _ in range(rows)], [0] * rows
+        return self.rows
+
+    @property
+    def kv(self) -> list[list[int]]:
+        return self.rows
 
     def move_row(self, source: int, target: int) -> None:
         self.rows[target], self.prompt_len[target] = list(self.rows[source]), self.prompt_len[source]

@@ -143,3 +143,16 @@ def test_long_context_peer_script_interleaves_engines(qwen2, capsys, monkeypatch
     assert float(rows["edgelora"][3]) == pytest.approx(ratio, abs=0.0006)
     # 2 rows / (0.01 * (1 + c/24)) s: 150 tok/s at 8, 100 at 24, ratio 2/3
     assert rows["onnxruntime-genai"][1:] == ["150.00", "100.00", "0.667"]
+
+
+def test_decode_timing_on_an_llms_engine_leaves_its_generation_right(qwen2):
+    """time_decode opens KV rows of its own on the engine; the LLM's scheduler opens its rows again after."""
+    from edgelora.entrypoints.api import LLM, SamplingParams
+    from edgelora.tools.bench import time_decode
+
+    llm = LLM(qwen2.onnx_dir, num_threads=1)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    before = llm.generate(["Hello", "Write a poem"], params)
+    assert len(time_decode(llm.engine, [None], 16, 2)) == 2  # one row: too few for the next generate
+    after = llm.generate(["Hello", "Write a poem"], params)
+    assert [o.token_ids for o in after] == [o.token_ids for o in before]
