@@ -100,7 +100,7 @@ class Engine:
         self.eos_ids = sorted(set(self.spec.eos_token_ids))
         self.pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
         self.kv: KVCache | None = None
-        self.last_run_s = 0.0  # inside ONNX Runtime, the last step
+        self.last_run_s = 0.0  # inside ONNX Runtime, the last run
         self._decode_binding = None
         self._decode_bound: tuple | None = None
         self._logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -189,10 +189,7 @@ class Engine:
     def step(self, plan: StepPlan) -> np.ndarray:
         """Run one planned step; the logits [rows, kept, vocab] are valid until the next step."""
         plan.check()
-        started = time.perf_counter()
-        logits = self._prefill(plan) if plan.is_prefill else self._decode(plan)
-        self.last_run_s = time.perf_counter() - started
-        return logits
+        return self._prefill(plan) if plan.is_prefill else self._decode(plan)
 
     def _rows(self) -> KVCache:
         if self.kv is None:
@@ -272,5 +269,7 @@ class Engine:
         binding.bind_cpu_input(contract.INPUT_IDS, input_ids)
         binding.bind_cpu_input(contract.ATTENTION_MASK, attention_mask)
         binding.bind_cpu_input(contract.POSITION_IDS, position_ids)
+        started = time.perf_counter()
         with runtime_failures("a model step"):
             self.session.run_with_iobinding(binding)
+        self.last_run_s = time.perf_counter() - started
