@@ -31,7 +31,8 @@ import numpy as np
 
 
 def _trial(onnx_dir: str, adapters: list[str], max_loras: int, threads: int) -> dict:
-    from edgelora.runtime.engine import Engine, EngineConfig
+    from edgelora.runtime.config import EngineConfig
+    from edgelora.runtime.engine import Engine
 
     engine = Engine(Path(onnx_dir), EngineConfig(max_loras=max_loras, max_cpu_loras=max_loras, num_threads=threads))
     names = [f"a{index}" for index in range(len(adapters))]

@@ -136,7 +136,8 @@ def _memory_probe(onnx_dir: Path, adapters: list[Path], threads: int) -> dict:
     code = f"""
 import json, re
 from pathlib import Path
-from edgelora.runtime.engine import Engine, EngineConfig
+from edgelora.runtime.config import EngineConfig
+from edgelora.runtime.engine import Engine
 def rss():
     return int(re.search(r"VmRSS:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
 paths = {json.dumps([str(p) for p in adapters])}

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora.runtime.engine import Engine, EngineConfig
+from edgelora.runtime.config import EngineConfig
+from edgelora.runtime.engine import Engine
 from edgelora.tools.bench import time_decode
 
 

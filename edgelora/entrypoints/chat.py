@@ -30,9 +30,10 @@ from typing import TextIO
 from edgelora.errors import UserInputError
 from edgelora.formats import contract
 from edgelora.formats.processed_adapter import resolve_adapter_path
-from edgelora.runtime.engine import Engine, EngineConfig
+from edgelora.runtime.config import EngineConfig, SchedulerConfig
+from edgelora.runtime.engine import Engine
 from edgelora.runtime.sampling import SamplingParams
-from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig
+from edgelora.runtime.scheduler import GenerationRequest, Scheduler
 from edgelora.runtime.tokenizer import ChatTokenizer
 
 PROMPT = "> "

@@ -382,6 +382,10 @@ class AdapterCache:
     def get(self, target: str | AdapterRef) -> RegisteredAdapter:
         return self._entry(target)
 
+    def in_memory(self, ref: AdapterRef) -> bool:
+        """This version is registered here (current, or retired but held): ``add`` with it reads nothing."""
+        return ref in self._registered
+
     def current(self, name: str) -> AdapterRef | None:
         """The version a request for ``name`` gets now (None: not registered)."""
         return self._current.get(name)

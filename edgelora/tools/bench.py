@@ -21,10 +21,10 @@ from edgelora.errors import UserInputError
 from edgelora.formats import contract
 from edgelora.formats.fileio import write_text_atomic
 from edgelora.runtime import native
-from edgelora.runtime.config import EngineConfig
+from edgelora.runtime.config import EngineConfig, SchedulerConfig
 from edgelora.runtime.engine import Engine, StepPlan
 from edgelora.runtime.sampling import SamplingParams
-from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig
+from edgelora.runtime.scheduler import GenerationRequest, Scheduler
 
 log = logging.getLogger(__name__)
 

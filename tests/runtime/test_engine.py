@@ -12,7 +12,8 @@ from edgelora import LLM, LoraConfig, LoRARequest, SamplingParams
 from edgelora.cli import main
 from edgelora.errors import RuntimeFailure, UserInputError
 from edgelora.formats import contract
-from edgelora.runtime.engine import Engine, EngineConfig
+from edgelora.runtime.config import EngineConfig
+from edgelora.runtime.engine import Engine
 from edgelora.runtime.scheduler import GenerationRequest, Scheduler
 
 PROMPTS = ["Hello", "Write a short poem about the sea.", "def add(a, b):"]

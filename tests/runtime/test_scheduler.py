@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from edgelora.errors import UserInputError
+from edgelora.runtime.config import EngineConfig, SchedulerConfig
 from edgelora.runtime.detokenizer import IncrementalDetokenizer
-from edgelora.runtime.engine import Engine, EngineConfig
+from edgelora.runtime.engine import Engine
 from edgelora.runtime.sampling import SamplingParams
-from edgelora.runtime.scheduler import GenerationRequest, QueueFull, Scheduler, SchedulerConfig
+from edgelora.runtime.scheduler import GenerationRequest, QueueFull, Scheduler
 from edgelora.runtime.tokenizer import ChatTokenizer
 
 

@@ -33,8 +33,10 @@ from pathlib import Path
 
 from edgelora.entrypoints.server.metrics import ServerMetrics
 from edgelora.errors import EdgeLoraError, RuntimeFailure, UserInputError
-from edgelora.runtime.engine import Engine, EngineConfig
-from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SchedulerConfig, SequenceUpdate
+from edgelora.runtime.adapter_cache import AdapterRef
+from edgelora.runtime.config import EngineConfig, SchedulerConfig
+from edgelora.runtime.engine import Engine
+from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SequenceUpdate
 from edgelora.runtime.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
@@ -275,9 +277,9 @@ class EngineLoop:
         if name is not None and adapter_folder is not None:
             current = adapters.current(name)
             if current is None or (adapter_version is not None and current.version != adapter_version):
-                in_memory = adapter_version is not None and any(
-                    ref.name == name and ref.version == adapter_version for ref in adapters.versions())
-                stream.loaded_adapter = not in_memory  # a version rows still hold comes back without a read
+                # a version rows still hold comes back without a read
+                stream.loaded_adapter = adapter_version is None or not adapters.in_memory(
+                    AdapterRef(name, adapter_version))
                 self._do_load(name, adapter_folder, version=adapter_version)
         elif name is not None and name not in adapters:
             raise UnknownAdapter(f"The model `{name}` does not exist.")
