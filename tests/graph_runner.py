@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 from edgelora.formats import contract
 from edgelora.formats.lora_manifest import LoraManifest
 from edgelora.formats.model_spec import ModelSpec
+from edgelora.runtime.lora_routing import route
 
 NUMPY = {"float32": np.float32, "float16": np.float16}
 
@@ -65,10 +66,11 @@ def lora_feeds(manifest: LoraManifest, processed_dirs: list[Path | None], seq: i
             distinct.append(directory)
     tensors = [load_file(str(Path(d) / contract.PROCESSED_ADAPTER)) for d in distinct]
     rank = max((t.shape[1] for adapter in tensors for name, t in adapter.items() if name.endswith(".A")), default=0)
-    feeds = {contract.LORA_INDEX: np.array([0 if d is None else distinct.index(d) + 1 for d in processed_dirs], np.int64),
-             contract.LORA_RANK: np.array(rank, np.int64),
+    rows = [() if d is None else ((distinct.index(d) + 1, 1.0),) for d in processed_dirs]
+    routing = route(rows, [seq] * len(processed_dirs), NUMPY[dtype])
+    feeds = {contract.LORA_TOKENS: routing.tokens, contract.LORA_WEIGHTS: routing.weights,
              contract.LOGITS_POSITIONS: np.tile(np.arange(seq, dtype=np.int64), (len(processed_dirs), 1))}
-    stack = max(len(distinct), 1)
+    stack = len(distinct)
     for site in manifest.sites:
         a = np.zeros((stack, rank, site.in_features), NUMPY[dtype])  # A transposed, per stack entry
         b = np.zeros((stack, rank, site.out_features), NUMPY[dtype])

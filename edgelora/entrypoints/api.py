@@ -70,6 +70,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     lora_name: str | None
+    lora_mix: dict[str, float] | None = None  # the weighted mix the prompt used, if any
 
     @property
     def text(self) -> str:
@@ -150,24 +151,31 @@ class LLM:
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  lora_request: LoRARequest | list[LoRARequest | None] | None = None, *,
+                 lora_mix: dict[str, float] | list[dict[str, float] | None] | None = None,
                  labels: list[str] | None = None) -> list[RequestOutput]:
         """Generate for every prompt; ``lora_request`` gives one adapter (or None) per prompt.
 
-        Every prompt is checked (sampling, adapter, length) before any work starts; errors name
-        the prompt by ``labels[i]`` (default ``prompt i``).
+        ``lora_mix`` gives a prompt several registered adapters with weights instead, e.g.
+        ``{"a": 0.7, "b": -0.3}``: its update is Σ wᵢ · (adapter i's own update). Every prompt is
+        checked (sampling, adapter, mix, length) before any work starts; errors name the prompt by
+        ``labels[i]`` (default ``prompt i``).
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], (dict, int))):
             prompts = [prompts]
         count = len(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * count
         requests = lora_request if isinstance(lora_request, list) else [lora_request] * count
+        mixes = lora_mix if isinstance(lora_mix, list) else [lora_mix] * count
         labels = labels or [f"prompt {index}" for index in range(count)]
-        if len(params) != count or len(requests) != count or len(labels) != count:
-            raise UserInputError(f"{count} prompts but {len(params)} sampling params and {len(requests)} LoRA requests")
+        if len(params) != count or len(requests) != count or len(mixes) != count or len(labels) != count:
+            raise UserInputError(f"{count} prompts but {len(params)} sampling params, {len(requests)} LoRA requests "
+                                 f"and {len(mixes)} LoRA mixes")
         rows = []
         paths: dict[str, Path] = {}
-        for prompt, param, request, where in zip(prompts, params, requests, labels):
+        for prompt, param, request, mix, where in zip(prompts, params, requests, mixes, labels):
             param.validate(where)
+            if request is not None and mix is not None:
+                raise UserInputError(f"{where}: give a lora_request or a lora_mix, not both")
             if request is not None:
                 path = Path(request.lora_path).resolve()
                 if paths.setdefault(request.lora_name, path) != path:
@@ -178,7 +186,7 @@ class LLM:
                 except UserInputError as exc:
                     raise type(exc)(f"{where} (adapter {request.lora_name!r}): {exc}") from exc
             rows.append(GenerationRequest(self._prompt_ids(prompt, where), request.lora_name if request else None,
-                                          replace(param, stop=list(param.stop))))
+                                          replace(param, stop=list(param.stop)), mix))
         before = copy.copy(self.scheduler.stats)
         started = time.perf_counter()
         finished = self.scheduler.run_to_completion(rows, labels)
@@ -189,5 +197,5 @@ class LLM:
                                      after.prefill_steps - before.prefill_steps, after.decode_steps - before.decode_steps)
         return [RequestOutput(index, result.prompt_ids, [CompletionOutput(result.text, result.output_ids,
                                                                           result.finish_reason)],
-                              request.lora_name if request else None)
-                for index, (result, request) in enumerate(zip(finished, requests))]
+                              request.lora_name if request else None, dict(mix) if mix is not None else None)
+                for index, (result, request, mix) in enumerate(zip(finished, requests, mixes))]

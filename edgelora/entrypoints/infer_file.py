@@ -18,6 +18,7 @@ from edgelora.errors import UserInputError
 from edgelora.formats import contract
 from edgelora.formats.fileio import check_writable_file, write_text_atomic
 from edgelora.runtime.config import EngineConfig, SchedulerConfig
+from edgelora.runtime.lora_mix import LoraMix, check_mix, duplicate_mix_names
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_generate_length", "seed")
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "max_generate_length": 256, "seed": None}
@@ -39,6 +40,7 @@ class JobRequest:
     messages: list[dict]
     lora_name: str | None
     sampling: SamplingParams
+    lora_mix: LoraMix | None = None  # names of available_lora_weights with weights
 
 
 @dataclass
@@ -76,7 +78,7 @@ def read_input_file(path: Path) -> InferJob:
     if not path.is_file():
         raise UserInputError(f"--input-file {path}: no such file")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(), object_pairs_hook=duplicate_mix_names)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserInputError(f"--input-file {path}: malformed JSON: {exc}") from exc
     if not isinstance(raw, dict):
@@ -100,11 +102,19 @@ def read_input_file(path: Path) -> InferJob:
         if not isinstance(request, dict):
             raise UserInputError(f"{where}: expected an object with 'messages'")
         lora_name = request.get("lora_name") or None
+        known = ", ".join(sorted(adapters)) or "none"
         if lora_name is not None and (not isinstance(lora_name, str) or lora_name not in adapters):
-            known = ", ".join(sorted(adapters)) or "none"
             raise UserInputError(f"{where}: unknown lora_name {lora_name!r} (available_lora_weights: {known})")
+        mix = None
+        if request.get("lora_mix") is not None:
+            if lora_name is not None:
+                raise UserInputError(f"{where}: give lora_name or lora_mix, not both")
+            mix = check_mix(request["lora_mix"], where, max(1, len(adapters)))
+            unknown = [name for name, _ in mix if name not in adapters]
+            if unknown:
+                raise UserInputError(f"{where}: unknown adapter {unknown[0]!r} in lora_mix (available_lora_weights: {known})")
         requests.append(JobRequest(_messages(request.get("messages"), where), lora_name,
-                                   _sampling(request, defaults_dict, where)))
+                                   _sampling(request, defaults_dict, where), mix))
     return InferJob(adapters, requests)
 
 
@@ -117,9 +127,11 @@ def run_infer(options: InferOptions) -> dict:
     check_writable_file(Path(options.output_file), "--output-file")
     job = read_input_file(options.input_file)
     started = time.perf_counter()
-    used = list(dict.fromkeys(r.lora_name for r in job.requests if r.lora_name))
+    used = list(dict.fromkeys([r.lora_name for r in job.requests if r.lora_name]
+                              + [name for r in job.requests for name, _ in r.lora_mix or ()]))
+    widest_mix = max((len(r.lora_mix) for r in job.requests if r.lora_mix), default=0)
     llm = LLM(options.onnx_dir, LoraConfig(max_lora_rank=options.max_lora_rank,
-                                           max_loras=max(1, min(len(used), options.max_batch_size)),
+                                           max_loras=max(1, widest_mix, min(len(used), options.max_batch_size)),
                                            max_cpu_loras=max(1, len(used))),
               max_batch_size=options.max_batch_size, device=options.device, num_threads=options.num_threads)
     ids = {name: number for number, name in enumerate(used, start=1)}
@@ -128,12 +140,14 @@ def run_infer(options: InferOptions) -> dict:
     labels = [f"requests[{index}]" + (f" (lora_name {r.lora_name!r})" if r.lora_name else "")
               for index, r in enumerate(job.requests)]
     for name in used:  # every adapter validated once, by the engine, before any generation
-        first = next(index for index, r in enumerate(job.requests) if r.lora_name == name)
+        first = next(index for index, r in enumerate(job.requests)
+                     if r.lora_name == name or name in dict(r.lora_mix or ()))
         try:
-            llm.add_lora(lora_requests[first])
+            llm.add_lora(LoRARequest(name, ids[name], str(job.adapters[name])))
         except UserInputError as exc:
             raise type(exc)(f"{labels[first]}: {exc}") from exc
     outputs = llm.generate([r.messages for r in job.requests], [r.sampling for r in job.requests], lora_requests,
+                           lora_mix=[dict(r.lora_mix) if r.lora_mix else None for r in job.requests],
                            labels=[f"requests[{index}]" for index in range(len(job.requests))])
     stats = llm.stats
     result = {
@@ -142,6 +156,7 @@ def run_infer(options: InferOptions) -> dict:
                 "output_text": output.text,
                 "output_ids": output.token_ids,
                 "lora_name": output.lora_name,
+                **({"lora_mix": output.lora_mix} if output.lora_mix else {}),
                 "finish_reason": output.finish_reason,
                 "prompt_tokens": len(output.prompt_token_ids),
                 "completion_tokens": len(output.token_ids),

@@ -5,16 +5,18 @@ naming rule exists exactly once.
 
 LoRA inputs of ``lora_model.onnx`` (one pair per targeted projection and layer)::
 
-    lora.layers.{L}.{m}.A   [n_stack * rank, in_features]    float (model dtype), A transposed
-    lora.layers.{L}.{m}.B   [n_stack * rank, out_features]   float, scaling folded in
-    lora_rank               []                               int64
-    lora_index              [batch]                          int64
+    lora.layers.{L}.{m}.A   [n_stack, rank, in_features]     float (model dtype), A transposed
+    lora.layers.{L}.{m}.B   [n_stack, rank, out_features]    float, scaling folded in
+    lora_tokens             [n_stack, entry_tokens, 2]       int64 (row, position) pairs
+    lora_weights            [n_stack, entry_tokens, 1]       float (model dtype)
 
-``n_stack`` adapters are bound at once, each padded to ``lora_rank`` (the same for every LoRA
-input of one run): rows ``e*rank .. e*rank+rank-1`` of A and B belong to stack entry ``e``. Row
-``b`` of the batch uses stack entry ``lora_index[b] - 1``; ``lora_index[b] == 0`` means no
-adapter. Smaller ranks and untargeted modules are zero-padded. A processed adapter file stores
-the same names for one adapter, untransposed: ``A`` is ``[in, r]`` and ``B`` is ``[r, out]``.
+``n_stack`` adapters are bound at once, each padded to ``rank`` (the same for every LoRA input of
+one run). Stack entry ``e`` computes ``x @ A_e^T @ B_e`` for the tokens ``lora_tokens[e]`` lists
+only, each times its weight in ``lora_weights[e]``, and adds the result to those tokens' outputs.
+A token listed in no entry gets the base output; a token listed in several (a row that mixes
+adapters) gets the weighted sum; entries shorter than ``entry_tokens`` are padded with weight 0.
+Untargeted modules are zero. A processed adapter file stores the same names for one adapter,
+untransposed: ``A`` is ``[in, r]`` and ``B`` is ``[r, out]``.
 
 ``lora_model.onnx`` also takes ``logits_positions`` (int64 [batch, kept]) and returns logits
 [batch, kept, vocab] at those sequence positions only; ``model.onnx`` keeps logits at every position.
@@ -69,9 +71,11 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
-LORA_INDEX = "lora_index"  # int64 [batch]: 1-based stack entry per row, 0 = no adapter
-LORA_RANK = "lora_rank"  # int64 scalar: the rank every stacked adapter is padded to
-LORA_ROWS = "lora_rows"  # symbolic first dim of the stacked A/B inputs: n_stack * rank
+LORA_TOKENS = "lora_tokens"  # int64 [n_stack, entry_tokens, 2]: the (row, position) pairs each entry computes
+LORA_WEIGHTS = "lora_weights"  # float [n_stack, entry_tokens, 1]: each pair's weight (0 pads)
+LORA_STACK = "lora_stack"  # symbolic dims of the stacked inputs: entries,
+LORA_RANK_DIM = "lora_rank"  # the rank every entry is padded to,
+LORA_ENTRY_TOKENS = "lora_entry_tokens"  # and the tokens of the longest entry
 # int64 [batch, kept]: the sequence positions whose logits lora_model.onnx computes (each row's
 # last token when sampling); logits are then [batch, kept, vocab]. model.onnx keeps every position.
 LOGITS_POSITIONS = "logits_positions"
@@ -122,18 +126,18 @@ def lora_b_name(layer: int, module: str) -> str:
     return f"lora.layers.{layer}.{module}.B"
 
 
-def lora_a_shape(n_stack: int, in_features: int, rank: int) -> tuple[int, int]:
-    """Stacked LoRA A graph input: adapter e's A transposed in rows e*rank .. e*rank+rank-1.
+def lora_a_shape(n_stack: int, in_features: int, rank: int) -> tuple[int, int, int]:
+    """Stacked LoRA A graph input: entry e's A transposed, [rank, in] each.
 
     Transposed so that a slot's rows are contiguous: the runtime binds the slots a batch uses as one
-    block of its pool, and the graph computes ``x @ A_stack^T`` for every stacked adapter at once.
+    block of its pool.
     """
-    return (n_stack * rank, in_features)
+    return (n_stack, rank, in_features)
 
 
-def lora_b_shape(n_stack: int, rank: int, out_features: int) -> tuple[int, int]:
-    """Stacked LoRA B graph input (scaling folded in): adapter e's B in rows e*rank .. e*rank+rank-1."""
-    return (n_stack * rank, out_features)
+def lora_b_shape(n_stack: int, rank: int, out_features: int) -> tuple[int, int, int]:
+    """Stacked LoRA B graph input (scaling folded in): entry e's B, [rank, out] each."""
+    return (n_stack, rank, out_features)
 
 
 def normalize_module_names(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from edgelora.errors import UserInputError
 from edgelora.formats import contract
 
 MANIFEST_FORMAT = "edgelora-lora-manifest"
-MANIFEST_VERSION = 3  # 2: stacked A/B as [n_stack*rank, in|out] blocks + lora_rank; 3: + source, logits_positions
+MANIFEST_VERSION = 4  # 2: stacked A/B blocks + lora_rank; 3: + source, logits_positions; 4: per-entry tokens and weights
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class LoraManifest:
     num_layers: int
     dtype: str
     sites: list[LoraSite] = field(default_factory=list)
-    index_input: str = contract.LORA_INDEX
-    rank_input: str = contract.LORA_RANK
+    tokens_input: str = contract.LORA_TOKENS
+    weights_input: str = contract.LORA_WEIGHTS
     logits_positions_input: str = contract.LOGITS_POSITIONS
     # export_fingerprint() of the folder when insert-lora ran: what lora_model.onnx was built from
     source_fingerprint: str = ""

@@ -1,8 +1,9 @@
 """insert-lora: add multi-adapter LoRA branches beside every targeted projection of model.onnx.
 
-The branches take stacked adapter weights and a per-row adapter index (see ``contract``), so one
-graph serves base rows, single-adapter batches and batches that mix adapters row by row, with
-any rank up to the maximum (smaller ranks are zero-padded by whoever binds the stack).
+The branches take stacked adapter weights and, per stack entry, the tokens routed to it with
+their weights (see ``contract``), so one graph serves base rows, single-adapter batches, batches
+that mix adapters row by row and rows that mix several adapters with weights; each token costs
+its own adapters' ranks, not the whole stack's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from edgelora.graph.static_shapes import fold_static_shapes
 log = logging.getLogger(__name__)
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
-ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
 
 
 def _node(graph: gs.Graph, op: str, name: str, inputs: list, attrs: dict | None = None,
@@ -41,56 +41,48 @@ def _const(name: str, values: list[int]) -> gs.Constant:
     return gs.Constant(name, np.asarray(values, dtype=np.int64))
 
 
-def _add_row_mask(graph: gs.Graph, first_a: gs.Variable, lora_index: gs.Variable, lora_rank: gs.Variable,
-                  dtype: str) -> gs.Variable:
-    """Build the [batch, 1, n_stack*rank] mask that keeps each row's own adapter columns, once per graph.
+def _routed_input(graph: gs.Graph, x: gs.Variable, tokens: gs.Variable, weights: gs.Variable,
+                  routed: dict[str, gs.Variable], dtype: str) -> gs.Variable:
+    """Each stack entry's tokens of ``x``, times their weights: [entries, per_entry, in], once per input.
 
     ::
 
-        Shape(A)[0] = rows ──Range(0, rows)──> j [rows] ──Div(max(rank, 1))──> +1 ──> entry [rows]
-        lora_index [b] ──Unsqueeze(1)──> [b,1] ──Equal(entry)──> [b, rows] ──Cast──> ──Unsqueeze(1)──> mask
+        x [b,s,in] ──GatherND(lora_tokens [E,m,2])──> [E,m,in] ──Mul(lora_weights [E,m,1])──> xw
+
+    q, k and v (and gate and up) read the same activations: they share one gather.
     """
-    prefix = "/lora/row_mask"
-    int64 = np.int64
-    float_type = NUMPY_DTYPES[dtype]
-    rows = _node(graph, "Shape", f"{prefix}/Rows", [first_a], {"start": 0, "end": 1}, int64, [1])
-    rows_scalar = _node(graph, "Squeeze", f"{prefix}/RowsScalar", [rows, _const(f"{prefix}/axis0", [0])], dtype=int64)
-    zero = gs.Constant(f"{prefix}/zero", np.asarray(0, dtype=np.int64))
-    one = gs.Constant(f"{prefix}/one", np.asarray(1, dtype=np.int64))
-    columns = _node(graph, "Range", f"{prefix}/Columns", [zero, rows_scalar, one], dtype=int64)
-    safe_rank = _node(graph, "Max", f"{prefix}/SafeRank", [lora_rank, one], dtype=int64)
-    entry0 = _node(graph, "Div", f"{prefix}/Entry0", [columns, safe_rank], dtype=int64)
-    entry = _node(graph, "Add", f"{prefix}/Entry", [entry0, one], dtype=int64)
-    index_col = _node(graph, "Unsqueeze", f"{prefix}/IndexColumn", [lora_index, _const(f"{prefix}/axis1", [1])], dtype=int64)
-    hits = _node(graph, "Equal", f"{prefix}/Equal", [index_col, entry], dtype=np.bool_)
-    hits_float = _node(graph, "Cast", f"{prefix}/Cast", [hits], {"to": ONNX_DTYPES[dtype]}, float_type)
-    return _node(graph, "Unsqueeze", f"{prefix}/Unsqueeze", [hits_float, _const(f"{prefix}/axis1b", [1])],
-                 dtype=float_type)
+    if x.name not in routed:
+        prefix = f"/lora/routed/{len(routed)}"
+        float_type = NUMPY_DTYPES[dtype]
+        gathered = _node(graph, "GatherND", f"{prefix}/GatherND", [x, tokens], {"batch_dims": 0}, float_type)
+        routed[x.name] = _node(graph, "Mul", f"{prefix}/Weights", [gathered, weights], dtype=float_type)
+    return routed[x.name]
 
 
-def _attach_branch(graph: gs.Graph, matmul: gs.Node, a: gs.Variable, b: gs.Variable, mask: gs.Variable,
-                   site: LoraSite, dtype: str) -> None:
-    """Add each row's own ``x @ A @ B`` to a projection's output: five nodes, no copy of ``x``.
+def _attach_branch(graph: gs.Graph, matmul: gs.Node, a: gs.Variable, b: gs.Variable, xw: gs.Variable,
+                   tokens: gs.Variable, site: LoraSite, dtype: str) -> None:
+    """Add each token's own adapters' ``x @ A @ B`` to a projection's output.
 
     ::
 
-        x [b,s,in] ──MatMul(W)──────────────────────────────────────────────> y_base ──Add──> y
-        x ──MatMul(Transpose(A [rows,in]))──> [b,s,rows] ──Mul(mask [b,1,rows])──>           │
-            ──MatMul(B [rows,out])──> delta [b,s,out] ────────────────────────────────────┘
+        x [b,s,in] ──MatMul(W)────────────────────────────────────────────> y_base ──ScatterND(add)──> y
+        xw [E,m,in] ──MatMul(A^T [E,r,in] transposed)──> [E,m,r] ──MatMul(B [E,r,out])──> delta ──┘
+                                                                      at lora_tokens [E,m,2]
 
-    ``rows`` = n_stack * rank: every stacked adapter is applied at once and the mask zeroes the
-    columns of the adapters a row does not use (ONNX Runtime folds the Transpose into the MatMul).
+    Entry e of the stack computes only the tokens routed to it, so a token costs the rank of its
+    own adapters whatever else the batch holds; a token in several entries (a weighted mix) gets
+    each one's update added, and padding entries carry weight 0.
     """
     prefix = f"/lora/layers.{site.layer}/{site.module}"
     float_type = NUMPY_DTYPES[dtype]
     y = matmul.outputs[0]
     y_base = gs.Variable(f"{prefix}/base_output", dtype=y.dtype, shape=y.shape)
     matmul.outputs = [y_base]
-    a_t = _node(graph, "Transpose", f"{prefix}/A/Transpose", [a], {"perm": [1, 0]}, float_type)
-    xa = _node(graph, "MatMul", f"{prefix}/A/MatMul", [matmul.inputs[0], a_t], dtype=float_type)
-    routed = _node(graph, "Mul", f"{prefix}/RowMask", [xa, mask], dtype=float_type)
-    delta = _node(graph, "MatMul", f"{prefix}/B/MatMul", [routed, b], dtype=float_type)
-    graph.nodes.append(gs.Node(op="Add", name=f"{prefix}/Add", inputs=[y_base, delta], outputs=[y]))
+    a_t = _node(graph, "Transpose", f"{prefix}/A/Transpose", [a], {"perm": [0, 2, 1]}, float_type)
+    xa = _node(graph, "MatMul", f"{prefix}/A/MatMul", [xw, a_t], dtype=float_type)
+    delta = _node(graph, "MatMul", f"{prefix}/B/MatMul", [xa, b], dtype=float_type)
+    graph.nodes.append(gs.Node(op="ScatterND", name=f"{prefix}/ScatterAdd", attrs={"reduction": "add"},
+                               inputs=[y_base, tokens, delta], outputs=[y]))
 
 
 def _keep_logits_positions(graph: gs.Graph) -> gs.Variable:
@@ -156,15 +148,16 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
     tensors = graph.tensors()
     if contract.INPUT_IDS not in tensors:
         raise UserInputError(f"{source}: no '{contract.INPUT_IDS}' input; was it written by 'edgelora export'?")
-    if any(inp.name == contract.LORA_INDEX for inp in graph.inputs):
+    if any(inp.name == contract.LORA_TOKENS for inp in graph.inputs):
         raise UserInputError(f"{source}: already has LoRA inputs")
 
     dtype = spec.dtype
-    lora_index = gs.Variable(contract.LORA_INDEX, dtype=np.int64, shape=["batch"])
+    float_type = NUMPY_DTYPES[dtype]
+    tokens = gs.Variable(contract.LORA_TOKENS, dtype=np.int64, shape=[contract.LORA_STACK, contract.LORA_ENTRY_TOKENS, 2])
+    weights = gs.Variable(contract.LORA_WEIGHTS, dtype=float_type, shape=[contract.LORA_STACK, contract.LORA_ENTRY_TOKENS, 1])
     manifest = LoraManifest(target_modules=list(targets), num_layers=spec.num_layers, dtype=dtype)
-    lora_rank = gs.Variable(contract.LORA_RANK, dtype=np.int64, shape=[])
-    new_inputs = [lora_index, lora_rank]
-    mask = None
+    new_inputs = [tokens, weights]
+    routed: dict[str, gs.Variable] = {}
     for layer in range(spec.num_layers):
         for module in targets:
             candidates = contract.projection_node_names(layer, module)
@@ -174,11 +167,10 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
             in_features, out_features = spec.module_in_out(module)
             site = LoraSite(layer, module, contract.lora_a_name(layer, module), contract.lora_b_name(layer, module),
                             in_features, out_features)
-            a = gs.Variable(site.a_name, dtype=NUMPY_DTYPES[dtype], shape=[contract.LORA_ROWS, in_features])
-            b = gs.Variable(site.b_name, dtype=NUMPY_DTYPES[dtype], shape=[contract.LORA_ROWS, out_features])
-            if mask is None:
-                mask = _add_row_mask(graph, a, lora_index, lora_rank, dtype)
-            _attach_branch(graph, matmul, a, b, mask, site, dtype)
+            a = gs.Variable(site.a_name, dtype=float_type, shape=[contract.LORA_STACK, contract.LORA_RANK_DIM, in_features])
+            b = gs.Variable(site.b_name, dtype=float_type, shape=[contract.LORA_STACK, contract.LORA_RANK_DIM, out_features])
+            xw = _routed_input(graph, matmul.inputs[0], tokens, weights, routed, dtype)
+            _attach_branch(graph, matmul, a, b, xw, tokens, site, dtype)
             new_inputs += [a, b]
             manifest.sites.append(site)
     projections = {(layer, module): nodes[name] for layer in range(spec.num_layers) for module in contract.MODULE_NAMES

@@ -328,8 +328,9 @@ class AdapterCache:
     def compact(self, targets: list) -> None:
         """Put these adapters (the ones running rows use) in slots 1..k, so a step binds k slots.
 
-        The graph computes every slot of the bound stack for every row, so a step whose adapters
-        sit in slots 1 and 8 would pay for eight. An adapter above k moves into a slot below k
+        A step binds slots first..last as its stack and every bound slot is an entry the graph
+        runs (padding for a slot no row uses), so a step whose adapters sit in slots 1 and 8 would
+        pay for eight. An adapter above k moves into a slot below k
         that no listed adapter holds (one copy within the pool); that slot's idle occupant moves to a
         free slot if there is one, else leaves the slots (it stays registered and host-ready).
         A pinned idle occupant is never displaced, so compaction may stop short (still correct).
@@ -368,8 +369,13 @@ class AdapterCache:
 
     def can_take_slot(self) -> bool:
         """A slot is free, or held by an idle unpinned adapter (activation would evict it)."""
-        return len(self._slots) < self._pool.num_slots or any(
-            not self._registered[ref].references and not self._registered[ref].pinned for ref in self._slots.values())
+        return self.takeable_slots() > 0
+
+    def takeable_slots(self) -> int:
+        """Slots that are free or held by an idle unpinned adapter: what activations may take now."""
+        idle = sum(1 for ref in self._slots.values()
+                   if not self._registered[ref].references and not self._registered[ref].pinned)
+        return self._pool.num_slots - len(self._slots) + idle
 
     def held_lru(self) -> list[AdapterRef]:
         """Adapters in slots that running requests hold (and that are not pinned), least recently used first."""

@@ -12,8 +12,9 @@ the benchmarks call the same ``step``.
         prefill: fresh prompts (positions 0), right-padded; rows cleared first
         decode:  one token per row at its own position; the binding is reused between steps
 
-A step may mix adapters row by row: the slots its rows use are bound as one contiguous stack
-(a zero-copy view of the pool) and ``lora_index`` routes each row; base rows get index 0. The
+A step may mix adapters row by row, and a row may mix several with weights: the slots its rows
+use are bound as one contiguous stack (a zero-copy view of the pool) and ``lora_tokens`` /
+``lora_weights`` say which tokens each stack entry computes (``lora_routing.py``). The
 graph computes logits only at ``logits_positions`` (each row's last token), never over the prompt.
 """
 
@@ -35,6 +36,7 @@ from edgelora.runtime import native
 from edgelora.runtime.adapter_cache import AdapterCache
 from edgelora.runtime.config import EngineConfig
 from edgelora.runtime.kv_cache import KVCache
+from edgelora.runtime.lora_routing import RowAdapters, route
 from edgelora.runtime.session import NUMPY_DTYPES, Device, make_session, runtime_failures
 
 
@@ -47,6 +49,13 @@ class StepPlan:
     positions: list[int]  # per row: where its first fed token goes (0: a fresh prompt; else its cache length)
     slots: list[int]  # per row: adapter slot (0: no adapter)
     every_position: bool = False  # logits of every fed token, not only the last (benchmarks/prefill_logits.py)
+    mixes: list[RowAdapters | None] | None = None  # per row, a weighted mix of slots that replaces its slot
+
+    def row_adapters(self) -> list[RowAdapters]:
+        """Each row's (slot, weight) pairs: its mix, else its slot at weight 1, else none."""
+        mixes = self.mixes or [None] * self.rows
+        return [mix if mix is not None else (((slot, 1.0),) if slot else ())
+                for slot, mix in zip(self.slots, mixes)]
 
     @property
     def rows(self) -> int:
@@ -57,7 +66,8 @@ class StepPlan:
         return all(position == 0 for position in self.positions)
 
     def check(self) -> None:
-        if not self.token_ids or len(self.positions) != self.rows or len(self.slots) != self.rows:
+        if not self.token_ids or len(self.positions) != self.rows or len(self.slots) != self.rows \
+                or (self.mixes is not None and len(self.mixes) != self.rows):
             raise EdgeLoraError(f"a step plan needs one token list, position and slot per row "
                                 f"({self.rows} / {len(self.positions)} / {len(self.slots)})")
         if not self.is_prefill and any(len(tokens) != 1 for tokens in self.token_ids):
@@ -95,7 +105,7 @@ class Engine:
         self._no_adapter.update({site.b_name: np.zeros(contract.lora_b_shape(1, 0, site.out_features), self.float_dtype)
                                  for site in self.manifest.sites})
         self._stack_cache: dict[tuple[int, int], list] = {}
-        self._rank_scalars: dict[int, np.ndarray] = {}
+        self._routing = None
         self._stack_generation = -1
         self.eos_ids = sorted(set(self.spec.eos_token_ids))
         self.pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
@@ -115,19 +125,21 @@ class Engine:
             raise UserInputError(f"{where}: token id out of the vocabulary (0..{self.spec.vocab_size - 1})")
 
     # -- adapters ------------------------------------------------------------------------------
-    def bind_adapters(self, binding, slots: list[int]) -> np.ndarray:
-        """Bind the pool slots the rows use as one stack; return lora_index for the rows.
+    def bind_adapters(self, binding, rows: list[RowAdapters], lengths: list[int]) -> None:
+        """Bind the pool slots the rows use as one stack, and which tokens each entry computes.
 
         The stack is a zero-copy view of slots first..last of the pool; nothing is copied per step.
+        ``lengths``: the tokens each row feeds this step.
         """
-        used = sorted({slot for slot in slots if slot})
-        if not used or self.pool.rank_capacity == 0:
+        routing = route(rows, lengths, self.float_dtype)
+        self._routing = routing  # ORT reads bound host arrays in place: keep them alive through the run
+        binding.bind_cpu_input(contract.LORA_TOKENS, routing.tokens)
+        binding.bind_cpu_input(contract.LORA_WEIGHTS, routing.weights)
+        first, last = routing.first, routing.last
+        if not first or self.pool.rank_capacity == 0:
             for name, empty in self._no_adapter.items():
                 binding.bind_cpu_input(name, empty)
-            binding.bind_cpu_input(contract.LORA_RANK, self._rank_scalar(0))
-            return np.zeros(len(slots), np.int64)
-        first, last = used[0], used[-1]
-        binding.bind_cpu_input(contract.LORA_RANK, self._rank_scalar(self.pool.rank_capacity))
+            return
         if self.device.kind == "cpu":
             for name, value in self._stack_values(first, last):
                 binding.bind_ortvalue_input(name, value)
@@ -140,13 +152,6 @@ class Engine:
                 binding.bind_input(site.b_name, "cuda", self.device.index, self.float_dtype,
                                    list(contract.lora_b_shape(stack, rank, site.out_features)),
                                    self.pool.b_pointer(index, first, last))
-        return np.array([slot - first + 1 if slot else 0 for slot in slots], np.int64)
-
-    def _rank_scalar(self, rank: int) -> np.ndarray:
-        """The lora_rank input; kept referenced because ORT reads bound host arrays in place."""
-        if rank not in self._rank_scalars:
-            self._rank_scalars[rank] = np.array(rank, np.int64)
-        return self._rank_scalars[rank]
 
     def _stack_values(self, first: int, last: int) -> list:
         """OrtValues over pool memory for slots first..last, made once per range and pool layout.
@@ -162,10 +167,12 @@ class Engine:
             self._stack_generation = self.pool.generation
         key = (first, last)
         if key not in self._stack_cache:
-            values = []
+            values, stack, rank = [], last - first + 1, self.pool.rank_capacity
             for index, site in enumerate(self.manifest.sites):
-                values.append((site.a_name, ort.OrtValue.ortvalue_from_numpy(self.pool.a_view(index, first, last))))
-                values.append((site.b_name, ort.OrtValue.ortvalue_from_numpy(self.pool.b_view(index, first, last))))
+                a = self.pool.a_view(index, first, last).reshape(contract.lora_a_shape(stack, site.in_features, rank))
+                b = self.pool.b_view(index, first, last).reshape(contract.lora_b_shape(stack, rank, site.out_features))
+                values.append((site.a_name, ort.OrtValue.ortvalue_from_numpy(a)))
+                values.append((site.b_name, ort.OrtValue.ortvalue_from_numpy(b)))
             self._stack_cache[key] = values
         return self._stack_cache[key]
 
@@ -205,7 +212,7 @@ class Engine:
         cache.clear_rows(range(first, first + count))
         binding = self.session.io_binding()
         cache.bind_rows(binding, first, first + count)
-        binding.bind_cpu_input(contract.LORA_INDEX, self.bind_adapters(binding, plan.slots))
+        self.bind_adapters(binding, plan.row_adapters(), lengths.tolist())
         input_ids = np.full((count, width), self.pad_id, np.int64)
         for index, tokens in enumerate(plan.token_ids):
             input_ids[index, : lengths[index]] = tokens
@@ -231,7 +238,7 @@ class Engine:
             self._decode_bound = (first, count, cache.generation)
         positions, logits = self._logits_buffers(count)
         self.bind_logits(binding, positions, logits)
-        binding.bind_cpu_input(contract.LORA_INDEX, self.bind_adapters(binding, plan.slots))
+        self.bind_adapters(binding, plan.row_adapters(), [1] * count)
         attention_mask = (np.arange(width)[None, :] <= totals[:, None]).astype(np.int64)
         input_ids = np.array(plan.token_ids, np.int64)
         self.run_step(binding, input_ids, attention_mask, totals.reshape(count, 1))

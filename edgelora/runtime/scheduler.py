@@ -31,6 +31,7 @@ from edgelora.errors import EdgeLoraError, UserInputError
 from edgelora.runtime.adapter_cache import AdapterRef
 from edgelora.runtime.config import SchedulerConfig
 from edgelora.runtime.engine import Engine, StepPlan
+from edgelora.runtime.lora_mix import LoraMix, check_mix
 from edgelora.runtime.output import OutputStage, OutputState
 from edgelora.runtime.sampling import SamplingParams
 
@@ -41,11 +42,12 @@ class QueueFull(EdgeLoraError):
 
 @dataclass
 class GenerationRequest:
-    """One request: prompt ids, its adapter (None: base), how to sample and when to stop."""
+    """One request: prompt ids, its adapter (None: base) or a weighted mix, how to sample and when to stop."""
 
     prompt_ids: list[int]
     adapter: str | None = None
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=None))
+    lora_mix: LoraMix | dict[str, float] | None = None  # several adapters with weights (then adapter is None)
 
 
 @dataclass
@@ -103,7 +105,7 @@ class _Sequence:
     request_id: str
     request: GenerationRequest
     out: OutputState  # sampler, detokenizer, tokens, text, finish_reason (the output stage's)
-    adapter: AdapterRef | None = None  # the version this request holds from add_request to its end
+    adapters: tuple[tuple[AdapterRef, float], ...] = ()  # versions held from add_request to the end, with weights
     row: int = -1
     total: int = 0  # tokens in this row's cache
     pending: int = 0  # the last sampled token, not yet in the cache
@@ -163,10 +165,16 @@ class Scheduler:
                                     else " (the model's positions)"))
         if sampling.min_tokens > max_tokens:
             raise UserInputError(f"{where}: min_tokens {sampling.min_tokens} is above max_tokens {max_tokens}")
-        if request.adapter is not None and request.adapter not in self.engine.adapters:
-            raise UserInputError(f"{where}: unknown adapter {request.adapter!r}")
+        mix = None
+        if request.lora_mix is not None:
+            if request.adapter is not None:
+                raise UserInputError(f"{where}: give an adapter or a lora_mix, not both")
+            mix = check_mix(request.lora_mix, where, self.engine.config.max_loras)
+        for name in [request.adapter] if request.adapter is not None else [name for name, _ in mix or ()]:
+            if name not in self.engine.adapters:
+                raise UserInputError(f"{where}: unknown adapter {name!r}" + (" in lora_mix" if mix else ""))
         return GenerationRequest(list(request.prompt_ids), request.adapter,
-                                 replace(sampling, max_tokens=max_tokens, stop=list(sampling.stop)))
+                                 replace(sampling, max_tokens=max_tokens, stop=list(sampling.stop)), mix)
 
     def add_request(self, request_id: str, request: GenerationRequest, where: str | None = None) -> None:
         """Check and queue a request; it runs once a row (and its adapter's slot) is free.
@@ -179,9 +187,10 @@ class Scheduler:
         checked = self.check(request, where or f"request {request_id}")
         if self.config.max_waiting is not None and len(self._waiting) >= self.config.max_waiting:
             raise QueueFull(f"the queue is full ({self.config.max_waiting} waiting requests); try again later")
-        adapter = self.engine.adapters.hold(checked.adapter) if checked.adapter is not None else None
+        members = checked.lora_mix or (((checked.adapter, 1.0),) if checked.adapter is not None else ())
+        held = tuple((self.engine.adapters.hold(name), weight) for name, weight in members)
         self._waiting[request_id] = _Sequence(request_id, checked, self.output.start(checked.sampling,
-                                                                                     checked.prompt_ids), adapter)
+                                                                                     checked.prompt_ids), held)
 
     def abort_request(self, request_id: str) -> None:
         """Cancel a request; its final update (finish_reason "abort") comes from the next step."""
@@ -242,19 +251,21 @@ class Scheduler:
         for seq in list(self._waiting.values()):
             if free_rows == 0:
                 break
-            ref = seq.adapter
-            if ref is not None:
-                if adapters.is_resident(ref):
-                    if ref == self._draining:
+            refs = [ref for ref, _ in seq.adapters]
+            if refs:
+                missing = [ref for ref in refs if not adapters.is_resident(ref)]
+                if not missing:
+                    if self._draining in refs:
                         continue
-                elif waiting_for_slot or not adapters.can_take_slot():
+                elif waiting_for_slot or adapters.takeable_slots() < len(missing):
                     if not waiting_for_slot and self._draining is None:
-                        held = [held for held in adapters.held_lru() if held not in {s.adapter for s in admitted}]
+                        busy = {ref for s in admitted for ref, _ in s.adapters} | set(refs)
+                        held = [held for held in adapters.held_lru() if held not in busy]
                         self._draining = held[0] if held else None
                     waiting_for_slot = True
                     continue
                 try:
-                    adapters.acquire([ref])
+                    adapters.acquire(refs)
                 except EdgeLoraError as exc:
                     self._fail(seq, str(exc))
                     continue
@@ -282,8 +293,13 @@ class Scheduler:
         self._rows = self.engine.open_rows(self.config.max_num_seqs, self.max_model_len,
                                            initial_len=min(self.max_model_len, self.config.kv_cache_initial_len))
 
-    def _slots(self, seqs: list[_Sequence]) -> list[int]:
-        return [self.engine.adapters.slot_of(seq.adapter) if seq.adapter else 0 for seq in seqs]
+    def _plan(self, first_row: int, seqs: list[_Sequence], tokens: list[list[int]], positions: list[int]) -> StepPlan:
+        """The step over these rows: each row's slot, or for a row with a lora_mix its slots and weights."""
+        slot_of = self.engine.adapters.slot_of
+        slots = [slot_of(seq.adapters[0][0]) if seq.adapters and seq.request.lora_mix is None else 0 for seq in seqs]
+        mixes = [tuple((slot_of(ref), weight) for ref, weight in seq.adapters) if seq.request.lora_mix else None
+                 for seq in seqs]
+        return StepPlan(first_row, tokens, positions, slots, mixes=mixes if any(mixes) else None)
 
     def _prefill(self, admitted: list[_Sequence]) -> list[SequenceUpdate]:
         """Prefill the admitted requests together into rows n..n+k-1 (one engine step)."""
@@ -294,7 +310,7 @@ class Scheduler:
             self._running.append(seq)
         self._compact()
         prompts = [seq.request.prompt_ids for seq in admitted]
-        logits = self.engine.step(StepPlan(first_row, prompts, [0] * len(admitted), self._slots(admitted)))
+        logits = self.engine.step(self._plan(first_row, admitted, prompts, [0] * len(admitted)))
         self.last_step.run_s = self.engine.last_run_s
         for seq, prompt in zip(admitted, prompts):
             seq.total = len(prompt)
@@ -311,8 +327,7 @@ class Scheduler:
         self._open_rows()  # a no-op unless the rows were replaced under running requests (then an error)
         self._compact()
         # the pending token goes at position total (the row's cache length)
-        logits = self.engine.step(StepPlan(0, [[seq.pending] for seq in rows], [seq.total for seq in rows],
-                                           self._slots(rows)))
+        logits = self.engine.step(self._plan(0, rows, [[seq.pending] for seq in rows], [seq.total for seq in rows]))
         self.last_step.run_s = self.engine.last_run_s
         for seq in rows:
             seq.total += 1
@@ -324,7 +339,7 @@ class Scheduler:
         return [self._accept(seq, int(token)) for seq, token in zip(rows, tokens)]
 
     def _compact(self) -> None:
-        refs = [seq.adapter for seq in self._running if seq.adapter]
+        refs = [ref for seq in self._running for ref, _ in seq.adapters]
         if refs:
             self.engine.adapters.compact(refs)
 
@@ -357,8 +372,8 @@ class Scheduler:
     def _leave(self, finished: list[_Sequence]) -> None:
         """Finished rows leave: release their adapters, move the last live row into each hole."""
         for seq in finished:
-            if seq.adapter:
-                self.engine.adapters.release([seq.adapter])
+            if seq.adapters:
+                self.engine.adapters.release([ref for ref, _ in seq.adapters])
             self._end(seq)
             last = len(self._running) - 1
             row = self._running.index(seq)
@@ -371,8 +386,8 @@ class Scheduler:
 
 
     def _end(self, seq: _Sequence) -> None:
-        """The request is over: it stops holding its adapter version (a retired one may be freed now)."""
-        if seq.adapter is not None:
-            self.engine.adapters.unhold(seq.adapter)
-            seq.adapter = None
+        """The request is over: it stops holding its adapter versions (a retired one may be freed now)."""
+        for ref, _ in seq.adapters:
+            self.engine.adapters.unhold(ref)
+        seq.adapters = ()
 

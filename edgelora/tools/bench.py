@@ -153,14 +153,14 @@ def _switch_ms(engine: Engine, names: list[str], rounds: int = 50) -> dict:
     """Time to point a batch at another cached adapter: acquire its slot and bind its stack."""
     binding = engine.session.io_binding()
     for name in names[:2]:  # both in slots, their stacks' views made once
-        engine.bind_adapters(binding, [engine.adapters.acquire([name])[name]])
+        engine.bind_adapters(binding, [((engine.adapters.acquire([name])[name], 1.0),)], [1])
         engine.adapters.release([name])
     durations = []
     for turn in range(rounds):
         name = names[turn % min(2, len(names))]
         started = time.perf_counter()
         slot = engine.adapters.acquire([name])[name]
-        engine.bind_adapters(binding, [slot])
+        engine.bind_adapters(binding, [((slot, 1.0),)], [1])
         durations.append(time.perf_counter() - started)
         engine.adapters.release([name])
     return {"median_ms": statistics.median(durations) * 1e3, "max_ms": max(durations) * 1e3}

@@ -775,3 +775,35 @@ def test_the_server_never_imports_torch(sample, tmp_path):
             "bad = [m for m in ('torch', 'peft') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- weighted mixes of adapters -----------------------------------------------------------------------
+def test_a_lora_mix_in_the_openai_body_equals_the_python_api(server, client, offline):
+    mix = {"a1": 0.7, "a2": -0.3}
+    before = _metric(server, "edgelora_requests_total", adapter="mix")
+    answer = client.chat.completions.create(model=SERVED, messages=CHAT, max_tokens=6, temperature=0,
+                                            extra_body={"lora_mix": mix, "return_token_ids": True})
+    expected = offline.generate([CHAT], SamplingParams(max_tokens=6, temperature=0), lora_mix=mix)[0]
+    assert answer.choices[0].token_ids == expected.token_ids
+    assert _metric(server, "edgelora_requests_total", adapter="mix") == before + 1
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    (b'{"model": "tiny", "prompt": "hi", "max_tokens": 2, "lora_mix": {}}', 400, "empty"),
+    (b'{"model": "tiny", "prompt": "hi", "max_tokens": 2, "lora_mix": {"a1": NaN}}', 400, "finite"),
+    (b'{"model": "tiny", "prompt": "hi", "max_tokens": 2, "lora_mix": {"a1": Infinity}}', 400, "finite"),
+    (b'{"model": "tiny", "prompt": "hi", "max_tokens": 2, "lora_mix": {"a1": 0.5, "a1": 0.5}}', 400, "twice"),
+    (b'{"model": "tiny", "prompt": "hi", "max_tokens": 2, "lora_mix": {"a1": 1, "a2": 1, "a3": 1, "b": 1, "c": 1,'
+     b' "d": 1, "e": 1, "f": 1, "g": 1}}', 400, "max_loras"),
+    (b'{"model": "tiny", "prompt": "hi", "max_tokens": 2, "lora_mix": {"nope": 1}}', 404, "nope"),
+    (b'{"model": "a1", "prompt": "hi", "max_tokens": 2, "lora_mix": {"a2": 1}}', 400, "base model"),
+])
+def test_bad_lora_mixes_are_4xx_naming_the_problem(server, body, status, fragment):
+    error = _assert_error_shape(_post(server, "/completions", body), status)
+    assert fragment in error["message"]
+
+
+def test_a_tenant_may_mix_only_its_own_adapters(tenant_server):
+    body = {"model": SERVED, "prompt": "hi", "max_tokens": 2, "lora_mix": {"a1": 0.5, "a2": 0.5}}
+    _assert_error_shape(_post(tenant_server, "/completions", body, key="key-a"), 404)
+    assert _post(tenant_server, "/completions", body, key="key-admin").status_code == 200

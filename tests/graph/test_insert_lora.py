@@ -52,10 +52,10 @@ def test_no_adapter_equals_model_onnx(exported):
         [contract.LOGITS], {**token_feeds(ids), **empty_past(exported.spec, 3, ids.shape[1])})[0]
     empty_stack = _lora_logits(exported, ids, [None, None, None])
     np.testing.assert_array_equal(empty_stack, base)
-    # Adapters bound but index 0 on every row: still exactly the base model.
+    # An adapter bound but every token's weight 0: still exactly the base model.
     feeds = {**token_feeds(ids), **empty_past(exported.spec, 3, ids.shape[1]),
              **lora_feeds(exported.manifest, [exported.processed["a2"], None, None], ids.shape[1])}
-    feeds[contract.LORA_INDEX] = np.zeros(3, np.int64)
+    feeds[contract.LORA_WEIGHTS] = np.zeros_like(feeds[contract.LORA_WEIGHTS])
     unrouted = session(exported.onnx_dir / contract.LORA_MODEL_ONNX).run([contract.LOGITS], feeds)[0]
     np.testing.assert_array_equal(unrouted, base)
 
@@ -115,7 +115,7 @@ def test_manifest_lists_every_lora_input(exported):
     assert len(manifest.sites) == exported.spec.num_layers * len(contract.MODULE_NAMES)
     for site in manifest.sites:
         assert site.a_name in inputs and site.b_name in inputs
-    assert contract.LORA_INDEX in inputs
+    assert contract.LORA_TOKENS in inputs and contract.LORA_WEIGHTS in inputs
 
 
 def test_subset_of_target_modules(tmp_path, exported):

@@ -101,9 +101,9 @@ def test_a_step_binds_only_the_slots_its_rows_use(qwen2, monkeypatch):
     bound = []
     original = Engine.bind_adapters
 
-    def spy(self, binding, slots):
-        bound.append(sorted({s for s in slots if s}))
-        return original(self, binding, slots)
+    def spy(self, binding, rows, lengths):
+        bound.append(sorted({slot for members in rows for slot, _ in members}))
+        return original(self, binding, rows, lengths)
 
     monkeypatch.setattr(Engine, "bind_adapters", spy)
     scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=4))

@@ -25,6 +25,7 @@ from edgelora.entrypoints.ray.hub import Families, Registry
 from edgelora.entrypoints.ray.metrics import exposition
 from edgelora.entrypoints.ray.replica import ACCEPTED, ReplicaJob
 from edgelora.entrypoints.server.engine_loop import AdapterLoad, RequestFailed, RequestInterrupted, RequestStream
+from edgelora.errors import UserInputError
 from edgelora.formats.lora_manifest import LoraManifest
 from edgelora.formats.model_spec import ModelSpec
 from edgelora.runtime.adapter_cache import check_adapter
@@ -61,6 +62,9 @@ class ReplicaBackend:
     # -- requests ------------------------------------------------------------------------------
     async def submit(self, request_id: str, request: GenerationRequest, adapter_label: str,
                      arrival_s: float) -> RequestStream:
+        if request.lora_mix:
+            raise UserInputError("lora_mix is not served with --ray yet (a replica holds the adapters of the "
+                                 "requests routed to it, one each); run edgelora serve without --ray to mix adapters")
         folder, version = self._registry.get(request.adapter, (None, None)) if request.adapter is not None \
             else (None, None)
         job = ReplicaJob(request_id, request, adapter_label, folder, version)

@@ -170,7 +170,8 @@ def serve(options: ServeOptions) -> None:
         info = engine.start()
         try:
             state = AppState(options.name, engine, tenants, metrics, sources, ChatTokenizer(onnx_dir),
-                             info.max_model_len, options.enable_lora_updates, set(info.adapters))
+                             info.max_model_len, options.enable_lora_updates, set(info.adapters),
+                             max_loras=options.max_loras)
             config = uvicorn.Config(create_app(state), log_config=None, lifespan="on",
                                     timeout_graceful_shutdown=options.shutdown_timeout_s)
             server = uvicorn.Server(config)

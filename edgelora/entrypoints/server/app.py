@@ -6,6 +6,7 @@ processing run in worker threads. Errors leave as ``{"error": {...}}`` with Open
 """
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -54,6 +55,8 @@ from edgelora.entrypoints.server.protocol import (
 )
 from edgelora.entrypoints.server.tenants import Tenant, Tenants
 from edgelora.errors import EdgeLoraError, UserInputError
+from edgelora.runtime.config import EngineConfig
+from edgelora.runtime.lora_mix import MIX_LABEL, LoraMix, check_mix, duplicate_mix_names
 from edgelora.runtime.scheduler import GenerationRequest, QueueFull, SequenceUpdate
 from edgelora.runtime.tokenizer import ChatTokenizer
 
@@ -102,6 +105,7 @@ class AppState:
     created: int = field(default_factory=lambda: int(time.time()))
     # /metrics' body; None: this process's own registry (edgelora.entrypoints.ray merges every replica's)
     render_metrics: Callable[[], Awaitable[bytes]] | None = None
+    max_loras: int = EngineConfig.max_loras  # adapters one step may use: the most a lora_mix may name
 
 
 @dataclass
@@ -300,13 +304,29 @@ def create_app(state: AppState) -> FastAPI:
             raise ApiError(400, "the prompt is empty (it encodes to no tokens)", "prompt")
         return ids
 
+    async def resolve_mix(body: SamplingFields, request: Request, adapter: str | None, tenant: Tenant
+                          ) -> LoraMix | None:
+        """The body's ``lora_mix``, checked: 400 for a malformed one, 404 for a member this key cannot see."""
+        if body.lora_mix is None:
+            return None
+        if adapter is not None:
+            raise ApiError(400, f"lora_mix mixes adapters over the base model: set model to `{state.served_name}`, "
+                                f"not an adapter", "lora_mix")
+        raw = json.loads(await request.body(), object_pairs_hook=duplicate_mix_names)  # keeps repeated names
+        mix = check_mix(raw.get("lora_mix") if isinstance(raw, dict) else body.lora_mix, "lora_mix", state.max_loras)
+        for name, _ in mix:
+            if name not in state.adapters or not tenant.may_use(name):
+                raise ApiError(404, f"lora_mix: the adapter `{name}` does not exist.", "lora_mix", "model_not_found")
+        return mix
+
     def generation_request(body: SamplingFields, prompt_ids: list[int], adapter: str | None,
-                           max_tokens: int | None) -> GenerationRequest:
-        return GenerationRequest(prompt_ids=prompt_ids, adapter=adapter, sampling=body.sampling_params(max_tokens))
+                           max_tokens: int | None, mix: LoraMix | None) -> GenerationRequest:
+        return GenerationRequest(prompt_ids=prompt_ids, adapter=adapter, sampling=body.sampling_params(max_tokens),
+                                 lora_mix=mix)
 
     async def accept(tenant: Tenant, request_id: str, generation: GenerationRequest, arrival_s: float) -> _Ticket:
         """Hand the request to the engine; 429 over the key's limit, 503 on a full queue, 400 on bad input."""
-        label = generation.adapter or "base"
+        label = generation.adapter or (MIX_LABEL if generation.lora_mix else "base")
         if tenant.max_concurrent is not None and state.in_flight.get(tenant.label, 0) >= tenant.max_concurrent:
             state.metrics.requests.labels(label, "rejected").inc()
             raise ApiError(429, f"this API key already has {tenant.max_concurrent} requests running or waiting",
@@ -381,7 +401,8 @@ def create_app(state: AppState) -> FastAPI:
             prompt_ids = list(prompt)
         else:
             raise ApiError(400, "the prompt is empty", "prompt")
-        generation = generation_request(body, prompt_ids, adapter, body.max_tokens)
+        generation = generation_request(body, prompt_ids, adapter, body.max_tokens,
+                                        await resolve_mix(body, request, adapter, tenant))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         ticket = await accept(tenant, request_id, generation, arrival_s)
         if body.stream:
@@ -428,7 +449,8 @@ def create_app(state: AppState) -> FastAPI:
             raise ApiError(400, "logprobs are not supported", "logprobs")
         messages = [message.as_template_input() for message in body.messages]
         prompt_ids = await tokenize(state.tokenizer.prompt_ids, messages)
-        generation = generation_request(body, prompt_ids, adapter, body.token_budget())
+        generation = generation_request(body, prompt_ids, adapter, body.token_budget(),
+                                        await resolve_mix(body, request, adapter, tenant))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         ticket = await accept(tenant, request_id, generation, arrival_s)
         if body.stream:

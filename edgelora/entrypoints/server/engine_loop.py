@@ -283,6 +283,9 @@ class EngineLoop:
                 self._do_load(name, adapter_folder, version=adapter_version)
         elif name is not None and name not in adapters:
             raise UnknownAdapter(f"The model `{name}` does not exist.")
+        for member, _ in request.lora_mix or ():
+            if member not in adapters:
+                raise UnknownAdapter(f"lora_mix: the adapter `{member}` does not exist.")
         self._scheduler.add_request(stream.request_id, request, "request")
         self._live[stream.request_id] = _Live(stream, adapter_label, arrival_s)
 

@@ -25,7 +25,7 @@ class ServerMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         registry = self.registry
-        self.requests = Counter("edgelora_requests", "Requests by adapter ('base' for none) and outcome "
+        self.requests = Counter("edgelora_requests", "Requests by adapter ('base' for none, 'mix' for a lora_mix) and outcome "
                                 "(stop, length, abort, error, rejected)", ["adapter", "outcome"], registry=registry)
         self.prompt_tokens = Counter("edgelora_prompt_tokens", "Prompt tokens of admitted requests", registry=registry)
         self.generation_tokens = Counter("edgelora_generation_tokens", "Generated tokens", registry=registry)

@@ -74,6 +74,8 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
     user: str | None = None
+    # edgelora: several adapters with weights for this request ({"a": 0.7, "b": -0.3}; model = the base name)
+    lora_mix: dict[str, Any] | None = None
 
     @field_validator("top_k")
     @classmethod
