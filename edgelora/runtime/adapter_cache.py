@@ -367,6 +367,11 @@ class AdapterCache:
         """In a slot now: a request for it needs no slot of its own."""
         return bool(self._entry(target).slot)
 
+    @property
+    def num_slots(self) -> int:
+        """How many adapters one step may use (max_loras)."""
+        return self._pool.num_slots
+
     def can_take_slot(self) -> bool:
         """A slot is free, or held by an idle unpinned adapter (activation would evict it)."""
         return self.takeable_slots() > 0

@@ -264,3 +264,22 @@ def test_the_queue_bound_refuses_with_queue_full(adapter_files):
         scheduler.add_request("b", _request(None))
     scheduler.step()  # a runs; its waiting place is free again
     scheduler.add_request("b", _request(None))
+
+
+def test_a_mix_takes_a_slot_per_member_and_waits_until_it_has_them(adapter_files):
+    """Two slots, x running: a mix of y and z needs both slots, so it waits for x's row to leave,
+    holds both members' versions while it runs, and releases both when it ends."""
+    engine = _engine(adapter_files, max_loras=2)
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=4))
+    mix = GenerationRequest([1, 2, 3], None, SamplingParams(max_tokens=3, temperature=0.0), {"y": 0.5, "z": -1.0})
+    outputs, finished = _run(scheduler, {0: {"x1": _request("x", 4)}, 1: {"m": mix}})
+    mixed = [plan for plan in engine.plans if plan.mixes]
+    assert mixed and all(plan.rows == 1 and plan.slots == [0] for plan in mixed), "the mix ran alone, after x1"
+    x_steps = [i for i, names in enumerate(engine.row_adapters) if "x" in names]
+    assert max(x_steps) < engine.plans.index(mixed[0]), "x1 drained before the mix took both slots"
+    assert {slot for slot, _ in mixed[0].mixes[0]} == {1, 2}
+    assert sorted(weight for _, weight in mixed[0].mixes[0]) == [-1.0, 0.5]
+    assert finished == {"x1": "length", "m": "length"}
+    assert outputs["x1"] == _alone(adapter_files, _request("x", 4))
+    assert all(engine.adapters.get(name).requests == 0 and engine.adapters.get(name).references == 0
+               for name in ("x", "y", "z"))
