@@ -68,9 +68,9 @@ def lora_feeds(manifest: LoraManifest, processed_dirs: list[Path | None], seq: i
     rank = max((t.shape[1] for adapter in tensors for name, t in adapter.items() if name.endswith(".A")), default=0)
     rows = [() if d is None else ((distinct.index(d) + 1, 1.0),) for d in processed_dirs]
     routing = route(rows, [seq] * len(processed_dirs), NUMPY[dtype])
-    feeds = {contract.LORA_TOKENS: routing.tokens, contract.LORA_WEIGHTS: routing.weights,
+    feeds = {contract.LORA_TOKENS: routing.tokens, contract.LORA_WEIGHTS: routing.weights, contract.LORA_BACK: routing.back,
              contract.LOGITS_POSITIONS: np.tile(np.arange(seq, dtype=np.int64), (len(processed_dirs), 1))}
-    stack = len(distinct)
+    stack = max(len(distinct), 1)  # no adapter: one empty entry
     for site in manifest.sites:
         a = np.zeros((stack, rank, site.in_features), NUMPY[dtype])  # A transposed, per stack entry
         b = np.zeros((stack, rank, site.out_features), NUMPY[dtype])

@@ -9,12 +9,14 @@ LoRA inputs of ``lora_model.onnx`` (one pair per targeted projection and layer):
     lora.layers.{L}.{m}.B   [n_stack, rank, out_features]    float, scaling folded in
     lora_tokens             [n_stack, entry_tokens, 2]       int64 (row, position) pairs
     lora_weights            [n_stack, entry_tokens, 1]       float (model dtype)
+    lora_back               [batch, seq, members, 2]         int64 (entry, item) pairs
 
 ``n_stack`` adapters are bound at once, each padded to ``rank`` (the same for every LoRA input of
-one run). Stack entry ``e`` computes ``x @ A_e^T @ B_e`` for the tokens ``lora_tokens[e]`` lists
-only, each times its weight in ``lora_weights[e]``, and adds the result to those tokens' outputs.
-A token listed in no entry gets the base output; a token listed in several (a row that mixes
-adapters) gets the weighted sum; entries shorter than ``entry_tokens`` are padded with weight 0.
+one run). Stack entry ``e`` computes ``(w · x) @ A_e^T @ B_e`` for the tokens ``lora_tokens[e]``
+lists only, each scaled by its weight in ``lora_weights[e]`` (a mix's weight, else 1; padding
+items carry weight 0, so their results are exactly zero). Token (b, s) then adds the results at
+``lora_back[b, s, k]`` for k < members: where its own entries put it, or a zero padding item for
+a token with fewer members (a base token, or a row with fewer adapters than the widest mix).
 Untargeted modules are zero. A processed adapter file stores the same names for one adapter,
 untransposed: ``A`` is ``[in, r]`` and ``B`` is ``[r, out]``.
 
@@ -73,6 +75,8 @@ POSITION_IDS = "position_ids"
 LOGITS = "logits"
 LORA_TOKENS = "lora_tokens"  # int64 [n_stack, entry_tokens, 2]: the (row, position) pairs each entry computes
 LORA_WEIGHTS = "lora_weights"  # float [n_stack, entry_tokens, 1]: each pair's weight (0 pads)
+LORA_BACK = "lora_back"  # int64 [batch, seq, members, 2]: where each token's results are (entry, item)
+LORA_MEMBERS = "lora_members"  # symbolic dim: the most adapters one row of the step uses
 LORA_STACK = "lora_stack"  # symbolic dims of the stacked inputs: entries,
 LORA_RANK_DIM = "lora_rank"  # the rank every entry is padded to,
 LORA_ENTRY_TOKENS = "lora_entry_tokens"  # and the tokens of the longest entry

@@ -14,7 +14,7 @@ from edgelora.errors import UserInputError
 from edgelora.formats import contract
 
 MANIFEST_FORMAT = "edgelora-lora-manifest"
-MANIFEST_VERSION = 4  # 2: stacked A/B blocks + lora_rank; 3: + source, logits_positions; 4: per-entry tokens and weights
+MANIFEST_VERSION = 5  # 2: stacked A/B blocks + lora_rank; 3: + source, logits_positions; 5: per-entry tokens, weights, back
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class LoraManifest:
     sites: list[LoraSite] = field(default_factory=list)
     tokens_input: str = contract.LORA_TOKENS
     weights_input: str = contract.LORA_WEIGHTS
+    back_input: str = contract.LORA_BACK
     logits_positions_input: str = contract.LOGITS_POSITIONS
     # export_fingerprint() of the folder when insert-lora ran: what lora_model.onnx was built from
     source_fingerprint: str = ""

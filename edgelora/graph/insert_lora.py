@@ -60,18 +60,20 @@ def _routed_input(graph: gs.Graph, x: gs.Variable, tokens: gs.Variable, weights:
 
 
 def _attach_branch(graph: gs.Graph, matmul: gs.Node, a: gs.Variable, b: gs.Variable, xw: gs.Variable,
-                   tokens: gs.Variable, site: LoraSite, dtype: str) -> None:
+                   back: gs.Variable, site: LoraSite, dtype: str) -> None:
     """Add each token's own adapters' ``x @ A @ B`` to a projection's output.
 
     ::
 
-        x [b,s,in] ──MatMul(W)────────────────────────────────────────────> y_base ──ScatterND(add)──> y
-        xw [E,m,in] ──MatMul(A^T [E,r,in] transposed)──> [E,m,r] ──MatMul(B [E,r,out])──> delta ──┘
-                                                                      at lora_tokens [E,m,2]
+        x [b,s,in] ──MatMul(W)──────────────────────────────────────────────────> y_base ──Add──> y
+        xw [E,m,in] ──MatMul(A^T [E,r,in] transposed)──> [E,m,r] ──MatMul(B [E,r,out])──> delta [E,m,out]
+            ──GatherND(lora_back [b,s,K,2])──> [b,s,K,out] ──ReduceSum(K)──────────────────────┘
 
     Entry e of the stack computes only the tokens routed to it, so a token costs the rank of its
-    own adapters whatever else the batch holds; a token in several entries (a weighted mix) gets
-    each one's update added, and padding entries carry weight 0.
+    own adapters whatever else the batch holds. Each token then reads back its K results (a
+    weighted mix has several; a base token reads a padding item, which is exactly zero). The way
+    back is a gather, never a scatter: ONNX Runtime's CPU ScatterND adds its entries on several
+    threads at once, so two entries adding to one token could lose an update.
     """
     prefix = f"/lora/layers.{site.layer}/{site.module}"
     float_type = NUMPY_DTYPES[dtype]
@@ -81,8 +83,10 @@ def _attach_branch(graph: gs.Graph, matmul: gs.Node, a: gs.Variable, b: gs.Varia
     a_t = _node(graph, "Transpose", f"{prefix}/A/Transpose", [a], {"perm": [0, 2, 1]}, float_type)
     xa = _node(graph, "MatMul", f"{prefix}/A/MatMul", [xw, a_t], dtype=float_type)
     delta = _node(graph, "MatMul", f"{prefix}/B/MatMul", [xa, b], dtype=float_type)
-    graph.nodes.append(gs.Node(op="ScatterND", name=f"{prefix}/ScatterAdd", attrs={"reduction": "add"},
-                               inputs=[y_base, tokens, delta], outputs=[y]))
+    per_member = _node(graph, "GatherND", f"{prefix}/Back", [delta, back], {"batch_dims": 0}, float_type)
+    summed = _node(graph, "ReduceSum", f"{prefix}/SumMembers", [per_member, _const(f"{prefix}/members_axis", [2])],
+                   {"keepdims": 0}, float_type)
+    graph.nodes.append(gs.Node(op="Add", name=f"{prefix}/Add", inputs=[y_base, summed], outputs=[y]))
 
 
 def _keep_logits_positions(graph: gs.Graph) -> gs.Variable:
@@ -156,7 +160,8 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
     tokens = gs.Variable(contract.LORA_TOKENS, dtype=np.int64, shape=[contract.LORA_STACK, contract.LORA_ENTRY_TOKENS, 2])
     weights = gs.Variable(contract.LORA_WEIGHTS, dtype=float_type, shape=[contract.LORA_STACK, contract.LORA_ENTRY_TOKENS, 1])
     manifest = LoraManifest(target_modules=list(targets), num_layers=spec.num_layers, dtype=dtype)
-    new_inputs = [tokens, weights]
+    back = gs.Variable(contract.LORA_BACK, dtype=np.int64, shape=["batch", "sequence", contract.LORA_MEMBERS, 2])
+    new_inputs = [tokens, weights, back]
     routed: dict[str, gs.Variable] = {}
     for layer in range(spec.num_layers):
         for module in targets:
@@ -170,7 +175,7 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
             a = gs.Variable(site.a_name, dtype=float_type, shape=[contract.LORA_STACK, contract.LORA_RANK_DIM, in_features])
             b = gs.Variable(site.b_name, dtype=float_type, shape=[contract.LORA_STACK, contract.LORA_RANK_DIM, out_features])
             xw = _routed_input(graph, matmul.inputs[0], tokens, weights, routed, dtype)
-            _attach_branch(graph, matmul, a, b, xw, tokens, site, dtype)
+            _attach_branch(graph, matmul, a, b, xw, back, site, dtype)
             new_inputs += [a, b]
             manifest.sites.append(site)
     projections = {(layer, module): nodes[name] for layer in range(spec.num_layers) for module in contract.MODULE_NAMES

@@ -135,6 +135,7 @@ class Engine:
         self._routing = routing  # ORT reads bound host arrays in place: keep them alive through the run
         binding.bind_cpu_input(contract.LORA_TOKENS, routing.tokens)
         binding.bind_cpu_input(contract.LORA_WEIGHTS, routing.weights)
+        binding.bind_cpu_input(contract.LORA_BACK, routing.back)
         first, last = routing.first, routing.last
         if not first or self.pool.rank_capacity == 0:
             for name, empty in self._no_adapter.items():

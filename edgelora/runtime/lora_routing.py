@@ -1,16 +1,20 @@
-"""Which tokens each bound adapter computes: the ``lora_tokens`` / ``lora_weights`` inputs of a step.
+"""Which tokens each bound adapter computes, and where each token finds its results: a step's
+``lora_tokens`` / ``lora_weights`` / ``lora_back`` inputs.
 
 A row uses no adapter, one adapter (weight 1), or a weighted mix of several; every adapter of a
 step sits in one pool slot, and the step binds slots first..last as its stack. Entry ``e`` of the
-stack (slot ``first + e``) then lists the (row, position) pairs of every token whose row uses it,
-with the row's weight for it, padded with weight 0 to the longest entry. The graph computes each
-entry's LoRA product over its own tokens only (``graph/insert_lora.py``).
+stack (slot ``first + e``) lists the (row, position) pairs of every token whose row uses it, with
+the row's weight for it, padded with weight 0 to the longest entry (a padding item's result is
+exactly zero). ``lora_back[row, position, k]`` is the (entry, item) holding the token's k-th
+result, or a zero padding item when the row has fewer adapters than ``members`` (the widest row).
+The graph computes each entry over its own tokens only (``graph/insert_lora.py``).
 
 ::
 
     rows:    r0: a       r1: b       r2: {a: .7, b: -.3}    r3: base        (decode: one token each)
-    entries: a -> (r0,0) w 1, (r2,0) w .7
-             b -> (r1,0) w 1, (r2,0) w -.3
+    entries: a -> (r0,0) w 1, (r2,0) w .7,  pad w 0          back: r0 -> [(a,0), (a,2)]
+             b -> (r1,0) w 1, (r2,0) w -.3, pad w 0                r2 -> [(a,1), (b,1)]
+                                                                   r3 -> [(a,2), (a,2)]
 """
 
 from __future__ import annotations
@@ -24,33 +28,48 @@ RowAdapters = tuple[tuple[int, float], ...]  # (slot, weight) pairs of one row; 
 
 @dataclass(frozen=True)
 class Routing:
-    """The bound slot range and the per-entry inputs of one step."""
+    """The bound slot range and the per-entry and per-token inputs of one step."""
 
-    first: int  # first bound slot (0 when no adapter is used)
+    first: int  # first bound slot (0 when no adapter is used: one empty entry is bound)
     last: int
     tokens: np.ndarray  # int64 [entries, entry_tokens, 2]
     weights: np.ndarray  # float [entries, entry_tokens, 1]
+    back: np.ndarray  # int64 [rows, width, members, 2]
 
 
 def route(rows: list[RowAdapters], lengths: list[int], dtype) -> Routing:
     """Lay out each used slot's tokens; row i feeds positions 0..lengths[i]-1 of this step."""
+    width = max(lengths)
     used = sorted({slot for members in rows for slot, _ in members})
-    if not used:
-        return Routing(0, -1, np.zeros((0, 1, 2), np.int64), np.zeros((0, 1, 1), dtype))
+    if not used:  # one empty entry whose single item is a zero result
+        return Routing(0, -1, np.zeros((1, 1, 2), np.int64), np.zeros((1, 1, 1), dtype),
+                       np.zeros((len(rows), width, 1, 2), np.int64))
     first, last = used[0], used[-1]
-    entries: list[list[tuple[int, float]]] = [[] for _ in range(last - first + 1)]
+    entries: list[list[tuple[int, int, float]]] = [[] for _ in range(last - first + 1)]  # (row, member, weight)
     for row, members in enumerate(rows):
-        for slot, weight in members:
-            entries[slot - first].append((row, weight))
-    width = max(1, max(sum(lengths[row] for row, _ in entry) for entry in entries))
-    tokens = np.zeros((len(entries), width, 2), np.int64)
-    weights = np.zeros((len(entries), width, 1), dtype)
+        for member, (slot, weight) in enumerate(members):
+            entries[slot - first].append((row, member, weight))
+    sizes = [sum(lengths[row] for row, _, _ in entry) for entry in entries]
+    members = max(len(row) for row in rows)
+    items = max(sizes)
+    needs_zero = any(len(row) < members for row in rows) or any(length < width for length in lengths)
+    spare = next((index for index, size in enumerate(sizes) if size < items), None)
+    if needs_zero and spare is None:
+        items, spare = items + 1, 0
+    tokens = np.zeros((len(entries), items, 2), np.int64)
+    weights = np.zeros((len(entries), items, 1), dtype)
+    back = np.zeros((len(rows), width, members, 2), np.int64)
+    if spare is not None:
+        back[...] = (spare, items - 1)  # a padding item: weight 0, result exactly zero
     for index, entry in enumerate(entries):
         start = 0
-        for row, weight in entry:
+        for row, member, weight in entry:
             count = lengths[row]
+            positions = np.arange(count)
             tokens[index, start:start + count, 0] = row
-            tokens[index, start:start + count, 1] = np.arange(count)
+            tokens[index, start:start + count, 1] = positions
             weights[index, start:start + count, 0] = weight
+            back[row, :count, member, 0] = index
+            back[row, :count, member, 1] = start + positions
             start += count
-    return Routing(first, last, tokens, weights)
+    return Routing(first, last, tokens, weights, back)
