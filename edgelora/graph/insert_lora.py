@@ -21,7 +21,7 @@ from edgelora.formats.fileio import staged_output
 from edgelora.formats.fingerprint import METADATA_KEY, export_fingerprint
 from edgelora.formats.lora_manifest import LoraManifest, LoraSite
 from edgelora.formats.model_spec import ModelSpec
-from edgelora.graph.fuse_projections import fuse_projections
+from edgelora.graph.fuse_projections import GROUPS, fuse_projections
 from edgelora.graph.static_shapes import fold_static_shapes
 
 log = logging.getLogger(__name__)
@@ -59,34 +59,73 @@ def _routed_input(graph: gs.Graph, x: gs.Variable, tokens: gs.Variable, weights:
     return routed[x.name]
 
 
-def _attach_branch(graph: gs.Graph, matmul: gs.Node, a: gs.Variable, b: gs.Variable, xw: gs.Variable,
-                   back: gs.Variable, site: LoraSite, dtype: str) -> None:
-    """Add each token's own adapters' ``x @ A @ B`` to a projection's output.
+def _site_delta(graph: gs.Graph, xw: gs.Variable, a: gs.Variable, b: gs.Variable, site: LoraSite,
+                dtype: str) -> gs.Variable:
+    """Each stack entry's LoRA product over its own tokens: [E, m, out] (``xw`` from ``_routed_input``).
 
     ::
 
-        x [b,s,in] ──MatMul(W)──────────────────────────────────────────────────> y_base ──Add──> y
         xw [E,m,in] ──MatMul(A^T [E,r,in] transposed)──> [E,m,r] ──MatMul(B [E,r,out])──> delta [E,m,out]
-            ──GatherND(lora_back [b,s,K,2])──> [b,s,K,out] ──ReduceSum(K)──────────────────────┘
 
-    Entry e of the stack computes only the tokens routed to it, so a token costs the rank of its
-    own adapters whatever else the batch holds. Each token then reads back its K results (a
-    weighted mix has several; a base token reads a padding item, which is exactly zero). The way
-    back is a gather, never a scatter: ONNX Runtime's CPU ScatterND adds its entries on several
-    threads at once, so two entries adding to one token could lose an update.
+    Entry e computes only the tokens routed to it, so a token costs the rank of its own adapters
+    whatever else the batch holds (ONNX Runtime folds the Transpose into the MatMul).
     """
     prefix = f"/lora/layers.{site.layer}/{site.module}"
     float_type = NUMPY_DTYPES[dtype]
-    y = matmul.outputs[0]
-    y_base = gs.Variable(f"{prefix}/base_output", dtype=y.dtype, shape=y.shape)
-    matmul.outputs = [y_base]
     a_t = _node(graph, "Transpose", f"{prefix}/A/Transpose", [a], {"perm": [0, 2, 1]}, float_type)
     xa = _node(graph, "MatMul", f"{prefix}/A/MatMul", [xw, a_t], dtype=float_type)
-    delta = _node(graph, "MatMul", f"{prefix}/B/MatMul", [xa, b], dtype=float_type)
+    return _node(graph, "MatMul", f"{prefix}/B/MatMul", [xa, b], dtype=float_type)
+
+
+def _add_back(graph: gs.Graph, y: gs.Variable, deltas: list[gs.Variable], back: gs.Variable, prefix: str,
+              dtype: str) -> None:
+    """Make ``y`` its base value plus each token's own results read back from ``deltas``.
+
+    ::
+
+        producer ──> y_base ─────────────────────────────────────────────────────────────Add──> y
+        deltas ──Concat(-1)──> [E,m,out] ──GatherND(lora_back [b,s,K,2])──> [b,s,K,out] ──ReduceSum(K)──┘
+
+    A token reads its K results (a weighted mix has several; a base token reads a padding item,
+    exactly zero). The way back is a gather, never a scatter: ONNX Runtime's CPU ScatterND adds its
+    entries on several threads at once, so two entries adding to one token could lose an update.
+    Several ``deltas`` (q/k/v, gate/up) go back together onto their fused product's output, one
+    gather for the group.
+    """
+    float_type = NUMPY_DTYPES[dtype]
+    producer = y.inputs[0]
+    y_base = gs.Variable(f"{prefix}/base_output", dtype=y.dtype, shape=y.shape)
+    producer.outputs[producer.outputs.index(y)] = y_base
+    delta = deltas[0] if len(deltas) == 1 else _node(graph, "Concat", f"{prefix}/ConcatDeltas", deltas, {"axis": -1},
+                                                      float_type)
     per_member = _node(graph, "GatherND", f"{prefix}/Back", [delta, back], {"batch_dims": 0}, float_type)
     summed = _node(graph, "ReduceSum", f"{prefix}/SumMembers", [per_member, _const(f"{prefix}/members_axis", [2])],
                    {"keepdims": 0}, float_type)
     graph.nodes.append(gs.Node(op="Add", name=f"{prefix}/Add", inputs=[y_base, summed], outputs=[y]))
+
+
+def _add_all_back(graph: gs.Graph, deltas: dict[tuple[int, str], tuple[gs.Variable, gs.Variable]],
+                  num_layers: int, back: gs.Variable, dtype: str) -> int:
+    """Add every site's results back: one gather per fused q/k/v or gate/up product whose modules all
+    carry LoRA, one per other module. Returns how many groups went back together."""
+    grouped = 0
+    for layer in range(num_layers):
+        for group in GROUPS:
+            members = [deltas.get((layer, module)) for module in group]
+            if any(member is None for member in members):
+                continue
+            outputs = [y for _, y in members]
+            split = outputs[0].inputs[0] if outputs[0].inputs else None
+            if split is None or split.op != "Split" or list(split.outputs) != outputs:
+                continue
+            _add_back(graph, split.inputs[0], [delta for delta, _ in members], back,
+                      f"/lora/layers.{layer}/{''.join(group)}", dtype)
+            for module in group:
+                del deltas[(layer, module)]
+            grouped += 1
+    for (layer, module), (delta, y) in deltas.items():
+        _add_back(graph, y, [delta], back, f"/lora/layers.{layer}/{module}", dtype)
+    return grouped
 
 
 def _keep_logits_positions(graph: gs.Graph) -> gs.Variable:
@@ -163,6 +202,7 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
     back = gs.Variable(contract.LORA_BACK, dtype=np.int64, shape=["batch", "sequence", contract.LORA_MEMBERS, 2])
     new_inputs = [tokens, weights, back]
     routed: dict[str, gs.Variable] = {}
+    deltas: dict[tuple[int, str], tuple[gs.Variable, gs.Variable]] = {}  # site -> (its results, the projection's output)
     for layer in range(spec.num_layers):
         for module in targets:
             candidates = contract.projection_node_names(layer, module)
@@ -175,13 +215,14 @@ def insert_lora(onnx_dir: Path, target_modules: list[str] | None = None) -> Lora
             a = gs.Variable(site.a_name, dtype=float_type, shape=[contract.LORA_STACK, contract.LORA_RANK_DIM, in_features])
             b = gs.Variable(site.b_name, dtype=float_type, shape=[contract.LORA_STACK, contract.LORA_RANK_DIM, out_features])
             xw = _routed_input(graph, matmul.inputs[0], tokens, weights, routed, dtype)
-            _attach_branch(graph, matmul, a, b, xw, back, site, dtype)
+            deltas[(layer, module)] = (_site_delta(graph, xw, a, b, site, dtype), matmul.outputs[0])
             new_inputs += [a, b]
             manifest.sites.append(site)
     projections = {(layer, module): nodes[name] for layer in range(spec.num_layers) for module in contract.MODULE_NAMES
                    for name in contract.projection_node_names(layer, module) if name in nodes}
     fused = fuse_projections(graph, projections, spec.num_layers,
                              {module: spec.module_in_out(module)[1] for module in contract.MODULE_NAMES})
+    _add_all_back(graph, deltas, spec.num_layers, back, dtype)
     new_inputs.append(_keep_logits_positions(graph))
     graph.inputs.extend(new_inputs)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
