@@ -101,7 +101,8 @@ def _bench(args: argparse.Namespace) -> None:
         onnx_dir=args.onnx_dir, adapters=args.adapters, batches=args.batch, prompt_len=args.prompt_len,
         max_tokens=args.max_tokens, repeats=args.repeats, contexts=args.contexts, context_batch=args.context_batch,
         context_steps=args.context_steps, num_threads=args.threads, device=args.device, json_path=args.json,
-        rows=[parse_rows(text) for text in args.rows or []], prompt_file=args.prompt_file))
+        rows=[parse_rows(text) for text in args.rows or []], prompt_file=args.prompt_file,
+        lora_chunk_rank=args.lora_chunk_rank))
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -307,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--contexts", type=_int_list, default=[128, 2048], help="context lengths for the long-context decode check")
     _flag(bench, "--context-batch", type=int, default=4, help="rows in the long-context check")
     _flag(bench, "--context-steps", type=int, default=16, help="decode steps timed per context")
+    _flag(bench, "--lora-chunk-rank", type=int, default=EngineConfig.lora_chunk_rank,
+          help="rows of one adapter pool slot: an adapter of rank r takes ceil(r / this) slots, each a stack entry")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider")
     bench.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")

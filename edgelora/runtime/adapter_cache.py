@@ -8,7 +8,10 @@ Three levels, in TensorRT-LLM's and vLLM's words:
 * **host-ready** (at most ``max_cpu_loras``): read, converted to the graph's dtype and transposed
   to the slot layout, one copy away from a slot. LRU.
 * **slots** (``max_loras``): pool memory a batch binds (device memory on CUDA, host memory on the
-  CPU); slot 0 means "no adapter". LRU among idle slots.
+  CPU); slot 0 means "no adapter". LRU among idle slots. A pool slot holds ``chunk_rank`` rows
+  (the pool's ``max_rank``): an adapter of rank r takes ceil(r / chunk_rank) slots in a row, each
+  a stack entry of its own, so a batch's LoRA work follows its adapters' own ranks, not the
+  largest one loaded. A cache keeps at most ``max_loras`` adapters in slots.
 
 Identity is not a name (SGLang's LoRA registry, vLLM's lora_int_id): an adapter is a name plus a
 version, the digest of its files' bytes. ``add`` of a name with other bytes makes a new version
@@ -76,7 +79,8 @@ class RegisteredAdapter:
     ref: AdapterRef
     weights: Path
     config: ProcessedAdapterConfig
-    slot: int = 0  # 0: not in a slot
+    slot: int = 0  # 0: not in a slot; else the first of its ``span`` slots
+    span: int = 0  # pool slots it takes while in them: ceil(rank / chunk rank)
     references: int = 0  # running batches that use it
     requests: int = 0  # requests holding this version (waiting or running)
     pinned: bool = False
@@ -182,8 +186,10 @@ class AdapterCache:
     """Names -> versions -> host-ready copies -> pool slots, each bounded level LRU."""
 
     def __init__(self, pool, spec: ModelSpec, manifest: LoraManifest, max_lora_rank: int, max_cpu_loras: int,
-                 dtype=np.float32):
+                 dtype=np.float32, max_loras: int | None = None):
         self._pool = pool
+        self._chunk_rank = pool.max_rank  # rows of one pool slot
+        self._max_loras = max_loras or pool.num_slots  # adapters in slots at once
         self._spec = spec
         self._manifest = manifest
         self._max_lora_rank = max_lora_rank
@@ -241,12 +247,13 @@ class AdapterCache:
             self.stats.slot_hits += 1
             return entry.slot
         self.stats.slot_misses += 1
-        slot = self._free_slot()  # evicts first, so what follows never drops what it needs
+        span = self._span(entry.config.rank)
+        slot = self._free_run(span)  # evicts first, so what follows never drops what it needs
         started = time.perf_counter()
         ready = self._host_copy(entry)
-        self._pool.write(slot, ready.rank, ready.a, ready.b)
+        self._write(slot, ready)
         self.stats.record_load(time.perf_counter() - started)
-        entry.slot = slot
+        entry.slot, entry.span = slot, span
         self._slots[slot] = entry.ref
         log.debug("adapter %s -> slot %d (%.1f ms)", entry.ref, slot, self.stats.recent_load_s[-1] * 1e3)
         return slot
@@ -257,9 +264,7 @@ class AdapterCache:
         if entry.references:
             raise EdgeLoraError(f"adapter {entry.name!r} is in use by a running batch")
         if entry.slot:
-            self._pool.clear(entry.slot)
-            del self._slots[entry.slot]
-            entry.slot = 0
+            self._clear(entry)
 
     def remove(self, name: str) -> bool:
         """Forget the name now; its version leaves memory once no request holds it. True: gone at once."""
@@ -306,8 +311,8 @@ class AdapterCache:
     def acquire(self, targets: list) -> dict:
         """Activate and hold every named adapter for one batch; return target -> slot."""
         distinct = list(dict.fromkeys(targets))
-        if len(distinct) > self._pool.num_slots:
-            raise UserInputError(f"a batch uses {len(distinct)} adapters but max_loras is {self._pool.num_slots}")
+        if len(distinct) > self._max_loras:
+            raise UserInputError(f"a batch uses {len(distinct)} adapters but max_loras is {self._max_loras}")
         slots = {}
         try:
             for target in distinct:
@@ -330,33 +335,45 @@ class AdapterCache:
 
         A step binds slots first..last as its stack and every bound slot is an entry the graph
         runs (padding for a slot no row uses), so a step whose adapters sit in slots 1 and 8 would
-        pay for eight. An adapter above k moves into a slot below k
-        that no listed adapter holds (one copy within the pool); that slot's idle occupant moves to a
-        free slot if there is one, else leaves the slots (it stays registered and host-ready).
-        A pinned idle occupant is never displaced, so compaction may stop short (still correct).
+        pay for eight. The listed adapters move down, in slot order, each into the first slots
+        after the one before (copies within the pool). An unlisted adapter in the way moves to
+        free slots past them if there are any, else leaves the slots (it stays registered and
+        host-ready), unless it is pinned: then compaction stops short (still correct).
         """
-        wanted = list(dict.fromkeys(self._entry(target).ref for target in targets))
-        k = len(wanted)
-        movers = [ref for ref in wanted if self._registered[ref].slot > k]
-        for ref in movers:
-            target = next((slot for slot in range(1, k + 1)
-                           if self._slots.get(slot) not in wanted
-                           and not (slot in self._slots and self._registered[self._slots[slot]].pinned)), None)
-            if target is None:
-                return
-            occupant = self._slots.get(target)
-            if occupant is not None:
-                free = next((slot for slot in range(k + 1, self._pool.num_slots + 1) if slot not in self._slots), None)
-                if free is not None:
-                    self._move(occupant, free)
-                else:
-                    self.deactivate(occupant)
-                    self.stats.slot_evictions += 1
-            self._move(ref, target)
+        wanted = sorted(dict.fromkeys(self._entry(target).ref for target in targets),
+                        key=lambda ref: self._registered[ref].slot)
+        end = 1 + sum(self._registered[ref].span for ref in wanted)
+        position = 1
+        for ref in wanted:
+            entry = self._registered[ref]
+            if entry.slot != position:
+                if not self._clear_way(position, entry.span, set(wanted), end):
+                    return
+                self._move(ref, position)
+            position += entry.span
+
+    def _clear_way(self, first: int, span: int, wanted: set, end: int) -> bool:
+        """Empty slots first..first+span-1 of unlisted adapters; False if a pinned one cannot move."""
+        for slot, ref in list(self._slots.items()):
+            entry = self._registered[ref]
+            if ref in wanted or slot >= first + span or slot + entry.span <= first:
+                continue
+            free = self._find_run(entry.span, start=end)
+            if free:
+                self._move(ref, free)
+            elif entry.pinned:
+                return False
+            else:
+                self.deactivate(ref)
+                self.stats.slot_evictions += 1
+        return True
 
     def _move(self, ref: AdapterRef, target: int) -> None:
+        """Move an adapter's slots to target..target+span-1 (the ranges may overlap)."""
         entry = self._registered[ref]
-        self._pool.move(entry.slot, target)
+        chunks = range(entry.span) if target < entry.slot else reversed(range(entry.span))
+        for chunk in chunks:
+            self._pool.move(entry.slot + chunk, target + chunk)
         order = list(self._slots.items())  # keep the LRU position, change the slot number
         self._slots = OrderedDict((target if slot == entry.slot else slot, held) for slot, held in order)
         entry.slot = target
@@ -370,17 +387,19 @@ class AdapterCache:
     @property
     def num_slots(self) -> int:
         """How many adapters one step may use (max_loras)."""
-        return self._pool.num_slots
+        return self._max_loras
 
-    def can_take_slot(self) -> bool:
-        """A slot is free, or held by an idle unpinned adapter (activation would evict it)."""
-        return self.takeable_slots() > 0
+    def span(self, slot: int) -> int:
+        """The pool slots the adapter starting at ``slot`` takes (its rank over the chunk rank, rounded up)."""
+        return self._registered[self._slots[slot]].span
 
-    def takeable_slots(self) -> int:
-        """Slots that are free or held by an idle unpinned adapter: what activations may take now."""
-        idle = sum(1 for ref in self._slots.values()
-                   if not self._registered[ref].references and not self._registered[ref].pinned)
-        return self._pool.num_slots - len(self._slots) + idle
+    def can_take(self, refs: list[AdapterRef]) -> bool:
+        """Whether these adapters (not in slots yet) fit now, evicting idle unpinned adapters if needed."""
+        idle = [self._registered[ref] for ref in self._slots.values() if self._evictable(self._registered[ref])]
+        spans = sum(self._span(self._entry(ref).config.rank) for ref in dict.fromkeys(refs))
+        free = self._pool.num_slots - sum(self._registered[ref].span for ref in self._slots.values())
+        return len(self._slots) - len(idle) + len(set(refs)) <= self._max_loras \
+            and spans <= free + sum(entry.span for entry in idle)
 
     def held_lru(self) -> list[AdapterRef]:
         """Adapters in slots that running requests hold (and that are not pinned), least recently used first."""
@@ -445,9 +464,7 @@ class AdapterCache:
         if not entry.retired or entry.requests or entry.references:
             return
         if entry.slot:
-            self._pool.clear(entry.slot)
-            del self._slots[entry.slot]
-            entry.slot = 0
+            self._clear(entry)
         self._host.pop(entry.ref, None)
         del self._registered[entry.ref]
         log.info("adapter %s freed (no request holds it)", entry.ref)
@@ -487,14 +504,62 @@ class AdapterCache:
             self.stats.host_evictions += 1
         self._host[entry.ref] = ready
 
-    def _free_slot(self) -> int:
-        for slot in range(1, self._pool.num_slots + 1):
-            if slot not in self._slots:
-                return slot
-        for slot, ref in self._slots.items():  # least recently used first
-            victim = self._registered[ref]
-            if not victim.references and not victim.pinned:
-                self.deactivate(ref)
-                self.stats.slot_evictions += 1
-                return slot
-        raise EdgeLoraError("every adapter slot is held by a running batch or pinned; raise max_loras")
+    def _span(self, rank: int) -> int:
+        return -(-rank // self._chunk_rank)
+
+    @staticmethod
+    def _evictable(entry: RegisteredAdapter) -> bool:
+        return not entry.references and not entry.pinned
+
+    def _write(self, slot: int, ready: HostAdapter) -> None:
+        """Copy a host-ready adapter into slots slot.., chunk_rank rows of A^T and B each."""
+        for first in range(0, ready.rank, self._chunk_rank):
+            rows = slice(first, min(first + self._chunk_rank, ready.rank))
+            self._pool.write(slot + first // self._chunk_rank, rows.stop - rows.start,
+                             [a[rows] if a is not None else None for a in ready.a],
+                             [b[rows] if b is not None else None for b in ready.b])
+
+    def _clear(self, entry: RegisteredAdapter) -> None:
+        for chunk in range(entry.span):
+            self._pool.clear(entry.slot + chunk)
+        del self._slots[entry.slot]
+        entry.slot, entry.span = 0, 0
+
+    def _find_run(self, span: int, start: int = 1) -> int:
+        """The first slot of ``span`` free slots in a row at or after ``start`` (0: none)."""
+        taken = [False] * (self._pool.num_slots + 1)
+        for slot, ref in self._slots.items():
+            for chunk in range(self._registered[ref].span):
+                taken[slot + chunk] = True
+        run = 0
+        for slot in range(start, self._pool.num_slots + 1):
+            run = 0 if taken[slot] else run + 1
+            if run == span:
+                return slot - span + 1
+        return 0
+
+    def _free_run(self, span: int) -> int:
+        """The first of ``span`` free slots in a row: idle adapters leave (least recently used first)
+        and resident ones move down until there is room. Nothing changes if there can be none."""
+        idle = [ref for ref in self._slots.values() if self._evictable(self._registered[ref])]
+        free = self._pool.num_slots - sum(self._registered[ref].span for ref in self._slots.values())
+        if len(self._slots) - len(idle) >= self._max_loras \
+                or span > free + sum(self._registered[ref].span for ref in idle):
+            raise EdgeLoraError("every adapter slot is held by a running batch or pinned; raise max_loras")
+        while len(self._slots) >= self._max_loras:
+            self._evict(idle.pop(0))
+        while not (first := self._find_run(span)) and idle:
+            self._evict(idle.pop(0))
+        if not first:  # room enough, in pieces: move every resident adapter down, in slot order
+            position = 1
+            for slot in sorted(self._slots):
+                ref = self._slots[slot]
+                if slot != position:
+                    self._move(ref, position)
+                position += self._registered[ref].span
+            first = self._find_run(span)
+        return first
+
+    def _evict(self, ref: AdapterRef) -> None:
+        self.deactivate(ref)
+        self.stats.slot_evictions += 1

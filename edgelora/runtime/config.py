@@ -27,6 +27,9 @@ class EngineConfig:
     max_lora_rank: int = contract.MAX_LORA_RANK
     max_loras: int = 8  # adapter slots ready for a batch
     max_cpu_loras: int | None = None  # adapters kept converted in host memory; None: max(16, max_loras)
+    # Rows of one adapter pool slot: an adapter of rank r takes ceil(r / lora_chunk_rank) slots, so a step
+    # mixing ranks 4 and 64 computes each at about its own rank instead of padding every adapter to 64.
+    lora_chunk_rank: int = 16
     device: str = "cpu"
     num_threads: int | None = None  # None: every core
 
@@ -39,6 +42,8 @@ class EngineConfig:
         problems = []
         if not 1 <= self.max_lora_rank <= contract.MAX_LORA_RANK:
             problems.append(f"max_lora_rank {self.max_lora_rank} (1..{contract.MAX_LORA_RANK})")
+        if not 1 <= self.lora_chunk_rank <= contract.MAX_LORA_RANK:
+            problems.append(f"lora_chunk_rank {self.lora_chunk_rank} (1..{contract.MAX_LORA_RANK})")
         if self.max_loras < 1:
             problems.append(f"max_loras {self.max_loras} (>= 1)")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:

@@ -14,7 +14,9 @@ the benchmarks call the same ``step``.
 
 A step may mix adapters row by row, and a row may mix several with weights: the slots its rows
 use are bound as one contiguous stack (a zero-copy view of the pool) and ``lora_tokens`` /
-``lora_weights`` say which tokens each stack entry computes (``lora_routing.py``). The
+``lora_weights`` say which tokens each stack entry computes (``lora_routing.py``). A slot holds
+``lora_chunk_rank`` rows; an adapter of higher rank takes several slots in a row, and its tokens
+sum their results, so adapters of ranks 4 and 64 in one step cost their own ranks. The
 graph computes logits only at ``logits_positions`` (each row's last token), never over the prompt.
 """
 
@@ -36,7 +38,7 @@ from edgelora.runtime import native
 from edgelora.runtime.adapter_cache import AdapterCache
 from edgelora.runtime.config import EngineConfig
 from edgelora.runtime.kv_cache import KVCache
-from edgelora.runtime.lora_routing import RowAdapters, route
+from edgelora.runtime.lora_routing import RowAdapters, route, stack_entries
 from edgelora.runtime.session import NUMPY_DTYPES, Device, make_session, runtime_failures
 
 
@@ -95,11 +97,12 @@ class Engine:
             raise UserInputError(f"{onnx_dir}: {contract.LORA_MODEL_ONNX} and {contract.LORA_MANIFEST} come from "
                                  f"different insert-lora runs; re-run 'edgelora insert-lora --onnx-dir {onnx_dir}'")
         self.float_dtype = NUMPY_DTYPES[self.spec.dtype]
+        chunk_rank = min(self.config.lora_chunk_rank, self.config.max_lora_rank)
         self.pool = native.AdapterPool([(s.in_features, s.out_features) for s in self.manifest.sites],
-                                       self.config.max_loras, self.config.max_lora_rank, self.spec.dtype,
-                                       self.device.kind)
+                                       self.config.max_loras * -(-self.config.max_lora_rank // chunk_rank),
+                                       chunk_rank, self.spec.dtype, self.device.kind)
         self.adapters = AdapterCache(self.pool, self.spec, self.manifest, self.config.max_lora_rank,
-                                     self.config.host_loras, self.float_dtype)
+                                     self.config.host_loras, self.float_dtype, max_loras=self.config.max_loras)
         self._no_adapter = {site.a_name: np.zeros(contract.lora_a_shape(1, site.in_features, 0), self.float_dtype)
                             for site in self.manifest.sites}
         self._no_adapter.update({site.b_name: np.zeros(contract.lora_b_shape(1, 0, site.out_features), self.float_dtype)
@@ -131,21 +134,22 @@ class Engine:
         The stack is a zero-copy view of slots first..last of the pool; nothing is copied per step.
         ``lengths``: the tokens each row feeds this step.
         """
-        routing = route(rows, lengths, self.float_dtype)
+        rows, layout, available = stack_entries(rows, self.adapters.span, self.pool.num_slots)
+        routing = route(rows, lengths, self.float_dtype, available)
         self._routing = routing  # ORT reads bound host arrays in place: keep them alive through the run
         binding.bind_cpu_input(contract.LORA_TOKENS, routing.tokens)
         binding.bind_cpu_input(contract.LORA_WEIGHTS, routing.weights)
         binding.bind_cpu_input(contract.LORA_BACK, routing.back)
-        first, last = routing.first, routing.last
-        if not first or self.pool.rank_capacity == 0:
+        if not routing.first or self.pool.rank_capacity == 0:
             for name, empty in self._no_adapter.items():
                 binding.bind_cpu_input(name, empty)
             return
+        first, last = layout.slots(routing.first, routing.last)
         if self.device.kind == "cpu":
-            for name, value in self._stack_values(first, last):
+            for name, value in self._stack_values(first, last, layout.group):
                 binding.bind_ortvalue_input(name, value)
         else:
-            stack, rank = last - first + 1, self.pool.rank_capacity
+            stack, rank = routing.last - routing.first + 1, self.pool.rank_capacity * layout.group
             for index, site in enumerate(self.manifest.sites):
                 binding.bind_input(site.a_name, "cuda", self.device.index, self.float_dtype,
                                    list(contract.lora_a_shape(stack, site.in_features, rank)),
@@ -154,8 +158,9 @@ class Engine:
                                    list(contract.lora_b_shape(stack, rank, site.out_features)),
                                    self.pool.b_pointer(index, first, last))
 
-    def _stack_values(self, first: int, last: int) -> list:
-        """OrtValues over pool memory for slots first..last, made once per range and pool layout.
+    def _stack_values(self, first: int, last: int, group: int) -> list:
+        """OrtValues over pool memory for slots first..last, ``group`` slots an entry, made once per
+        range and pool layout.
 
         Each is made from a numpy view whose base keeps the pool's buffer alive. Binding a ready
         OrtValue costs a fifth of ``bind_input`` with a raw pointer, so switching between cached
@@ -166,9 +171,9 @@ class Engine:
         if self._stack_generation != self.pool.generation:
             self._stack_cache.clear()
             self._stack_generation = self.pool.generation
-        key = (first, last)
+        key = (first, last, group)
         if key not in self._stack_cache:
-            values, stack, rank = [], last - first + 1, self.pool.rank_capacity
+            values, stack, rank = [], (last - first + 1) // group, self.pool.rank_capacity * group
             for index, site in enumerate(self.manifest.sites):
                 a = self.pool.a_view(index, first, last).reshape(contract.lora_a_shape(stack, site.in_features, rank))
                 b = self.pool.b_view(index, first, last).reshape(contract.lora_b_shape(stack, rank, site.out_features))

@@ -2,7 +2,8 @@
 ``lora_tokens`` / ``lora_weights`` / ``lora_back`` inputs.
 
 A row uses no adapter, one adapter (weight 1), or a weighted mix of several; every adapter of a
-step sits in one pool slot, and the step binds slots first..last as its stack. Entry ``e`` of the
+step sits in pool slots (``stack_entries`` makes them stack entries), and the step binds
+entries first..last as its stack. Entry ``e`` of the
 stack (slot ``first + e``) lists the (row, position) pairs of every token whose row uses it, with
 the row's weight for it, padded with weight 0 to the longest entry (a padding item's result is
 exactly zero). ``lora_back[row, position, k]`` is the (entry, item) holding the token's k-th
@@ -19,11 +20,51 @@ The graph computes each entry over its own tokens only (``graph/insert_lora.py``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from math import gcd
 
 import numpy as np
 
 RowAdapters = tuple[tuple[int, float], ...]  # (slot, weight) pairs of one row; () = base
+
+
+@dataclass(frozen=True)
+class StackLayout:
+    """Which pool slots make one stack entry this step: ``group`` slots in a row, entry v being slots
+    offset + (v-1)·group + 1 .. offset + v·group (a zero-copy view: slots are consecutive rows)."""
+
+    group: int = 1
+    offset: int = 0
+
+    def entry(self, slot: int) -> int:
+        return (slot - 1 - self.offset) // self.group + 1
+
+    def slots(self, first: int, last: int) -> tuple[int, int]:
+        """The pool slots of entries first..last."""
+        return self.offset + (first - 1) * self.group + 1, self.offset + last * self.group
+
+
+def stack_entries(rows: list[RowAdapters], span_of: Callable[[int], int],
+                  num_slots: int) -> tuple[list[RowAdapters], StackLayout, int]:
+    """Each row's members as stack entries, and the layout and number of entries the pool offers.
+
+    An adapter above the pool's chunk rank spans several slots. When every adapter of the step
+    starts and ends on a multiple of some group of slots (every adapter of one rank, say), an
+    entry is that group, so each adapter is one entry and a token reads one result per adapter.
+    Otherwise an entry is a slot, and a token sums its adapter's slots as separate members.
+    """
+    spans = {slot: span_of(slot) for members in rows for slot, _ in members}
+    if not spans:
+        return rows, StackLayout(), num_slots
+    first = min(spans)
+    group = 0
+    for slot, span in spans.items():
+        group = gcd(group, gcd(slot - first, span))
+    layout = StackLayout(group, (first - 1) % group)
+    entries = [tuple((layout.entry(slot) + part, weight) for slot, weight in members
+                     for part in range(spans[slot] // group)) for members in rows]
+    return entries, layout, (num_slots - layout.offset) // group
 
 
 @dataclass(frozen=True)
@@ -37,8 +78,15 @@ class Routing:
     back: np.ndarray  # int64 [rows, width, members, 2]
 
 
-def route(rows: list[RowAdapters], lengths: list[int], dtype) -> Routing:
-    """Lay out each used slot's tokens; row i feeds positions 0..lengths[i]-1 of this step."""
+def route(rows: list[RowAdapters], lengths: list[int], dtype, slots: int = 0) -> Routing:
+    """Lay out each used slot's tokens; row i feeds positions 0..lengths[i]-1 of this step.
+
+    Tokens with fewer members than the widest row need a zero result: a padding item of an entry
+    that has one to spare. When every entry is full (a decode step's entries hold one token
+    each), the range takes one more slot of the pool (``slots``: its size) whose items are all
+    padding, rather than widening every entry by an item: two items an entry instead of one
+    would make every LoRA product of the step a packed GEMM instead of a matrix-vector product.
+    """
     width = max(lengths)
     used = sorted({slot for members in rows for slot, _ in members})
     if not used:  # one empty entry whose single item is a zero result
@@ -55,7 +103,14 @@ def route(rows: list[RowAdapters], lengths: list[int], dtype) -> Routing:
     needs_zero = any(len(row) < members for row in rows) or any(length < width for length in lengths)
     spare = next((index for index, size in enumerate(sizes) if size < items), None)
     if needs_zero and spare is None:
-        items, spare = items + 1, 0
+        if last < slots:  # an extra entry: its weight-0 items give exact zeros whatever the slot holds
+            last, spare = last + 1, len(entries)
+            entries.append([])
+        elif first > 1:
+            first, spare = first - 1, 0
+            entries.insert(0, [])
+        else:
+            items, spare = items + 1, 0
     tokens = np.zeros((len(entries), items, 2), np.int64)
     weights = np.zeros((len(entries), items, 1), dtype)
     back = np.zeros((len(rows), width, members, 2), np.int64)

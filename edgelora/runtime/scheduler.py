@@ -257,7 +257,7 @@ class Scheduler:
                 if not missing:
                     if self._draining in refs:
                         continue
-                elif waiting_for_slot or adapters.takeable_slots() < len(missing):
+                elif waiting_for_slot or not adapters.can_take(missing):
                     if not waiting_for_slot and self._draining is None:
                         busy = {ref for s in admitted for ref, _ in s.adapters} | set(refs)
                         held = [held for held in adapters.held_lru() if held not in busy]

@@ -45,6 +45,7 @@ class BenchOptions:
     json_path: Path | None = None
     rows: list[list[str | None]] = field(default_factory=list)  # explicit configurations (--rows); None = base
     prompt_file: Path | None = None  # token-id prompts, row i takes prompt i (the peers' workload)
+    lora_chunk_rank: int = EngineConfig.lora_chunk_rank  # rows of an adapter pool slot
 
     def validate(self) -> None:
         problems = []
@@ -239,7 +240,7 @@ def run_bench(options: BenchOptions) -> dict:
     if len(set(names)) < len(names):  # two folders of one name: tell them apart by position
         names = [f"{name}#{index}" for index, name in enumerate(names)]
     engine = Engine(Path(options.onnx_dir), EngineConfig(
-        max_loras=max(len(names), 1), max_cpu_loras=max(len(names), 1),
+        max_loras=max(len(names), 1), max_cpu_loras=max(len(names), 1), lora_chunk_rank=options.lora_chunk_rank,
         device=options.device, num_threads=threads))
     for name, path in zip(names, options.adapters):
         engine.adapters.add(name, Path(path))

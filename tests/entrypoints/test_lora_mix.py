@@ -133,3 +133,20 @@ def test_infer_refuses_a_repeated_member_with_exit_2(exported, tmp_path, capsys)
     assert code == 2
     assert "names 'a1' twice" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_adapters_above_the_chunk_rank_run_as_several_entries_with_the_same_results(exported, llm):
+    """Chunk rank 4: a1 (r8) is 2 stack entries, a2 (r16) 4, a3 (r4) 1; every row of a batch mixing
+    them, a mix and a base row gives the ids it gives when each adapter is one entry."""
+    chunked = LLM(exported.onnx_dir, LoraConfig(max_lora_rank=64, max_loras=3, lora_chunk_rank=4,
+                                                 lora_dir=[str(exported.processed[n]) for n in ("a1", "a2", "a3")]))
+    requests = [LoRARequest(name, index, str(exported.processed[name])) for index, name in enumerate(("a1", "a2", "a3"), 1)]
+    lora = requests + [None, None]
+    mixes = [None, None, None, MIXES[0], None]
+    got = chunked.generate([_messages(PROMPT)] * 5, _greedy(), lora_request=lora, lora_mix=mixes)
+    assert sorted(chunked.engine.adapters.get(n).span for n in ("a1", "a2", "a3")) == [1, 2, 4]
+    want = llm.generate([_messages(PROMPT)] * 5, _greedy(), lora_request=lora, lora_mix=mixes)
+    assert [out.token_ids for out in got] == [out.token_ids for out in want]
+    assert got[3].token_ids == _merged_reference(exported, MIXES[0], got[3].prompt_token_ids)
+    alone = chunked.generate([_messages(PROMPT)], _greedy(), lora_request=requests[1])[0]  # one entry of 4 slots
+    assert alone.token_ids == want[1].token_ids

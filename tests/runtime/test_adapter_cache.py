@@ -102,6 +102,74 @@ def test_acquire_never_evicts_what_the_same_batch_holds(qwen2):
     assert cache.get("a1").references == 1 and cache.get("a2").references == 1, "a refused acquire holds nothing more"
 
 
+
+# -- ranks above the chunk rank: an adapter takes several pool slots in a row ----------------------
+
+
+def _chunked_cache(exported, slots: int, max_loras: int, chunk_rank: int = 4) -> AdapterCache:
+    pool = native.AdapterPool([(s.in_features, s.out_features) for s in exported.manifest.sites], slots, chunk_rank,
+                              "float32", "cpu")
+    return AdapterCache(pool, exported.spec, exported.manifest, contract.MAX_LORA_RANK, 8, max_loras=max_loras)
+
+
+def _holds_all(cache: AdapterCache, exported, name: str) -> bool:
+    """The slots of ``name`` hold all its A^T and B rows, every targeted site, chunk after chunk."""
+    tensors = load_file(str(exported.processed[name.rstrip("x")] / contract.PROCESSED_ADAPTER))
+    first, span = cache.slot_of(name), cache.get(name).span
+    for index, site in enumerate(exported.manifest.sites):
+        if site.a_name not in tensors:
+            continue
+        a, b = tensors[site.a_name], tensors[site.b_name]
+        held_a = cache._pool.a_view(index, first, first + span - 1).reshape(-1, site.in_features)
+        held_b = cache._pool.b_view(index, first, first + span - 1).reshape(-1, site.out_features)
+        if not (np.array_equal(held_a[: a.shape[1]], a.T.astype(np.float32))
+                and np.array_equal(held_b[: b.shape[0]], b.astype(np.float32))
+                and not held_a[a.shape[1]:].any() and not held_b[b.shape[0]:].any()):
+            return False
+    return True
+
+
+def test_ranks_above_the_chunk_rank_take_runs_of_slots_packed_when_fragmented(qwen2):
+    """Chunk rank 4: a1 (r8) takes 2 slots, a2 (r16) 4, a3 (r4) 1; 8 slots in all."""
+    cache = _chunked_cache(qwen2, slots=8, max_loras=4)
+    for name in ("a1", "a2", "a3"):
+        cache.add(name, qwen2.processed[name])
+    cache.add("a1x", qwen2.processed["a1"])  # the same bytes under a second name: r8 again
+    assert [cache.activate(name) for name in ("a1", "a3", "a2")] == [1, 3, 4]
+    assert [cache.get(name).span for name in ("a1", "a3", "a2")] == [2, 1, 4]
+    assert all(_holds_all(cache, qwen2, name) for name in ("a1", "a2", "a3"))
+
+    cache.deactivate("a3")  # slots 3 and 8 free: room for two, not in a row
+    cache.acquire(["a1", "a2"])
+    assert cache.can_take([cache.current("a1x")])
+    assert cache.activate("a1x") == 7, "the resident adapters move down; the free slots meet at the end"
+    assert cache.slot_table() == {1: "a1", 3: "a2", 7: "a1x"}
+    assert all(_holds_all(cache, qwen2, name) for name in ("a1", "a2", "a1x"))
+    cache.acquire(["a1x"])
+    assert not cache.can_take([cache.current("a3")]), "all 8 slots held by a running batch"
+    with pytest.raises(EdgeLoraError, match="every adapter slot is held"):
+        cache.activate("a3")
+    assert cache.slot_table() == {1: "a1", 3: "a2", 7: "a1x"}, "a failed activation changes nothing"
+
+    cache.release(["a1"])
+    cache.compact(["a2", "a1x"])  # a1 is in the way and there is no free room past them: it leaves
+    assert cache.slot_table() == {1: "a2", 5: "a1x"}
+    assert all(_holds_all(cache, qwen2, name) for name in ("a2", "a1x"))
+    assert not cache._pool.a_view(0, 7, 8).any(), "slots left behind are cleared"
+    assert cache.activate("a3") == 7
+
+
+def test_max_loras_bounds_adapters_in_slots_whatever_their_ranks(qwen2):
+    cache = _chunked_cache(qwen2, slots=16, max_loras=2)
+    for name in ("a1", "a2", "a3"):
+        cache.add(name, qwen2.processed[name])
+    cache.acquire(["a3", "a1"])
+    assert not cache.can_take([cache.current("a2")]), "two adapters in slots, both running"
+    cache.release(["a3"])
+    assert cache.can_take([cache.current("a2")])
+    assert cache.activate("a2") == 4 and cache.slot_table() == {2: "a1", 4: "a2"}, "a3 (idle) left; r16 needs 4 in a row"
+
+
 # -- versions: a name points at the digest of its files' bytes ----------------------------------
 
 
