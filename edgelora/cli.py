@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from edgelora.errors import EdgeLoraError, UserInputError
-from edgelora.runtime.config import MIN_HOST_LORAS, EngineConfig, SchedulerConfig
+from edgelora.runtime.config import MIN_HOST_LORAS, STEP_TOKENS, EngineConfig, SchedulerConfig
 
 log = logging.getLogger("edgelora")
+BATCHED_TOKENS_HELP = (f"tokens one step may feed: a longer prompt is prefilled in chunks of this size, alternating with "
+                       f"decode steps, so running streams wait one chunk, not the whole prompt; 0: no limit; "
+                       f"default: max({STEP_TOKENS}, rows of the batch)")
 RANK_HELP = f"largest adapter rank accepted (1..{EngineConfig.max_lora_rank})"
 
 
@@ -81,7 +84,7 @@ def _infer(args: argparse.Namespace) -> None:
     result = run_infer(InferOptions(
         onnx_dir=args.onnx_dir, input_file=args.input_file, output_file=args.output_file,
         max_lora_rank=args.max_lora_rank, max_batch_size=args.max_batch_size, device=args.device,
-        num_threads=args.threads))
+        num_threads=args.threads, max_num_batched_tokens=args.max_num_batched_tokens))
     stats = result["stats"]
     log.info("%d responses in %.2f s (%s decode tokens/s) -> %s", stats["requests"], stats["total_s"],
              stats["decode_tokens_per_s"], args.output_file)
@@ -113,7 +116,7 @@ def _serve(args: argparse.Namespace) -> None:
         onnx_dir=args.onnx_dir, lora_modules=parse_lora_modules(args.lora_modules),
         served_model_name=args.served_model_name, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
         max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-        host=args.host, port=args.port, api_key=args.api_key, api_keys=args.api_keys, lora_root=args.lora_root,
+        max_num_batched_tokens=args.max_num_batched_tokens, host=args.host, port=args.port, api_key=args.api_key, api_keys=args.api_keys, lora_root=args.lora_root,
         lora_cache_dir=args.lora_cache_dir, enable_lora_updates=args.enable_lora_updates,
         max_waiting=args.max_waiting, device=args.device, threads=args.threads,
         shutdown_timeout_s=args.shutdown_timeout)
@@ -284,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(infer, "--max-lora-rank", type=int, default=EngineConfig.max_lora_rank, help=RANK_HELP)
     _flag(infer, "--max-batch-size", "--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,
           help="most requests run together in one batch")
+    _flag(infer, "--max-num-batched-tokens", type=int, default=None, help=BATCHED_TOKENS_HELP)
     infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider (cuda needs onnxruntime-gpu)")
     infer.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores)")
 
@@ -332,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
           default=SchedulerConfig.max_num_seqs, help="requests decoded together (rows of the batch)")
     _flag(serve, "--max-model-len", type=int, default=None,
           help="prompt + generated tokens per request; default: the model's positions")
+    _flag(serve, "--max-num-batched-tokens", type=int, default=None, help=BATCHED_TOKENS_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (another than loopback without a key logs a warning)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     keys = serve.add_mutually_exclusive_group()

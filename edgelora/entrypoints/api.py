@@ -112,14 +112,16 @@ class LLM:
 
     def __init__(self, model: str | Path, lora_config: LoraConfig | None = None,
                  max_batch_size: int = SchedulerConfig.max_num_seqs,
-                 device: str = "cpu", num_threads: int | None = None, max_model_len: int | None = None):
+                 device: str = "cpu", num_threads: int | None = None, max_model_len: int | None = None,
+                 max_num_batched_tokens: int | None = SchedulerConfig.max_num_batched_tokens):
         lora_config = lora_config or LoraConfig()
         self.engine = Engine(Path(model), EngineConfig(
             max_lora_rank=lora_config.max_lora_rank, max_loras=lora_config.max_loras,
             max_cpu_loras=lora_config.max_cpu_loras, lora_chunk_rank=lora_config.lora_chunk_rank, device=device,
             num_threads=num_threads))
         self.tokenizer = ChatTokenizer(Path(model))
-        self.scheduler = Scheduler(self.engine, SchedulerConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len),
+        self.scheduler = Scheduler(self.engine, SchedulerConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len,
+                                                                max_num_batched_tokens=max_num_batched_tokens),
                                    self.tokenizer)
         self.stats = GenerationStats()
         for path in lora_config.lora_dir:

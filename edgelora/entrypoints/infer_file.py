@@ -31,6 +31,7 @@ class InferOptions:
     output_file: Path
     max_lora_rank: int = EngineConfig.max_lora_rank
     max_batch_size: int = SchedulerConfig.max_num_seqs
+    max_num_batched_tokens: int | None = SchedulerConfig.max_num_batched_tokens  # None: the default rule; 0: no limit
     device: str = "cpu"
     num_threads: int | None = None
 
@@ -133,7 +134,8 @@ def run_infer(options: InferOptions) -> dict:
     llm = LLM(options.onnx_dir, LoraConfig(max_lora_rank=options.max_lora_rank,
                                            max_loras=max(1, widest_mix, min(len(used), options.max_batch_size)),
                                            max_cpu_loras=max(1, len(used))),
-              max_batch_size=options.max_batch_size, device=options.device, num_threads=options.num_threads)
+              max_batch_size=options.max_batch_size, device=options.device, num_threads=options.num_threads,
+              max_num_batched_tokens=options.max_num_batched_tokens)
     ids = {name: number for number, name in enumerate(used, start=1)}
     lora_requests = [LoRARequest(r.lora_name, ids[r.lora_name], str(job.adapters[r.lora_name])) if r.lora_name else None
                      for r in job.requests]

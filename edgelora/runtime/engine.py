@@ -67,13 +67,17 @@ class StepPlan:
     def is_prefill(self) -> bool:
         return all(position == 0 for position in self.positions)
 
+    @property
+    def is_decode(self) -> bool:
+        return all(len(tokens) == 1 for tokens in self.token_ids) and not self.is_prefill
+
     def check(self) -> None:
         if not self.token_ids or len(self.positions) != self.rows or len(self.slots) != self.rows \
                 or (self.mixes is not None and len(self.mixes) != self.rows):
             raise EdgeLoraError(f"a step plan needs one token list, position and slot per row "
                                 f"({self.rows} / {len(self.positions)} / {len(self.slots)})")
-        if not self.is_prefill and any(len(tokens) != 1 for tokens in self.token_ids):
-            raise EdgeLoraError("a step runs fresh prompts, or one token per row on top of its cache")
+        if not all(self.token_ids) or (not self.is_prefill and 0 in self.positions):
+            raise EdgeLoraError("a step runs fresh prompts, or tokens on top of every row's cache, not both")
 
 
 class Engine:
@@ -202,7 +206,9 @@ class Engine:
     def step(self, plan: StepPlan) -> np.ndarray:
         """Run one planned step; the logits [rows, kept, vocab] are valid until the next step."""
         plan.check()
-        return self._prefill(plan) if plan.is_prefill else self._decode(plan)
+        if plan.is_prefill:
+            return self._prefill(plan)
+        return self._decode(plan) if plan.is_decode else self._extend(plan)
 
     def _rows(self) -> KVCache:
         if self.kv is None:
@@ -228,6 +234,32 @@ class Engine:
         logits = self.bind_logits(binding, kept)
         self.run_step(binding, input_ids, attention_mask, position_ids)
         cache.note_written(first, np.full(count, width))
+        return logits
+
+    def _extend(self, plan: StepPlan) -> np.ndarray:
+        """Several tokens per row on top of its cache (a prompt's next chunk), right-padded to the longest.
+
+        Padding tokens write keys past their row's length, which later tokens overwrite; the mask
+        never lets a real token see them.
+        """
+        cache, count, first = self._rows(), plan.rows, plan.first_row
+        starts = np.array(plan.positions, np.int64)
+        lengths = np.array([len(tokens) for tokens in plan.token_ids], np.int64)
+        width = int(lengths.max())
+        ends = starts + lengths
+        cache.reserve(int(starts.max()) + width)
+        binding = self.session.io_binding()
+        cache.bind_rows(binding, first, first + count)
+        self.bind_adapters(binding, plan.row_adapters(), lengths.tolist())
+        input_ids = np.full((count, width), self.pad_id, np.int64)
+        for index, tokens in enumerate(plan.token_ids):
+            input_ids[index, : lengths[index]] = tokens
+        attention_mask = (np.arange(int(ends.max()))[None, :] < ends[:, None]).astype(np.int64)
+        position_ids = starts[:, None] + np.arange(width, dtype=np.int64)[None, :]
+        kept = position_ids - starts[:, None] if plan.every_position else (lengths - 1).reshape(count, 1)
+        logits = self.bind_logits(binding, kept)
+        self.run_step(binding, input_ids, attention_mask, position_ids)
+        cache.note_written(first, starts + width)
         return logits
 
     def _decode(self, plan: StepPlan) -> np.ndarray:

@@ -6,6 +6,13 @@ front (``run_to_completion``). One step is either a prefill of newly admitted re
 together, into free rows) or a decode step over every live row, so a new request's first token
 never waits behind a decode step and a decode step never waits for more than one prefill.
 
+``max_num_batched_tokens`` (vLLM's name) bounds the tokens of a step: a decode step has one per
+row, a prefill the prompts admitted together (admission stops at the budget), and a prompt longer
+than the budget is prefilled in chunks of the budget into the top row, one chunk a step,
+alternating with decode steps of the running rows, so a long prompt delays their next token by
+one chunk, not by its whole prefill. Admission waits while a prompt is being chunked (first come,
+first served); its last chunk gives its first token and moves it in after the running rows.
+
 ::
 
     add_request ──> waiting (FCFS) ──admit──> rows 0..n-1 of the KV cache (packed) ──step──> updates
@@ -81,6 +88,7 @@ class StepStats:
 
     prefill_rows: int = 0
     decode_rows: int = 0
+    chunk_tokens: int = 0  # a chunk of a long prompt (0: none this step)
     run_s: float = 0.0  # inside ONNX Runtime
     total_s: float = 0.0  # the whole step, scheduling and sampling included
 
@@ -108,6 +116,7 @@ class _Sequence:
     adapters: tuple[tuple[AdapterRef, float], ...] = ()  # versions held from add_request to the end, with weights
     row: int = -1
     total: int = 0  # tokens in this row's cache
+    prefilled: int = 0  # prompt tokens in the cache so far (a prompt longer than the step budget comes in chunks)
     pending: int = 0  # the last sampled token, not yet in the cache
 
 
@@ -128,6 +137,8 @@ class Scheduler:
         self.output = OutputStage(engine.eos_ids, tokenizer.decode if tokenizer is not None else None)
         self._waiting: OrderedDict[str, _Sequence] = OrderedDict()
         self._running: list[_Sequence] = []  # index = row
+        self._chunking: _Sequence | None = None  # a prompt coming in chunks, in the top row
+        self._last_kind = ""  # the last step: "prefill", "chunk" or "decode"
         self._aborts: list[str] = []
         self._finished: list[SequenceUpdate] = []  # updates owed for requests that ended outside a step
         self._draining: AdapterRef | None = None  # adapter whose slot takes no new rows (a request waits for a slot)
@@ -138,14 +149,18 @@ class Scheduler:
     # -- requests ------------------------------------------------------------------------------
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self._running) + (self._chunking is not None)
 
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._running or self._waiting or self._aborts or self._finished)
+        return bool(self._running or self._chunking or self._waiting or self._aborts or self._finished)
+
+    def _live(self) -> list[_Sequence]:
+        """Sequences that hold a row: the running ones and a prompt coming in chunks."""
+        return self._running + ([self._chunking] if self._chunking is not None else [])
 
     def check(self, request: GenerationRequest, where: str = "request") -> GenerationRequest:
         """Refuse what cannot run; return a copy with ``max_tokens`` filled in (the rest of the context)."""
@@ -182,7 +197,7 @@ class Scheduler:
         The request holds its adapter's current version from here on: a new version loaded under
         the same name meanwhile serves later requests, not this one.
         """
-        if request_id in self._waiting or any(seq.request_id == request_id for seq in self._running):
+        if request_id in self._waiting or any(seq.request_id == request_id for seq in self._live()):
             raise UserInputError(f"request id {request_id!r} is already in use")
         checked = self.check(request, where or f"request {request_id}")
         if self.config.max_waiting is not None and len(self._waiting) >= self.config.max_waiting:
@@ -198,21 +213,26 @@ class Scheduler:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[SequenceUpdate]:
-        """Handle aborts, then run one prefill (if requests can be admitted) or one decode step."""
+        """Handle aborts, then run one step: a prefill (if requests can be admitted), a chunk of a long
+        prompt (alternating with decode steps), or a decode step."""
         started = time.perf_counter()
         self.last_step = StepStats()
         updates = self._take_aborts() + self._finished
         self._finished = []
-        admitted = self._admit()
+        admitted = self._admit() if self._chunking is None else []
+        kind = ""
         if admitted:
-            updates += self._prefill(admitted)
+            updates, kind = updates + self._prefill(admitted), "prefill"
+        elif self._chunking is not None and (not self._running or self._last_kind != "chunk"):
+            updates, kind = updates + self._chunk_step(), "chunk"
         elif self._running:
-            updates += self._decode_step()
+            updates, kind = updates + self._decode_step(), "decode"
+        self._last_kind = kind
         self._leave([seq for seq in self._running if seq.out.finish_reason])
-        if not self._running and self._rows is not None:
+        if not self._live() and self._rows is not None:
             self.engine.shrink_rows(0)
         self.last_step.total_s = time.perf_counter() - started
-        if admitted:
+        if kind in ("prefill", "chunk"):
             self.stats.prefill_s += self.last_step.total_s
         elif self.last_step.decode_rows:
             self.stats.decode_s += self.last_step.total_s
@@ -248,9 +268,14 @@ class Scheduler:
         adapters = self.engine.adapters
         admitted: list[_Sequence] = []
         waiting_for_slot = False
+        budget, tokens = self.config.step_tokens, 0
         for seq in list(self._waiting.values()):
             if free_rows == 0:
                 break
+            length = len(seq.request.prompt_ids)
+            chunked = budget is not None and tokens + length > budget
+            if chunked and admitted:
+                break  # the next step takes it
             refs = [ref for ref, _ in seq.adapters]
             if refs:
                 missing = [ref for ref in refs if not adapters.is_resident(ref)]
@@ -270,7 +295,12 @@ class Scheduler:
                     self._fail(seq, str(exc))
                     continue
             del self._waiting[seq.request_id]
+            if chunked:  # longer than the budget: prefilled in chunks into the top row
+                seq.row = self.config.max_num_seqs - 1
+                self._chunking = seq
+                break
             admitted.append(seq)
+            tokens += length
             free_rows -= 1
         if not waiting_for_slot:
             self._draining = None
@@ -288,7 +318,7 @@ class Scheduler:
         (a benchmark on the same engine) replaced them while no row of ours was live."""
         if self._rows is not None and self.engine.kv is self._rows:
             return
-        if self._running:
+        if self._running or (self._chunking is not None and self._chunking.prefilled):
             raise EdgeLoraError("the engine's KV rows were replaced while this scheduler's requests run")
         self._rows = self.engine.open_rows(self.config.max_num_seqs, self.max_model_len,
                                            initial_len=min(self.max_model_len, self.config.kv_cache_initial_len))
@@ -321,6 +351,35 @@ class Scheduler:
         self.stats.prompt_tokens += sum(map(len, prompts))
         return [self._accept(seq, int(token)) for seq, token in zip(admitted, tokens)]
 
+    def _chunk_step(self) -> list[SequenceUpdate]:
+        """The next chunk of the prompt in the top row; its last chunk gives its first token and moves
+        the row in after the running rows."""
+        seq = self._chunking
+        self._open_rows()
+        self._compact()
+        prompt = seq.request.prompt_ids
+        start = seq.prefilled
+        chunk = prompt[start:start + self.config.step_tokens]
+        logits = self.engine.step(self._plan(seq.row, [seq], [chunk], [start]))
+        seq.prefilled += len(chunk)
+        self.last_step.run_s = self.engine.last_run_s
+        self.last_step.chunk_tokens = len(chunk)
+        self.stats.prefill_steps += 1
+        self.stats.prefill_run_s += self.last_step.run_s
+        self.stats.prompt_tokens += len(chunk)
+        if seq.prefilled < len(prompt):
+            return []
+        self._chunking = None
+        row = len(self._running)
+        if row != seq.row:
+            self.engine.move_row(seq.row, row)
+            seq.row = row
+        self._running.append(seq)
+        seq.total = len(prompt)
+        self.last_step.prefill_rows = 1
+        token = self.output.sample([seq.out], logits)[0]
+        return [self._accept(seq, int(token))]
+
     def _decode_step(self) -> list[SequenceUpdate]:
         """One token for every live row: rows 0..n-1, each at its own position (one engine step)."""
         rows = self._running
@@ -339,7 +398,7 @@ class Scheduler:
         return [self._accept(seq, int(token)) for seq, token in zip(rows, tokens)]
 
     def _compact(self) -> None:
-        refs = [ref for seq in self._running for ref, _ in seq.adapters]
+        refs = [ref for seq in self._live() for ref, _ in seq.adapters]
         if refs:
             self.engine.adapters.compact(refs)
 
@@ -357,6 +416,10 @@ class Scheduler:
         for request_id in self._aborts:
             seq = self._waiting.pop(request_id, None)
             if seq is not None:
+                self._end(seq)
+            elif self._chunking is not None and self._chunking.request_id == request_id:
+                seq, self._chunking = self._chunking, None  # mid-prompt: its row is free at once
+                self.engine.adapters.release([ref for ref, _ in seq.adapters])
                 self._end(seq)
             else:
                 seq = next((s for s in self._running if s.request_id == request_id and not s.out.finish_reason), None)

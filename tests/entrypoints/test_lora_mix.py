@@ -150,3 +150,16 @@ def test_adapters_above_the_chunk_rank_run_as_several_entries_with_the_same_resu
     assert got[3].token_ids == _merged_reference(exported, MIXES[0], got[3].prompt_token_ids)
     alone = chunked.generate([_messages(PROMPT)], _greedy(), lora_request=requests[1])[0]  # one entry of 4 slots
     assert alone.token_ids == want[1].token_ids
+
+
+def test_prompts_prefilled_in_chunks_equal_the_peft_references(exported):
+    """A step budget of 8 tokens: the chat prompt comes in chunks, greedy ids still equal PEFT's."""
+    chunked = LLM(exported.onnx_dir, LoraConfig(max_lora_rank=64, max_loras=3,
+                                                 lora_dir=[str(exported.processed[n]) for n in ("a1", "a2", "a3")]),
+                  max_batch_size=2, max_num_batched_tokens=8)
+    single = {"a2": 1.0}
+    got = chunked.generate([_messages(PROMPT)] * 2, _greedy(), lora_mix=[MIXES[1], single])
+    assert len(got[0].prompt_token_ids) > 16, "the prompt spans several chunks"
+    assert chunked.scheduler.stats.prefill_steps >= 2 * 3
+    assert got[0].token_ids == _merged_reference(exported, MIXES[1], got[0].prompt_token_ids)
+    assert got[1].token_ids == _merged_reference(exported, single, got[1].prompt_token_ids)

@@ -303,3 +303,65 @@ def test_a_new_version_serves_requests_added_after_it_while_running_rows_finish_
         assert finished_at["new"] < finished_at["old"], "v2 ran beside v1"
     assert old_version not in engine.adapters.versions(), "v1 freed with its last row"
     assert engine.adapters.get("cust").requests == 0
+
+
+# -- chunked prefill: a prompt longer than the step budget comes in chunks --------------------------
+
+
+def _chunk_log(scheduler: Scheduler) -> tuple[int, int, int]:
+    step = scheduler.last_step
+    return step.prefill_rows, step.decode_rows, step.chunk_tokens
+
+
+def test_chunked_prompts_give_the_ids_of_whole_prompts(qwen2):
+    """Budget 8: prompts of 30 and 19 tokens come in chunks, beside short ones, adapters and a mix."""
+    requests = [_request(1, "a1", 6, length=30), _request(2, None, 6, length=5), _request(3, "a2", 6, length=19),
+                _request(4, "a3", 6, length=3),
+                GenerationRequest(_prompt(5, 23), None, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                                  {"a1": 0.5, "a2": 0.5})]
+    whole = Scheduler(_engine(qwen2), SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=0))
+    chunked = Scheduler(_engine(qwen2), SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8))
+    want = [out.output_ids for out in whole.run_to_completion(requests)]
+    assert [out.output_ids for out in chunked.run_to_completion(requests)] == want
+    assert chunked.stats.prefill_steps > whole.stats.prefill_steps
+
+
+def test_running_rows_decode_between_the_chunks_of_a_long_prompt(qwen2):
+    """The step log: while the long prompt is pending, every chunk step is followed by a decode step
+    of the two running rows, and no step feeds more than the budget."""
+    scheduler = Scheduler(_engine(qwen2), SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8))
+    scheduler.add_request("r1", _request(1, "a1", 40, length=4))
+    scheduler.add_request("r2", _request(2, None, 40, length=4))
+    scheduler.step()
+    assert _chunk_log(scheduler) == (2, 0, 0), "two short prompts prefilled together"
+    scheduler.add_request("long", _request(3, "a2", 4, length=37))
+    log, first_token = [], None
+    for _ in range(30):
+        updates = scheduler.step()
+        log.append(_chunk_log(scheduler))
+        if any(update.request_id == "long" and update.new_token_ids for update in updates):
+            first_token = len(log)
+            break
+    assert first_token is not None
+    chunks = [entry[2] for entry in log if entry[2]]
+    assert chunks == [8, 8, 8, 8, 5], "37 tokens in chunks of the budget"
+    assert log == [(0, 0, 8), (0, 2, 0)] * 4 + [(1, 0, 5)], "a decode step of the running rows after every chunk"
+    assert scheduler.num_running == 3
+
+
+def test_a_prompt_aborted_mid_chunks_frees_its_row_at_once(qwen2):
+    scheduler = Scheduler(_engine(qwen2), SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=8))
+    scheduler.add_request("long", _request(3, "a2", 4, length=37))
+    scheduler.step()
+    assert _chunk_log(scheduler) == (0, 0, 8) and scheduler.num_running == 1
+    scheduler.abort_request("long")
+    scheduler.add_request("next", _request(4, None, 3))
+    updates = scheduler.step()
+    assert (updates[0].request_id, updates[0].finish_reason) == ("long", "abort")
+    assert _chunk_log(scheduler) == (1, 0, 0), "the only row was free again in the same step"
+    assert scheduler.engine.adapters.get("a2").references == 0
+
+
+def test_a_budget_below_the_rows_is_refused(qwen2):
+    with pytest.raises(UserInputError, match="max_num_batched_tokens 2"):
+        Scheduler(_engine(qwen2), SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=2))

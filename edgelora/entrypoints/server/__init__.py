@@ -40,6 +40,7 @@ class ServeOptions:
     max_lora_rank: int = EngineConfig.max_lora_rank
     max_num_seqs: int = SchedulerConfig.max_num_seqs
     max_model_len: int | None = None
+    max_num_batched_tokens: int | None = SchedulerConfig.max_num_batched_tokens  # None: the default rule; 0: no limit
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -83,6 +84,7 @@ class ServeOptions:
     def scheduler_config(self, max_waiting: int | None = None) -> SchedulerConfig:
         """The scheduler's settings (``max_waiting`` overrides ``--max-waiting``: a Ray replica's bound)."""
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+                               max_num_batched_tokens=self.max_num_batched_tokens,
                                max_waiting=self.max_waiting if max_waiting is None else max_waiting)
 
     @property
