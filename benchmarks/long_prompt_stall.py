@@ -32,11 +32,14 @@ def one_round(engine: Engine, names: list[str], budget: int, prompt_len: int, se
     rng = np.random.default_rng(seed)
     vocab = engine.spec.vocab_size
     scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=len(names) + 1, max_num_batched_tokens=budget))
-    greedy = SamplingParams(max_tokens=512, temperature=0.0, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=min(512, scheduler.max_model_len - 64), temperature=0.0, ignore_eos=True)
     for index, name in enumerate(names):
         scheduler.add_request(f"s{index}", GenerationRequest(rng.integers(3, vocab, 32).tolist(), name, greedy))
-    for _ in range(4):  # every stream prefilled and decoding
-        scheduler.step()
+    started: set[str] = set()
+    for _ in range(200):  # until every stream is prefilled and decoding
+        started |= {update.request_id for update in scheduler.step() if update.new_token_ids}
+        if len(started) == len(names):
+            break
     last_token = {f"s{index}": time.perf_counter() for index in range(len(names))}
     arrived = time.perf_counter()
     scheduler.add_request("long", GenerationRequest(rng.integers(3, vocab, prompt_len).tolist(), None,
@@ -59,13 +62,12 @@ def one_round(engine: Engine, names: list[str], budget: int, prompt_len: int, se
     return {"longest_gap_s": max(gaps), "ttft_s": ttft, "chunk_steps": chunks}
 
 
-def step_shapes(engine: Engine, names: list[str], chunk: int, rounds: int = 3) -> dict:
-    """Median ms of: a decode step of the streams, a chunk alone, and both in one padded step."""
+def step_shapes(engine: Engine, names: list[str], chunk: int, context: int, rounds: int = 3) -> dict:
+    """Median ms at ``context`` of: a decode step of the streams, a chunk alone, and both in one padded step."""
     slots = engine.adapters.acquire(names)
     rows = len(names)
-    engine.open_rows(rows + 1, 4096)
+    engine.open_rows(rows + 1, context + chunk)
     rng = np.random.default_rng(0)
-    context = 1024
     prompts = [rng.integers(3, engine.spec.vocab_size, context).tolist() for _ in range(rows + 1)]
     engine.step(StepPlan(0, prompts, [0] * (rows + 1), [slots[n] for n in names] + [0]))
     times: dict[str, list[float]] = {"decode": [], "chunk": [], "decode_with_chunk": []}
@@ -85,16 +87,17 @@ def step_shapes(engine: Engine, names: list[str], chunk: int, rounds: int = 3) -
     return {kind: statistics.median(values) * 1e3 for kind, values in times.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--onnx-dir", type=Path, required=True)
     parser.add_argument("--adapters", type=Path, nargs="+", required=True, help="processed adapters, one per stream")
     parser.add_argument("--prompt-len", type=int, default=1678)
     parser.add_argument("--budgets", default="0,256,512", help="max_num_batched_tokens values (0: no limit)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--context", type=int, default=1024, help="context of the one-step timings")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     engine = Engine(args.onnx_dir, EngineConfig(max_loras=len(args.adapters), num_threads=args.threads))
     names = [path.name for path in args.adapters]
     for name, path in zip(names, args.adapters):
@@ -110,11 +113,12 @@ def main() -> None:
         summary[budget or "none"] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         print(f"budget {budget or 'none':>5}: longest stream gap {summary[budget or 'none']['longest_gap_s']:.2f} s, "
               f"long prompt TTFT {summary[budget or 'none']['ttft_s']:.2f} s (medians of {len(runs)})")
-    shapes = step_shapes(engine, names, chunk=max(budgets) or 256)
-    print("one step at context 1024, ms: " + ", ".join(f"{kind} {value:.0f}" for kind, value in shapes.items()))
+    shapes = step_shapes(engine, names, chunk=max(budgets) or 256, context=args.context)
+    print(f"one step at context {args.context}, ms: " + ", ".join(f"{kind} {value:.0f}" for kind, value in shapes.items()))
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "step_shapes_ms": shapes}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

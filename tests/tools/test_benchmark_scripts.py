@@ -61,3 +61,24 @@ def test_quant_quality_compares_quantized_logits_with_float(qwen2, tmp_path):
     quantized, itself = json.loads(out.read_text())
     assert quantized["quantization"].startswith("int8") and 0 < quantized["mean_abs"] < quantized["max_abs"]
     assert itself["max_abs"] == 0 and itself["top1_agreement"] == 1.0, "the float model against itself"
+
+
+def test_long_prompt_stall_reports_gaps_per_budget(qwen2, tmp_path):
+    out = tmp_path / "stall.json"
+    adapters = [str(qwen2.processed[name]) for name in ("a1", "a2")]
+    assert _script("long_prompt_stall").main(["--onnx-dir", str(qwen2.onnx_dir), "--adapters", *adapters,
+                                              "--prompt-len", "40", "--budgets", "0,16", "--rounds", "1",
+                                              "--context", "32", "--threads", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["summary"]["none"]["chunk_steps"] == 0 and result["summary"]["16"]["chunk_steps"] == 3
+    assert set(result["step_shapes_ms"]) == {"decode", "chunk", "decode_with_chunk"}
+
+
+def test_serve_stall_measures_a_real_server(qwen2, tmp_path):
+    out = tmp_path / "serve_stall.json"
+    adapters = [str(qwen2.processed[name]) for name in ("a1", "a2")]
+    assert _script("serve_stall").main(["--onnx-dir", str(qwen2.onnx_dir), "--adapters", *adapters,
+                                        "--prompt-tokens", "60", "--stream-tokens", "40", "--json", str(out),
+                                        "--", "--max-num-batched-tokens", "16"]) == 0
+    result = json.loads(out.read_text())
+    assert result["prompt_tokens"] >= 60 and result["ttft_s"] > 0 and result["longest_stream_gap_s"] > 0

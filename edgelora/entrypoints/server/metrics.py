@@ -60,13 +60,15 @@ class ServerMetrics:
         self._seen_loads = 0
 
     def observe_step(self, stats: StepStats, iteration_s: float) -> None:
-        """One engine-thread iteration around a scheduler step (a prefill of new rows or a decode step).
+        """One engine-thread iteration around a scheduler step (a prefill of new rows, a chunk of a long
+        prompt, or a decode step).
 
         ``iteration_s`` is the whole iteration: commands, the step, handing tokens to the event loop
         and these metrics; everything but the ONNX Runtime run is the scheduler's own overhead.
         """
-        if stats.prefill_rows:
+        if stats.prefill_rows:  # a prompt that came in chunks counts once, at its last chunk
             self.prefill_batch_size.observe(stats.prefill_rows)
+        if stats.prefill_rows or stats.chunk_tokens:  # a chunk of a long prompt is prefill time too
             self.prefill_step_seconds.observe(iteration_s)
         if stats.decode_rows:
             self.decode_batch_size.observe(stats.decode_rows)
