@@ -116,8 +116,8 @@ def _serve(args: argparse.Namespace) -> None:
         onnx_dir=args.onnx_dir, lora_modules=parse_lora_modules(args.lora_modules),
         served_model_name=args.served_model_name, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
         max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens, host=args.host, port=args.port, api_key=args.api_key, api_keys=args.api_keys, lora_root=args.lora_root,
-        lora_cache_dir=args.lora_cache_dir, enable_lora_updates=args.enable_lora_updates,
+        max_num_batched_tokens=args.max_num_batched_tokens, host=args.host, port=args.port, api_key=args.api_key,
+        api_keys=args.api_keys, lora_root=args.lora_root, lora_cache_dir=args.lora_cache_dir, enable_lora_updates=args.enable_lora_updates,
         max_waiting=args.max_waiting, device=args.device, threads=args.threads,
         shutdown_timeout_s=args.shutdown_timeout)
     if not args.ray:

@@ -395,11 +395,8 @@ class AdapterCache:
 
     def can_take(self, refs: list[AdapterRef]) -> bool:
         """Whether these adapters (not in slots yet) fit now, evicting idle unpinned adapters if needed."""
-        idle = [self._registered[ref] for ref in self._slots.values() if self._evictable(self._registered[ref])]
-        spans = sum(self._span(self._entry(ref).config.rank) for ref in dict.fromkeys(refs))
-        free = self._pool.num_slots - sum(self._registered[ref].span for ref in self._slots.values())
-        return len(self._slots) - len(idle) + len(set(refs)) <= self._max_loras \
-            and spans <= free + sum(entry.span for entry in idle)
+        distinct = list(dict.fromkeys(refs))
+        return self._room(len(distinct), sum(self._span(self._entry(ref).config.rank) for ref in distinct))
 
     def held_lru(self) -> list[AdapterRef]:
         """Adapters in slots that running requests hold (and that are not pinned), least recently used first."""
@@ -541,11 +538,9 @@ class AdapterCache:
     def _free_run(self, span: int) -> int:
         """The first of ``span`` free slots in a row: idle adapters leave (least recently used first)
         and resident ones move down until there is room. Nothing changes if there can be none."""
-        idle = [ref for ref in self._slots.values() if self._evictable(self._registered[ref])]
-        free = self._pool.num_slots - sum(self._registered[ref].span for ref in self._slots.values())
-        if len(self._slots) - len(idle) >= self._max_loras \
-                or span > free + sum(self._registered[ref].span for ref in idle):
+        if not self._room(1, span):
             raise EdgeLoraError("every adapter slot is held by a running batch or pinned; raise max_loras")
+        idle = [ref for ref in self._slots.values() if self._evictable(self._registered[ref])]  # LRU first
         while len(self._slots) >= self._max_loras:
             self._evict(idle.pop(0))
         while not (first := self._find_run(span)) and idle:
@@ -559,6 +554,13 @@ class AdapterCache:
                 position += self._registered[ref].span
             first = self._find_run(span)
         return first
+
+    def _room(self, adapters: int, slots: int) -> bool:
+        """Whether ``adapters`` more adapters taking ``slots`` pool slots fit once idle unpinned ones leave."""
+        idle = [entry for entry in map(self._registered.get, self._slots.values()) if self._evictable(entry)]
+        used = sum(self._registered[ref].span for ref in self._slots.values())
+        return len(self._slots) - len(idle) + adapters <= self._max_loras \
+            and slots <= self._pool.num_slots - used + sum(entry.span for entry in idle)
 
     def _evict(self, ref: AdapterRef) -> None:
         self.deactivate(ref)
