@@ -7,6 +7,8 @@ stream while the long prompt was pending, and the long prompt's time to first to
 
     python benchmarks/serve_stall.py --onnx-dir bench_out/int4 \\
         --adapters bench_out/onnx/lora_weights/d{1..8} --prompt-tokens 1678 -- --max-num-batched-tokens 0
+
+Needs the server's dependencies: ``pip install 'edgelora[serve]'``.
 """
 
 from __future__ import annotations

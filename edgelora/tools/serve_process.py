@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from edgelora.errors import EdgeLoraError
 
@@ -29,16 +30,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def edgelora_command() -> list[str]:
+    """This environment's ``edgelora`` console script, else this interpreter's ``-m edgelora``.
+
+    ``python -m`` puts the working directory first on ``sys.path``: started from a source checkout
+    it would import the source tree (which has no native build unless installed editable) instead
+    of the installed package. The console script imports what is installed.
+    """
+    script = Path(sys.executable).with_name("edgelora")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "edgelora"]
+
+
 @contextlib.contextmanager
 def running_server(*args: str, timeout_s: float = 120.0, launcher: list[str] | None = None,
                    cwd: str | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """Yield (base url, process) once /health answers 200; terminate (then kill) the server on the way out.
 
-    ``launcher``: the command that is ``edgelora`` (default: this interpreter's ``-m edgelora``);
+    ``launcher``: the command that is ``edgelora`` (default: ``edgelora_command()``);
     ``cwd``: the folder it runs in.
     """
     port = free_port()
-    command = [*(launcher or [sys.executable, "-m", "edgelora"]), "serve", "--host", HOST, "--port", str(port), *args]
+    command = [*(launcher or edgelora_command()), "serve", "--host", HOST, "--port", str(port), *args]
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=cwd)
         try:
