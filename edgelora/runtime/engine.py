@@ -216,28 +216,15 @@ class Engine:
         return self.kv
 
     def _prefill(self, plan: StepPlan) -> np.ndarray:
-        """Fresh prompts into rows first..first+n-1, right-padded to the longest."""
-        cache, count, first = self._rows(), plan.rows, plan.first_row
-        lengths = np.array([len(tokens) for tokens in plan.token_ids], np.int64)
-        width = int(lengths.max())
-        cache.reserve(width)
-        cache.clear_rows(range(first, first + count))
-        binding = self.session.io_binding()
-        cache.bind_rows(binding, first, first + count)
-        self.bind_adapters(binding, plan.row_adapters(), lengths.tolist())
-        input_ids = np.full((count, width), self.pad_id, np.int64)
-        for index, tokens in enumerate(plan.token_ids):
-            input_ids[index, : lengths[index]] = tokens
-        attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        position_ids = np.tile(np.arange(width, dtype=np.int64), (count, 1))
-        kept = position_ids if plan.every_position else (lengths - 1).reshape(count, 1)
-        logits = self.bind_logits(binding, kept)
-        self.run_step(binding, input_ids, attention_mask, position_ids)
-        cache.note_written(first, np.full(count, width))
-        return logits
+        """Fresh prompts into rows first..first+n-1, cleared first, right-padded to the longest."""
+        cache = self._rows()
+        cache.reserve(max(len(tokens) for tokens in plan.token_ids))
+        cache.clear_rows(range(plan.first_row, plan.first_row + plan.rows))
+        return self._extend(plan)
 
     def _extend(self, plan: StepPlan) -> np.ndarray:
-        """Several tokens per row on top of its cache (a prompt's next chunk), right-padded to the longest.
+        """Several tokens per row at its positions (a prompt, or its next chunk on top of the row's cache),
+        right-padded to the longest.
 
         Padding tokens write keys past their row's length, which later tokens overwrite; the mask
         never lets a real token see them.
