@@ -19,10 +19,24 @@ keeps per output column).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TypeVar
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 GROUPS = (("q", "k", "v"), ("gate", "up"))
+Item = TypeVar("Item")
+
+
+def complete_groups(items: dict[tuple[int, str], Item],
+                    num_layers: int) -> Iterator[tuple[int, tuple[str, ...], list[Item]]]:
+    """Each layer's q/k/v and gate/up groups whose modules all have an item, with those items in order."""
+    for layer in range(num_layers):
+        for group in GROUPS:
+            members = [items.get((layer, module)) for module in group]
+            if all(member is not None for member in members):
+                yield layer, group, members
 
 
 def _attrs_match(nodes: list[gs.Node]) -> bool:
@@ -75,11 +89,7 @@ def fuse_projections(graph: gs.Graph, projections: dict[tuple[int, str], gs.Node
                      module_widths: dict[str, int]) -> int:
     """Fuse each layer's q/k/v and gate/up products; returns how many groups were fused."""
     fused = 0
-    for layer in range(num_layers):
-        for group in GROUPS:
-            nodes = [projections.get((layer, module)) for module in group]
-            if any(node is None for node in nodes):
-                continue
-            widths = [_width(node) or module_widths[module] for node, module in zip(nodes, group)]
-            fused += fuse_group(graph, nodes, f"/fused/layers.{layer}/{''.join(group)}", widths)
+    for layer, group, nodes in complete_groups(projections, num_layers):
+        widths = [_width(node) or module_widths[module] for node, module in zip(nodes, group)]
+        fused += fuse_group(graph, nodes, f"/fused/layers.{layer}/{''.join(group)}", widths)
     return fused  # the emptied nodes go with the caller's graph.cleanup()

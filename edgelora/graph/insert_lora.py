@@ -21,7 +21,7 @@ from edgelora.formats.fileio import staged_output
 from edgelora.formats.fingerprint import METADATA_KEY, export_fingerprint
 from edgelora.formats.lora_manifest import LoraManifest, LoraSite
 from edgelora.formats.model_spec import ModelSpec
-from edgelora.graph.fuse_projections import GROUPS, fuse_projections
+from edgelora.graph.fuse_projections import complete_groups, fuse_projections
 from edgelora.graph.static_shapes import fold_static_shapes
 
 log = logging.getLogger(__name__)
@@ -109,20 +109,16 @@ def _add_all_back(graph: gs.Graph, deltas: dict[tuple[int, str], tuple[gs.Variab
     """Add every site's results back: one gather per fused q/k/v or gate/up product whose modules all
     carry LoRA, one per other module. Returns how many groups went back together."""
     grouped = 0
-    for layer in range(num_layers):
-        for group in GROUPS:
-            members = [deltas.get((layer, module)) for module in group]
-            if any(member is None for member in members):
-                continue
-            outputs = [y for _, y in members]
-            split = outputs[0].inputs[0] if outputs[0].inputs else None
-            if split is None or split.op != "Split" or list(split.outputs) != outputs:
-                continue
-            _add_back(graph, split.inputs[0], [delta for delta, _ in members], back,
-                      f"/lora/layers.{layer}/{''.join(group)}", dtype)
-            for module in group:
-                del deltas[(layer, module)]
-            grouped += 1
+    for layer, group, members in list(complete_groups(deltas, num_layers)):
+        outputs = [y for _, y in members]
+        split = outputs[0].inputs[0] if outputs[0].inputs else None
+        if split is None or split.op != "Split" or list(split.outputs) != outputs:
+            continue
+        _add_back(graph, split.inputs[0], [delta for delta, _ in members], back,
+                  f"/lora/layers.{layer}/{''.join(group)}", dtype)
+        for module in group:
+            del deltas[(layer, module)]
+        grouped += 1
     for (layer, module), (delta, y) in deltas.items():
         _add_back(graph, y, [delta], back, f"/lora/layers.{layer}/{module}", dtype)
     return grouped
