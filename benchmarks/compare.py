@@ -83,7 +83,8 @@ def _prepare_edgelora(args, work: Path) -> dict[str, Path]:
     folders = {"float32": args.onnx_dir}
     for mode in ("int8", "int4"):
         folder = work / f"onnx_{mode}"
-        if not (folder / "lora_model.onnx").is_file():
+        built = folder / "lora_model.onnx"
+        if not built.is_file() or built.stat().st_mtime < (args.onnx_dir / "model.onnx").stat().st_mtime:
             shutil.rmtree(folder, ignore_errors=True)
             subprocess.run([*EDGELORA, "quantize", "--onnx-dir", str(args.onnx_dir), "--output-dir", str(folder),
                             "--mode", mode, "--quiet"], check=True)
@@ -91,7 +92,8 @@ def _prepare_edgelora(args, work: Path) -> dict[str, Path]:
         folders[mode] = folder
     for name, peft_dir in args.adapters.items():
         processed = work / "processed" / name
-        if not (processed / contract.PROCESSED_ADAPTER).is_file():
+        made = processed / contract.PROCESSED_ADAPTER
+        if not made.is_file() or made.stat().st_mtime < (args.onnx_dir / "model.onnx").stat().st_mtime:
             subprocess.run([*EDGELORA, "process-lora", "--input-dir", str(peft_dir), "--output-dir", str(processed),
                             "--onnx-dir", str(args.onnx_dir), "--quiet"], check=True)
     return folders

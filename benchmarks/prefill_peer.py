@@ -57,6 +57,8 @@ def llama(client: httpx.Client, prompt: list[int]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--onnx-dir", type=Path, required=True)
+    parser.add_argument("--baseline-onnx-dir", type=Path, default=None,
+                        help="another export (e.g. an older one) timed in the same rounds, default budget")
     parser.add_argument("--hf-dir", type=Path, required=True, help="the HF folder the ONNX model was exported from")
     parser.add_argument("--llama-dir", type=Path, required=True, help="build_llama_cpp.sh's PREFIX")
     parser.add_argument("--quant", default="q4_0", choices=["f32", "q4_0"])
@@ -77,18 +79,26 @@ def main(argv: list[str] | None = None) -> int:
                "-tb", str(args.threads), "--parallel", "1", "-c", str(args.prompt_len + 64), "--cache-ram", "0",
                "--no-webui"]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    baseline = Engine(args.baseline_onnx_dir, EngineConfig(max_loras=1, num_threads=args.threads)) \
+        if args.baseline_onnx_dir else None
     times: dict[str, list[float]] = {"llama_wall": [], "llama_prompt": [], "ours_default": [], "ours_whole": []}
+    if baseline is not None:
+        times["baseline_default"] = []
     try:
         with httpx.Client(base_url=f"http://{HOST}:{port}", timeout=600) as client:
             wait_healthy(process, client, args.work_dir / "prefill_peer_server.log")
             llama(client, prompt[:64])  # warm-up
             ours(engine, prompt[:64], None)
+            if baseline is not None:
+                ours(baseline, prompt[:64], None)
             for index in range(args.rounds):
                 wall, own = llama(client, prompt)
                 times["llama_wall"].append(wall)
                 times["llama_prompt"].append(own)
                 times["ours_default"].append(ours(engine, prompt, None))
                 times["ours_whole"].append(ours(engine, prompt, 0))
+                if baseline is not None:
+                    times["baseline_default"].append(ours(baseline, prompt, None))
                 print(f"round {index}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
     finally:
         stop_server(process)
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     medians = {key: statistics.median(values) for key, values in times.items()}
     speeds = {key: args.prompt_len / value for key, value in medians.items()}
     for key in medians:
-        print(f"{key:13s} {medians[key]:6.2f} s  {speeds[key]:7.1f} prompt tok/s")
+        print(f"{key:16s} {medians[key]:6.2f} s  {speeds[key]:7.1f} prompt tok/s")
     print(f"ours (default budget) / llama.cpp {args.quant} prompt speed: "
           f"{speeds['ours_default'] / speeds['llama_wall']:.2f} (wall), {speeds['ours_default'] / speeds['llama_prompt']:.2f} "
           "(against its own prompt timing)")

@@ -20,6 +20,17 @@ from edgelora.runtime.lora_routing import route
 NUMPY = {"float32": np.float32, "float16": np.float16}
 
 
+def all_nodes(graph) -> list:
+    """Every node of an ONNX graph, those inside ``If`` branches included (depth first)."""
+    found = []
+    for node in graph.node:
+        found.append(node)
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                found.extend(all_nodes(attribute.g))
+    return found
+
+
 def session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3

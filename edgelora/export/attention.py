@@ -20,6 +20,14 @@ for every position the run writes:
 
 ``bias`` is 0 where key position t is real (``attention_mask``), not after the query's position,
 and inside the sliding window if the layer has one; the most negative float elsewhere.
+
+That form suits decode: a few queries, a buffer read once. A step of several tokens per row (a
+prompt, or a chunk of one) has thousands of query rows; there the form above pays for scoring the
+whole buffer and for transposing a [T, g*s] score matrix. Such steps instead slice the buffer to
+the mask's width W (a copy of W positions, small beside the scores) and score ``q @ K^T``
+directly: about half the time for a 256-token chunk at a 1.4k context (``benchmarks/results``).
+The trace computes both forms and picks with ``Where(several_tokens, ...)``; ``branches.py`` turns
+every such ``Where`` into an ``If``, so a step runs only its own form.
 """
 
 from __future__ import annotations
@@ -39,16 +47,24 @@ class KVState:
     attention_mask: torch.Tensor  # int64 [b, width]: 1 for real key positions 0..width-1
     position_ids: torch.Tensor  # int64 [b, s]: where this call's tokens sit (and are written)
     present: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    _bias: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _bias: dict[tuple | str, torch.Tensor] = field(default_factory=dict)
 
-    def bias(self, group: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask [b, 1, group*s, T], built once per (group, window) and shared by layers."""
-        key = (group, window, dtype)
+    @property
+    def several_tokens(self) -> torch.Tensor:
+        """0-d bool: this call feeds more than one token per row (a prompt or a chunk, not decode)."""
+        if "several" not in self._bias:
+            self._bias["several"] = torch._shape_as_tensor(self.position_ids)[1] > 1
+        return self._bias["several"]
+
+    def bias(self, group: int, window: int | None, dtype: torch.dtype, full: bool = True) -> torch.Tensor:
+        """Additive mask [b, 1, group*s, T] (``full``: T = buffer capacity, else the mask's width),
+        built once per (group, window, width) and shared by layers."""
+        key = (group, window, dtype, full)
         if key not in self._bias:
-            capacity = self.past[0].shape[2]
             width = self.attention_mask.shape[1]
+            capacity = self.past[0].shape[2] if full else width
             keys = torch.arange(capacity, dtype=torch.int64)
-            real = torch.nn.functional.pad(self.attention_mask, (0, capacity - width)) > 0  # [b, T]
+            real = torch.nn.functional.pad(self.attention_mask, (0, capacity - width)) > 0 if full else self.attention_mask > 0
             positions = self.position_ids.unsqueeze(-1)  # [b, s, 1]
             allowed = real.unsqueeze(1) & (keys <= positions)  # [b, s, T]
             if window:
@@ -75,12 +91,22 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     batch = query.shape[0]
     scaling = scaling if scaling is not None else head_dim**-0.5
     folded = (query * scaling).reshape(batch, kv_heads, -1, head_dim)  # [b, kv, g*s, d]: head = kv*g + j
-    scores = torch.matmul(keys, folded.transpose(2, 3)).transpose(2, 3)  # [b, kv, g*s, T]
     window = int(sliding_window) if sliding_window else None
     softmax_dtype = torch.float32 if query.dtype != torch.float32 else query.dtype
-    scores = scores.to(softmax_dtype) + state.bias(group, window, softmax_dtype)
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values)  # [b, kv, g*s, d]
+
+    def core(scores: torch.Tensor, bias: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.to(softmax_dtype) + bias, dim=-1).to(values.dtype)
+        return torch.matmul(probs, values)  # [b, kv, g*s, d]
+
+    # Decode: K [T, d] @ q^T per (row, KV head) over the whole buffer.
+    one = core(torch.matmul(keys, folded.transpose(2, 3)).transpose(2, 3), state.bias(group, window, softmax_dtype),
+               values)
+    # Several tokens: the buffer sliced to the mask's width, q @ K^T.
+    width = state.attention_mask.shape[1]
+    keys_w, values_w = keys[:, :, :width], values[:, :, :width]
+    several = core(torch.matmul(folded, keys_w.transpose(2, 3)), state.bias(group, window, softmax_dtype, full=False),
+                   values_w)
+    out = torch.where(state.several_tokens, several, one)
     return out.reshape(batch, num_heads, -1, head_dim).transpose(1, 2), None  # [b, s, h, d]
 
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from edgelora.errors import UnsupportedModelError, UserInputError
 from edgelora.export import attention, rotary
+from edgelora.export.branches import where_to_if
 from edgelora.export.gguf import convert_gguf, find_gguf
 from edgelora.export.hf_folder import copy_tokenizer_files, eos_token_ids, read_hf_config
 from edgelora.formats import contract
@@ -204,6 +205,8 @@ def export_model(model_dir: Path, output_dir: Path, options: ExportOptions | Non
         steps.set_postfix_str("naming projections")
         model_proto = onnx.load(str(traced))
         name_projections(model_proto, spec)
+        if where_to_if(model_proto, spec.dtype) != spec.num_layers:
+            raise UnsupportedModelError("exported graph: the attention of some layer has no phase branch")
         steps.update()
         steps.set_postfix_str("writing model.onnx")
         onnx.save_model(

@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgelora.export.branches import node_reads
+
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +49,14 @@ def _shape_view(model: onnx.ModelProto) -> onnx.ModelProto:
 def _dims(model: onnx.ModelProto) -> dict[str, list]:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    inferred = SymbolicShapeInference.infer_shapes(_shape_view(model), auto_merge=True, guess_output_rank=True)
+    # Its warnings are about symbols it cannot compare (a slice to the mask's width): not the user's concern.
+    infer_log = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = infer_log.level
+    infer_log.setLevel(logging.ERROR)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(_shape_view(model), auto_merge=True, guess_output_rank=True)
+    finally:
+        infer_log.setLevel(level)
     dims = {}
     for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         tensor = info.type.tensor_type
@@ -150,7 +159,7 @@ def _drop_dead_nodes(model: onnx.ModelProto) -> int:
     while True:
         read = set(outputs)
         for node in model.graph.node:
-            read.update(node.input)
+            read.update(node_reads(node))
         dead = [i for i, node in enumerate(model.graph.node) if not any(o in read for o in node.output)]
         if not dead:
             return removed

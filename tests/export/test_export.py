@@ -38,18 +38,18 @@ def test_decode_step_with_past_matches_hf(exported, reference):
     np.testing.assert_allclose(decode[0][:, 0], expected[:, 7], atol=TOLERANCE, rtol=0)
 
 
-def test_decode_in_shared_cache_buffers_matches_hf(exported, reference):
-    """The in-place cache: past and present are one preallocated buffer per layer."""
+def _run_in_shared_buffers(exported, ids: np.ndarray, spans, capacity: int = 16):
+    """Feed ``ids`` span by span into one preallocated buffer per layer bound as past and present."""
     import onnxruntime as ort
 
     spec = exported.spec
-    ids = _prompt(spec, 1, 6, seed=2)
     graph = session(exported.onnx_dir / contract.MODEL_ONNX)
-    cache = [np.zeros((1, spec.num_kv_heads, 16, spec.head_dim), np.float32) for _ in range(2 * spec.num_layers)]
+    cache = [np.zeros((ids.shape[0], spec.num_kv_heads, capacity, spec.head_dim), np.float32)
+             for _ in range(2 * spec.num_layers)]
     values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in cache]
     binding = graph.io_binding()
     outputs = []
-    for start, end in ((0, 5), (5, 6)):
+    for start, end in spans:
         feeds = token_feeds(ids[:, start:end], past_len=start)
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
@@ -63,9 +63,39 @@ def test_decode_in_shared_cache_buffers_matches_hf(exported, reference):
         binding.bind_output(contract.LOGITS)
         graph.run_with_iobinding(binding)
         outputs.append(binding.copy_outputs_to_cpu()[-1])
+    return outputs, cache
+
+
+def test_decode_in_shared_cache_buffers_matches_hf(exported, reference):
+    """The in-place cache: past and present are one preallocated buffer per layer."""
+    ids = _prompt(exported.spec, 1, 6, seed=2)
+    outputs, cache = _run_in_shared_buffers(exported, ids, [(0, 5), (5, 6)])
     expected = reference.logits(exported.model_dir, None, ids)
     np.testing.assert_allclose(outputs[1][:, 0], expected[:, 5], atol=TOLERANCE, rtol=0)
     assert np.abs(cache[0][:, :, 5]).sum() > 0, "the decode step wrote its key into the shared buffer"
+
+
+def test_chunks_on_a_past_in_a_larger_buffer_match_hf(exported, reference):
+    """Steps of several tokens on top of a cache (the buffer sliced to the mask's width), then decode."""
+    ids = _prompt(exported.spec, 2, 9, seed=3)
+    spans = [(0, 3), (3, 7), (7, 8), (8, 9)]
+    outputs, _ = _run_in_shared_buffers(exported, ids, spans)
+    expected = reference.logits(exported.model_dir, None, ids)
+    for (start, end), logits in zip(spans, outputs):
+        np.testing.assert_allclose(logits, expected[:, start:end], atol=TOLERANCE, rtol=0)
+
+
+def test_each_layer_runs_one_attention_form_per_step(exported):
+    """The trace's Where(several tokens, ...) became one If per layer: a step computes one form only."""
+    graph = onnx.load(str(exported.onnx_dir / contract.MODEL_ONNX), load_external_data=False).graph
+    branches = [node for node in graph.node if node.op_type == "If"]
+    assert len(branches) == exported.spec.num_layers
+    assert len({node.input[0] for node in branches}) == 1, "one condition for every layer"
+    for node in branches:
+        forms = {attribute.name: [inner.op_type for inner in attribute.g.node] for attribute in node.attribute}
+        assert forms["then_branch"].count("Slice") == 2 and forms["then_branch"].count("MatMul") == 2
+        assert "Slice" not in forms["else_branch"] and forms["else_branch"].count("MatMul") == 2
+    assert not [node for node in graph.node if node.op_type == "Where" and node.input[0] == branches[0].input[0]]
 
 
 def test_projections_are_separate_named_matmuls(exported):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from graph_runner import empty_past, lora_feeds, session, token_feeds
+from graph_runner import all_nodes, empty_past, lora_feeds, session, token_feeds
 
 from edgelora.errors import UserInputError
 from edgelora.formats import contract
@@ -68,10 +68,10 @@ def test_lora_graph_runs_no_shape_arithmetic_for_static_dimensions(exported):
     def computed_targets(name: str) -> tuple[int, int]:
         model = onnx.load(str(exported.onnx_dir / name), load_external_data=False)
         constant = {init.name for init in model.graph.initializer}
-        constant |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
-        reshapes = [node for node in model.graph.node if node.op_type in ("Reshape", "Expand")
-                    and "/layers." in node.name]
-        return sum(node.input[1] not in constant for node in reshapes), len(model.graph.node)
+        nodes = all_nodes(model.graph)
+        constant |= {out for node in nodes if node.op_type == "Constant" for out in node.output}
+        reshapes = [node for node in nodes if node.op_type in ("Reshape", "Expand") and "/layers." in node.name]
+        return sum(node.input[1] not in constant for node in reshapes), len(nodes)
 
     traced, traced_nodes = computed_targets(contract.MODEL_ONNX)
     folded, lora_nodes = computed_targets(contract.LORA_MODEL_ONNX)
@@ -155,6 +155,24 @@ def test_lora_results_come_back_by_gather_not_scatter(exported):
     (a mix's members, padding) lose updates (measured: 142 of 200 runs at a prefill's size). The branches
     read their results back with GatherND instead."""
     model = onnx.load(str(exported.onnx_dir / contract.LORA_MODEL_ONNX), load_external_data=False)
-    ops = {node.op_type for node in model.graph.node if node.name.startswith("/lora/")}
+    ops = {node.op_type for node in all_nodes(model.graph) if node.name.startswith("/lora/")}
     assert "ScatterND" not in ops and "ScatterElements" not in ops
     assert "GatherND" in ops and "ReduceSum" in ops
+
+
+def test_a_base_only_step_skips_the_wide_lora_way_back(exported):
+    """The gate/up way back (IF_WIDTH x hidden or wider) is an If on 'the stack has rows': with rank-0
+    stacks (no adapter in the step) it only splits the fused product into its parts (the equality with
+    model.onnx is tested above); narrower ones run as plain nodes."""
+    from edgelora.graph.insert_lora import IF_WIDTH
+
+    spec = exported.spec
+    assert 2 * spec.intermediate_size >= IF_WIDTH * spec.hidden_size, "the fixture has a wide site"
+    model = onnx.load(str(exported.onnx_dir / contract.LORA_MODEL_ONNX), load_external_data=False)
+    sites = [node for node in model.graph.node if node.op_type == "If" and node.name.startswith("/lora/")]
+    assert sorted(node.name.split("/")[2] for node in sites) == sorted(f"layers.{layer}" for layer in range(spec.num_layers))
+    assert {node.name.split("/")[3] for node in sites} == {"gateup"} and len({node.input[0] for node in sites}) == 1
+    for node in sites:
+        branches = {attribute.name: [inner.op_type for inner in attribute.g.node] for attribute in node.attribute}
+        assert branches["else_branch"] == ["Split"]
+        assert {"MatMul", "GatherND", "ReduceSum", "Add", "Split"} <= set(branches["then_branch"])

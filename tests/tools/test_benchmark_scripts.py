@@ -82,3 +82,37 @@ def test_serve_stall_measures_a_real_server(qwen2, tmp_path):
                                         "--", "--max-num-batched-tokens", "16"]) == 0
     result = json.loads(out.read_text())
     assert result["prompt_tokens"] >= 60 and result["ttft_s"] > 0 and result["longest_stream_gap_s"] > 0
+
+
+def test_attention_forms_times_each_form(tmp_path):
+    out = tmp_path / "forms.json"
+    assert _script("attention_forms").main(["--heads", "4", "--kv-heads", "2", "--head-dim", "8", "--threads", "1",
+                                            "--repeats", "1", "--cases", "1:4:3:16,2:1:5:8,2:3:2:8",
+                                            "--json", str(out)]) == 0
+    cases = json.loads(out.read_text())["cases"]
+    assert [case["ms"]["gqa"] is None for case in cases] == [False, False, True]  # GQA refuses the third
+    assert all(case["ms"]["decode"] > 0 and case["ms"]["several"] > 0 for case in cases)
+
+
+def test_decode_ab_alternates_exports(qwen2, tmp_path):
+    out = tmp_path / "ab.json"
+    folder = str(qwen2.onnx_dir)
+    assert _script("decode_ab").main(["--onnx-dirs", f"{folder},{folder}", "--adapter", f"a1={qwen2.processed['a1']}",
+                                      "--config=-:4", "--config", "a1,-:8", "--steps", "4", "--block", "2",
+                                      "--skip", "1", "--threads", "1", "--json", str(out)]) == 0
+    configs = json.loads(out.read_text())["configs"]
+    assert [(config["rows"], config["context"]) for config in configs] == [("-", 4), ("a1,-", 8)]
+    assert all(len(config["median_ms"]) == 2 and min(config["median_ms"]) > 0 for config in configs)
+
+
+def test_step_profile_splits_decode_and_prefill_time(qwen2, tmp_path):
+    out = tmp_path / "profile.json"
+    adapter = f"a1={qwen2.processed['a1']}"
+    assert _script("step_profile").main(["--onnx-dir", str(qwen2.onnx_dir), "--adapter", adapter, "--rows", "a1,-",
+                                         "--context", "4", "--steps", "2", "--threads", "1", "--json", str(out)]) == 0
+    decode = json.loads(out.read_text())
+    assert decode["steps"] == 2 and decode["nodes_per_step"] > 0 and decode["by_group_ms_per_step"]["lora"] > 0
+    assert _script("step_profile").main(["--onnx-dir", str(qwen2.onnx_dir), "--prefill", "--prompt-len", "9",
+                                         "--chunk", "4", "--threads", "1", "--json", str(out)]) == 0
+    prefill = json.loads(out.read_text())
+    assert prefill["steps"] == 3 and prefill["by_group_ms_per_step"]["attention"] > 0
