@@ -10,9 +10,12 @@ tokens/s aggregate over the batch, prefill excluded): batch 1 base, batch 1 adap
 base, batch 4 B on every row, batch 4 rows A, B, C, base. Each engine runs in its own process, one
 after another; inside one, the columns interleave round by round and medians are reported.
 The engines that cannot mix adapters in a batch run the last column as their users must (their
-runners say how). onnxruntime-genai is measured when its venv exists (``--genai-python``,
-made as ``benchmarks/peers/genai.py`` says), llama.cpp when ``--llama-dir`` holds a build
-(``benchmarks/build_llama_cpp.sh``); a missing one is reported and the rest measured.
+runners say how). onnxruntime-genai runs from its own venv (``--genai-python``, see
+``benchmarks/peers/genai.py``), llama.cpp from a build (``--llama-dir``,
+``benchmarks/build_llama_cpp.sh``). Everything the chosen ``--engines`` need is checked before
+anything runs: a missing piece (a module, which extra or package brings it, a peer's venv or
+build) is one line each and nothing runs, or with ``--skip-missing`` that peer is left out and
+said so. If the run stops midway, the engines measured so far are written as ``NAME-partial``.
 
 Also in the same run: memory read bandwidth, resident memory with N adapters loaded, cold adapter
 load, and bytes of weights read per second against the bandwidth. Output: a Markdown table
@@ -128,6 +131,7 @@ def _peer(label: str, command: list[str], work: Path) -> EngineRun:
     out.unlink(missing_ok=True)
     if _run([*command, "--out", str(out)], work / f"{label}.log")[0] != 0 or not out.is_file():
         tail = (work / f"{label}.log").read_text().strip().splitlines()[-1:] or ["no output"]
+        print(f"compare: {label} failed: {tail[0]} (see {work / f'{label}.log'})", file=sys.stderr, flush=True)
         return EngineRun(label, skipped=f"failed: {tail[0]}")
     data = json.loads(out.read_text())
     return EngineRun(data["engine"], data["columns"], data.get("peak_rss_mb"), data.get("notes", []))
@@ -226,6 +230,60 @@ def _chart(runs: dict[str, EngineRun], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+GENAI_MODULES = ["onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir", "onnxscript", "torch", "transformers",
+                 "safetensors", "numpy"]  # its model builder's imports, and genai.py's
+
+
+def _missing_modules(python: Path | str, modules: list[str]) -> list[str] | None:
+    """The modules ``python`` cannot import (None: that python does not run)."""
+    probe = ("import importlib.util, json, sys; "
+             "print(json.dumps([m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]))")
+    try:
+        done = subprocess.run([str(python), "-c", probe, *modules], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def preflight(args, engines: set[str]) -> list[tuple[str | None, str]]:
+    """(engine, line) per missing piece, found before anything runs; engine None: every run needs it."""
+    from edgelora.dependencies import install_hint
+
+    problems: list[tuple[str | None, str]] = []
+    for path in (args.onnx_dir / contract.MODEL_ONNX, args.onnx_dir / contract.LORA_MODEL_ONNX,
+                 args.hf_dir / "config.json"):
+        if not path.is_file():
+            problems.append((None, f"{path} (--onnx-dir: 'edgelora export' + 'insert-lora'; --hf-dir: an HF folder)"))
+    for name, folder in args.adapters.items():
+        if not (Path(folder) / "adapter_config.json").is_file():
+            problems.append((None, f"--adapter {name}={folder}: not a PEFT folder (no adapter_config.json)"))
+    needed = {"matplotlib": None}
+    if "peft" in engines:
+        needed.update({"torch": "peft", "peft": "peft", "transformers": "peft"})
+    lacking = _missing_modules(sys.executable, list(needed)) or []
+    for module in lacking:
+        problems.append((needed[module], f"{module} ({'the chart' if needed[module] is None else 'transformers + PEFT'}):"
+                                         f" {install_hint(module)}"))
+    if "genai" in engines:
+        lacking = _missing_modules(args.genai_python, GENAI_MODULES) if args.genai_python.is_file() else None
+        if lacking is None:
+            problems.append(("genai", f"onnxruntime-genai: no working python at {args.genai_python} (--genai-python: "
+                                      "a venv with onnxruntime-genai, onnx-ir, onnxscript, torch==2.13.0, transformers)"))
+        elif lacking:
+            packages = " ".join(module.replace("_", "-") for module in lacking)
+            problems.append(("genai", f"onnxruntime-genai: {args.genai_python} lacks {', '.join(lacking)} "
+                                      f"({args.genai_python} -m pip install {packages})"))
+    if "llama" in engines:
+        prefix = args.llama_dir.expanduser()
+        for part in ("bin/llama-server", "bin/llama-quantize", "convert_hf_to_gguf.py", "convert_lora_to_gguf.py"):
+            if not (prefix / part).exists():
+                problems.append(("llama", f"llama.cpp: no {prefix / part} (benchmarks/build_llama_cpp.sh {prefix})"))
+                break
+    return problems
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -245,7 +303,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engines", default="float32,int8,int4,peft,genai,llama",
-                        help="which to run, comma-separated")
+                        help="which to run, comma-separated; each is checked before anything runs")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="leave out the engines whose pieces are missing instead of stopping (they are reported)")
     parser.add_argument("--genai-python", type=Path, default=DEFAULT_GENAI_PY,
                         help="python of a venv with onnxruntime-genai (benchmarks/peers/genai.py)")
     parser.add_argument("--llama-dir", type=Path, default=DEFAULT_LLAMA_DIR,
@@ -263,6 +323,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     engines = set(args.engines.split(","))
+    unknown = engines - {"float32", "int8", "int4", "peft", "genai", "llama"}
+    if unknown:
+        print(f"compare: error: --engines: unknown {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    problems = preflight(args, engines)
+    left_out = {engine: line for engine, line in problems if engine is not None} if args.skip_missing else {}
+    stopping = [line for engine, line in problems if engine not in left_out]
+    if stopping:
+        for line in stopping:
+            print(f"compare: missing: {line}", file=sys.stderr)
+        print("compare: nothing was run" + ("" if args.skip_missing else
+                                            " (--skip-missing leaves out the peers that lack pieces)"), file=sys.stderr)
+        return 2
+    for engine, reason in left_out.items():
+        engines.discard(engine)
+        print(f"compare: leaving out {engine}: {reason}", flush=True)
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     config = json.loads((args.onnx_dir / "config.json").read_text())
@@ -274,42 +350,48 @@ def main(argv: list[str] | None = None) -> int:
     adapters = [f"{name}={path}" for name, path in args.adapters.items()]
     common = ["--workload", str(workload_path), "--rounds", str(args.rounds), "--threads", str(args.threads)]
     runs: dict[str, EngineRun] = {}
-    for label in ("float32", "int8", "int4"):
-        if label in engines:
-            print(f"edgelora {label}", flush=True)
-            runs[label] = _edgelora(label, folders[label], args, work, workload_path)
-    if "peft" in engines:
-        print("transformers + PEFT", flush=True)
-        runs["peft"] = _peer("peft", [sys.executable, str(PEERS / "peft_eager.py"), "--hf-dir", str(args.hf_dir),
-                                      *[f"--adapter={a}" for a in adapters], *common], work)
-    for precision in ("fp32", "int4"):
-        key = f"genai {precision}"
-        if "genai" not in engines:
-            continue
-        if not args.genai_python.is_file():
-            runs[key] = EngineRun(f"onnxruntime-genai {precision}", skipped=f"no {args.genai_python}")
-            continue
-        print(f"onnxruntime-genai {precision}", flush=True)
-        runs[key] = _peer(key.replace(" ", "_"), [str(args.genai_python), str(PEERS / "genai.py"), "--hf-dir",
-                                                  str(args.hf_dir), *[f"--adapter={a}" for a in adapters],
-                                                  "--precision", precision, "--work-dir", str(work / "genai"),
-                                                  *common], work)
-    for quant in ("f32", "q4_0"):
-        key = f"llama {quant}"
-        if "llama" not in engines:
-            continue
-        if not (args.llama_dir / "bin" / "llama-server").is_file():
-            runs[key] = EngineRun(f"llama.cpp {quant}", skipped=f"no {args.llama_dir / 'bin' / 'llama-server'}")
-            continue
-        print(f"llama.cpp {quant}", flush=True)
-        runs[key] = _peer(key.replace(" ", "_"), [sys.executable, str(PEERS / "llama_cpp.py"), "--llama-dir",
-                                                  str(args.llama_dir), "--hf-dir", str(args.hf_dir),
-                                                  *[f"--adapter={a}" for a in adapters], "--quant", quant,
-                                                  "--work-dir", str(work / "llama"), *common], work)
-    memory_adapters = args.memory_adapters or [work / "processed" / name for name in args.adapters]
-    memory = {label: _memory_probe(folders[label], memory_adapters, args.threads) for label in ("float32", "int4")}
     args.model_label = (f"{config['family']}-shaped: hidden {config['hidden_size']}, {config['num_layers']} layers, "
                         f"vocab {config['vocab_size']}")
+    try:
+        for label in ("float32", "int8", "int4"):
+            if label in engines:
+                print(f"edgelora {label}", flush=True)
+                runs[label] = _edgelora(label, folders[label], args, work, workload_path)
+        if "peft" in engines:
+            print("transformers + PEFT", flush=True)
+            runs["peft"] = _peer("peft", [sys.executable, str(PEERS / "peft_eager.py"), "--hf-dir", str(args.hf_dir),
+                                          *[f"--adapter={a}" for a in adapters], *common], work)
+        for precision in ("fp32", "int4"):
+            key = f"genai {precision}"
+            if "genai" not in engines:
+                continue
+            if not args.genai_python.is_file():
+                runs[key] = EngineRun(f"onnxruntime-genai {precision}", skipped=f"no {args.genai_python}")
+                continue
+            print(f"onnxruntime-genai {precision}", flush=True)
+            runs[key] = _peer(key.replace(" ", "_"), [str(args.genai_python), str(PEERS / "genai.py"), "--hf-dir",
+                                                      str(args.hf_dir), *[f"--adapter={a}" for a in adapters],
+                                                      "--precision", precision, "--work-dir", str(work / "genai"),
+                                                      *common], work)
+        for quant in ("f32", "q4_0"):
+            key = f"llama {quant}"
+            if "llama" not in engines:
+                continue
+            if not (args.llama_dir / "bin" / "llama-server").is_file():
+                runs[key] = EngineRun(f"llama.cpp {quant}", skipped=f"no {args.llama_dir / 'bin' / 'llama-server'}")
+                continue
+            print(f"llama.cpp {quant}", flush=True)
+            runs[key] = _peer(key.replace(" ", "_"), [sys.executable, str(PEERS / "llama_cpp.py"), "--llama-dir",
+                                                      str(args.llama_dir), "--hf-dir", str(args.hf_dir),
+                                                      *[f"--adapter={a}" for a in adapters], "--quant", quant,
+                                                      "--work-dir", str(work / "llama"), *common], work)
+    except BaseException:
+        if runs:  # what was measured is kept: the table so far, named -partial
+            args.name += "-partial"
+            _report(args, runs, {}, workload)
+        raise
+    memory_adapters = args.memory_adapters or [work / "processed" / name for name in args.adapters]
+    memory = {label: _memory_probe(folders[label], memory_adapters, args.threads) for label in ("float32", "int4")}
     _report(args, runs, memory, workload)
     return 0
 
@@ -346,8 +428,11 @@ def _report(args, runs: dict[str, EngineRun], memory: dict, workload: dict) -> N
         {"workload": workload, "memory": memory,
          "runs": {k: {"engine": r.engine, "columns": r.columns, "peak_rss_mb": r.peak_rss_mb, "notes": r.notes,
                       "skipped": r.skipped} for k, r in runs.items()}}, indent=1) + "\n")
-    _chart(runs, stem.with_suffix(".png"), title)
     print("\n".join(lines))
+    try:
+        _chart(runs, stem.with_suffix(".png"), title)
+    except Exception as exc:  # the table and JSON are already written
+        print(f"compare: no chart ({type(exc).__name__}: {exc})", file=sys.stderr)
     print(f"wrote {stem}.md, .json, .png")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -116,3 +118,43 @@ def test_step_profile_splits_decode_and_prefill_time(qwen2, tmp_path):
                                          "--chunk", "4", "--threads", "1", "--json", str(out)]) == 0
     prefill = json.loads(out.read_text())
     assert prefill["steps"] == 3 and prefill["by_group_ms_per_step"]["attention"] > 0
+
+
+def test_compare_names_every_missing_piece_before_it_runs(qwen2, tmp_path, capsys):
+    """Nothing is measured when a piece is missing: each is one line, and the exit is 2 (no work dir made)."""
+    a1, a2 = qwen2.adapters["a1"], qwen2.adapters["a2"]
+    work = tmp_path / "work"
+    common = ["--hf-dir", str(qwen2.model_dir), "--onnx-dir", str(qwen2.onnx_dir), "--adapter", f"A={a1}",
+              "--adapter", f"B={a2}", "--work-dir", str(work), "--out-dir", str(tmp_path / "out"),
+              "--genai-python", str(tmp_path / "no-venv" / "python"), "--llama-dir", str(tmp_path / "no-llama")]
+    assert _script("compare").main([*common, "--adapter", f"C={tmp_path / 'missing'}"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert any("--adapter C=" in line and "not a PEFT folder" in line for line in lines)
+    assert any("onnxruntime-genai: no working python" in line for line in lines)
+    assert any("llama.cpp: no" in line and "build_llama_cpp.sh" in line for line in lines)
+    assert not work.exists()
+    # --skip-missing leaves the peers out, but a piece every engine needs still stops the run.
+    assert _script("compare").main([*common, "--adapter", f"C={tmp_path / 'missing'}", "--skip-missing"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if "missing:" in line] == [line for line in lines if "--adapter C=" in line]
+
+
+def test_compare_keeps_what_it_measured_when_a_later_engine_dies(qwen2, tmp_path, monkeypatch):
+    compare = _script("compare")
+    measured = compare.EngineRun("edgelora float32", {name: {"tokens_per_s": [10.0], "tokens": []}
+                                                     for name, _ in compare.COLUMNS})
+    monkeypatch.setattr(compare, "_prepare_edgelora", lambda args, work: {"float32": qwen2.onnx_dir})
+    monkeypatch.setattr(compare, "_edgelora", lambda *args: measured)
+
+    def dies(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "_peer", dies)
+    a1, a2, a3 = (qwen2.adapters[name] for name in ("a1", "a2", "a3"))
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(["--hf-dir", str(qwen2.model_dir), "--onnx-dir", str(qwen2.onnx_dir), "--adapter", f"A={a1}",
+                      "--adapter", f"B={a2}", "--adapter", f"C={a3}", "--engines", "float32,peft",
+                      "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), "--name", "run"])
+    table = (tmp_path / "out" / "run-partial.md").read_text()
+    assert "| edgelora float32 | 10.0 |" in table
+    assert json.loads((tmp_path / "out" / "run-partial.json").read_text())["runs"]["float32"]["columns"]
