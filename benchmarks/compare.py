@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+from preflight import settle
+
 from edgelora.formats import contract
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -327,18 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"compare: error: --engines: unknown {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    problems = preflight(args, engines)
-    left_out = {engine: line for engine, line in problems if engine is not None} if args.skip_missing else {}
-    stopping = [line for engine, line in problems if engine not in left_out]
-    if stopping:
-        for line in stopping:
-            print(f"compare: missing: {line}", file=sys.stderr)
-        print("compare: nothing was run" + ("" if args.skip_missing else
-                                            " (--skip-missing leaves out the peers that lack pieces)"), file=sys.stderr)
+    if not settle(preflight(args, engines), engines, args.skip_missing, "compare"):
         return 2
-    for engine, reason in left_out.items():
-        engines.discard(engine)
-        print(f"compare: leaving out {engine}: {reason}", flush=True)
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     config = json.loads((args.onnx_dir / "config.json").read_text())

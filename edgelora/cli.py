@@ -90,6 +90,13 @@ def _infer(args: argparse.Namespace) -> None:
              stats["decode_tokens_per_s"], args.output_file)
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas") from None
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -137,13 +144,17 @@ def _bench_serve(args: argparse.Namespace) -> None:
     from edgelora.entrypoints.lora_modules import parse_lora_modules
     from edgelora.tools.bench_serve import BenchServeOptions, run_bench_serve
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    for name in ("httpx", "httpx2"):  # one line per HTTP request otherwise (recent openai clients use httpx2)
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     run_bench_serve(BenchServeOptions(
         adapters=args.adapters, url=args.url, onnx_dir=args.onnx_dir, lora_modules=parse_lora_modules(args.lora_modules),
         concurrency=args.concurrency, requests=args.requests, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
         repeats=args.repeats, threads=args.threads, max_loras=args.max_loras, max_num_seqs=args.max_num_seqs,
-        compare_offline=args.compare_offline, api_key=args.api_key, json_path=args.json))
+        compare_offline=args.compare_offline, api_key=args.api_key, json_path=args.json, rates=args.rates,
+        requests_file=args.requests_file, duration_s=args.duration, zipf_alpha=args.zipf_alpha, spread=args.length_spread,
+        seed=args.seed, slo_ttft_s=args.slo_ttft, slo_itl_s=args.slo_itl, sustain_ttft_p99_s=args.sustain_ttft_p99,
+        adapter_field=args.adapter_field, chart_path=args.chart, timeout_s=args.request_timeout))
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -389,6 +400,32 @@ def build_parser() -> argparse.ArgumentParser:
           help="with --onnx-dir: also time LLM.generate of the same requests in one batch, interleaved with the server")
     _flag(load, "--api-key", default=None, help="key for the server (and for /metrics)")
     load.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
+    open_loop = load.add_argument_group(
+        "open loop", "--rates replaces --concurrency: requests arrive on their own clock (Poisson), whatever the server "
+                     "is doing, so overload shows; per rate: delivered requests/s and output tokens/s, TTFT and "
+                     "inter-token p50/p99, failed requests, the share within the SLO, and the highest rate sustained")
+    open_loop.add_argument("--rates", type=_float_list, default=None,
+                           help="offered requests/s, comma-separated (e.g. 0.5,1,2,4)")
+    open_loop.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
+    _flag(open_loop, "--zipf-alpha", type=float, default=1.0,
+          help="adapter popularity: the i-th of --adapters is drawn with weight 1/i^alpha (0: uniform)")
+    _flag(open_loop, "--length-spread", type=float, default=0.0,
+          help="prompt and output lengths uniform within +-this fraction of --prompt-len / --max-tokens")
+    open_loop.add_argument("--seed", type=int, default=0, help="seed of the arrivals, adapters, lengths and prompts")
+    _flag(open_loop, "--slo-ttft", type=float, default=None, help="SLO: time to first token, seconds")
+    _flag(open_loop, "--slo-itl", type=float, default=None, help="SLO: a request's mean inter-token gap, seconds")
+    _flag(open_loop, "--sustain-ttft-p99", type=float, default=5.0,
+          help="'sustained' = the highest rate with TTFT p99 within this (seconds) and no failed request")
+    _flag(open_loop, "--adapter-field", choices=["model", "llama-lora"], default="model",
+          help="how a request names its adapter: 'model' (edgelora, vLLM) or 'llama-lora' (llama-server: a per-request "
+               "lora list of scales, adapters loaded at its start in --adapters order, 'base' excluded)")
+    _flag(open_loop, "--requests-file", type=Path, default=None,
+          help="instead of --rates, replay an earlier run's --json (every rate: the same arrivals, adapters and "
+               "prompts, e.g. against another server) or a JSON list of {at_s, adapter, prompt, max_tokens}")
+    open_loop.add_argument("--chart", type=Path, default=None,
+                           help="PNG of output tokens/s and TTFT p99 per rate (needs the [bench] extra)")
+    _flag(open_loop, "--request-timeout", type=float, default=600.0,
+          help="seconds before a request counts as failed")
 
     chat = _add(subparsers, "chat", _chat, "talk to the model in the terminal, switching adapters by name",
                 "An interactive chat: answers stream as they are generated, the whole conversation goes through the "

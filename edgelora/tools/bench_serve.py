@@ -1,5 +1,12 @@
 """``edgelora bench-serve``: load on a running server through the official ``openai`` client.
 
+Two modes. Closed loop (``--concurrency``, below). Open loop (``--rates``): Poisson arrivals at each
+offered rate for ``--duration`` seconds, adapters drawn Zipf(``--zipf-alpha``), lengths spread
+around their means; per rate the requests/s and output tokens/s delivered, TTFT and inter-token
+p50/p99, failed requests and the share within ``--slo-ttft``/``--slo-itl``, and the highest rate
+sustained with TTFT p99 within ``--sustain-ttft-p99`` and no failure (``open_loop.py``). It drives
+any OpenAI-compatible server: ``--adapter-field llama-lora`` for llama-server.
+
 Per concurrency level, ``requests`` streaming completions (random token-id prompts, greedy,
 ``ignore_eos`` so every request generates ``max_tokens``) are sent by that many concurrent
 clients, adapters taken round robin. Reported: request throughput, output tokens/s, time to first
@@ -14,6 +21,7 @@ batch, interleaved with the server rounds: the two figures come from the same mi
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -27,6 +35,19 @@ import numpy as np
 
 from edgelora.errors import UserInputError
 from edgelora.formats.fileio import write_text_atomic
+from edgelora.tools.open_loop import (
+    ADAPTER_FIELDS,
+    LoadShape,
+    PlannedRequest,
+    chart,
+    format_rates,
+    load_requests_file,
+    plan,
+    run_schedule,
+    schedule_json,
+    summarize,
+    sustained_rate,
+)
 from edgelora.tools.serve_process import running_server
 
 log = logging.getLogger(__name__)
@@ -55,6 +76,22 @@ class BenchServeOptions:
     api_key: str | None = None
     json_path: Path | None = None
     timeout_s: float = 600.0
+    # open loop (--rates or --requests-file)
+    rates: list[float] | None = None
+    requests_file: Path | None = None
+    duration_s: float = 60.0
+    zipf_alpha: float = 1.0
+    spread: float = 0.0
+    seed: int = 0
+    slo_ttft_s: float | None = None
+    slo_itl_s: float | None = None
+    sustain_ttft_p99_s: float = 5.0
+    adapter_field: str = "model"
+    chart_path: Path | None = None
+
+    @property
+    def open_loop(self) -> bool:
+        return bool(self.rates) or self.requests_file is not None
 
     def validate(self) -> None:
         problems = []
@@ -68,8 +105,28 @@ class BenchServeOptions:
             problems.append("--repeats must be >= 1")
         if self.compare_offline and self.onnx_dir is None:
             problems.append("--compare-offline needs --onnx-dir (the offline run loads the model here)")
+        if self.rates is not None and (not self.rates or min(self.rates) <= 0):
+            problems.append(f"--rates {self.rates}: offered rates must be > 0 requests/s")
+        if self.rates and self.requests_file is not None:
+            problems.append("--rates and --requests-file: give one (a file replays its own arrival times)")
+        if self.open_loop and self.compare_offline:
+            problems.append("--compare-offline goes with --concurrency levels, not an open loop")
+        if self.duration_s <= 0 or self.zipf_alpha < 0 or not 0 <= self.spread < 1:
+            problems.append("--duration must be > 0, --zipf-alpha >= 0, --length-spread in [0, 1)")
+        if any(bound is not None and bound <= 0 for bound in (self.slo_ttft_s, self.slo_itl_s)):
+            problems.append("--slo-ttft and --slo-itl must be > 0 seconds")
+        if self.adapter_field not in ADAPTER_FIELDS:
+            problems.append(f"--adapter-field {self.adapter_field}: expected one of {', '.join(ADAPTER_FIELDS)}")
+        if self.chart_path is not None and not self.open_loop:
+            problems.append("--chart draws the open loop's rates (--rates)")
+        if self.adapter_field != "model" and self.onnx_dir is not None:
+            problems.append("--adapter-field llama-lora is for a llama-server at --url; edgelora takes the adapter "
+                            "as model")
         if problems:
             raise UserInputError("; ".join(problems))
+        if self.chart_path is not None and importlib.util.find_spec("matplotlib") is None:
+            # before any load is sent; the CLI names the extra that brings it
+            raise ModuleNotFoundError("--chart needs matplotlib", name="matplotlib")
 
 
 @dataclass
@@ -222,8 +279,67 @@ def run_bench_serve(options: BenchServeOptions) -> dict:
         if missing:
             raise UserInputError(f"--adapters {', '.join(missing)}: not given by --lora-modules NAME=PATH")
         with running_server(*_server_args(options), timeout_s=300) as (url, _):
-            return _measure(options, url, vocab)
-    return _measure(options, options.url.rstrip("/").removesuffix("/v1"), None)
+            return _open_loop(options, url, vocab) if options.open_loop else _measure(options, url, vocab)
+    url = options.url.rstrip("/").removesuffix("/v1")
+    return _open_loop(options, url, None) if options.open_loop else _measure(options, url, None)
+
+
+def _served_models(options: BenchServeOptions, url: str, api_key: str) -> dict[str, str]:
+    """--adapters name -> the ``model`` a request sends ("base": the served base model)."""
+    from openai import OpenAI
+
+    served = OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0).models.list().data
+    base = next((m.id for m in served if getattr(m, "parent", None) in (None, "")), served[0].id)
+    models = {name: (base if name == "base" else name) for name in options.adapters}
+    models["base"] = base
+    return models
+
+
+def _open_loop(options: BenchServeOptions, url: str, vocab: int | None) -> dict:
+    """Every offered rate (or the replayed file) in turn, each after the last has drained."""
+    api_key = options.api_key or "none"
+    models = _served_models(options, url, api_key)
+    shape = LoadShape(adapters=list(options.adapters), duration_s=options.duration_s, zipf_alpha=options.zipf_alpha,
+                      prompt_len=options.prompt_len, output_len=options.max_tokens, spread=options.spread,
+                      vocab=vocab or 1000, seed=options.seed)
+    if options.requests_file is not None:
+        runs = []
+        for rate, replay in load_requests_file(options.requests_file):
+            unknown = sorted({r.adapter for r in replay} - set(options.adapters))
+            if unknown:
+                raise UserInputError(f"--requests-file: adapters {', '.join(unknown)} are not in --adapters")
+            runs.append((rate or len(replay) / (max((r.at_s for r in replay), default=0.0) or 1.0), replay))
+    else:
+        runs = [(rate, plan(rate, shape)) for rate in options.rates]
+    # Warm-up: one short request per adapter, so no rate pays for first loads.
+    warm = [PlannedRequest(0.0, name, [5] * 4, 2) for name in options.adapters]
+    warmed = asyncio.run(run_schedule(f"{url}/v1", api_key, warm, models, options.adapter_field, options.adapters,
+                                      options.timeout_s))
+    broken = [f"{o.adapter} ({o.error})" for o in warmed if o.error is not None]
+    if broken:
+        raise UserInputError(f"{url}: a first request failed for {', '.join(broken)}; is every --adapters name served?")
+    results, schedules = [], []
+    for rate, schedule in runs:
+        log.info("rate %.2f/s: %d requests over %.0f s", rate, len(schedule), options.duration_s)
+        outcomes = asyncio.run(run_schedule(f"{url}/v1", api_key, schedule, models, options.adapter_field,
+                                            options.adapters, options.timeout_s))
+        results.append(summarize(rate, outcomes, options.slo_ttft_s, options.slo_itl_s))
+        schedules.append({"rate": rate, "schedule": schedule_json(schedule)})
+    sustained = sustained_rate(results, options.sustain_ttft_p99_s)
+    slo = options.slo_ttft_s is not None or options.slo_itl_s is not None
+    sys.stdout.write(format_rates(results, slo) + "\n")
+    sys.stdout.write(f"sustained: {'none' if sustained is None else f'{sustained:g} requests/s'} "
+                     f"(TTFT p99 <= {options.sustain_ttft_p99_s:g} s, no failed request)\n")
+    report = {"mode": "open-loop", "url": url, "adapter_field": options.adapter_field,
+              "shape": {**asdict(shape), "adapters": list(options.adapters)}, "cpu_count": os.cpu_count(),
+              "slo": {"ttft_s": options.slo_ttft_s, "itl_s": options.slo_itl_s},
+              "sustain_ttft_p99_s": options.sustain_ttft_p99_s, "sustained_rate": sustained,
+              "rates": [asdict(result) for result in results], "schedules": schedules}
+    if options.json_path is not None:
+        write_text_atomic(Path(options.json_path), json.dumps(report) + "\n")
+    if options.chart_path is not None:
+        chart(results, Path(options.chart_path), f"{len(options.adapters)} adapters, Zipf {options.zipf_alpha:g}")
+    return report
 
 
 def _measure(options: BenchServeOptions, url: str, vocab: int | None) -> dict:

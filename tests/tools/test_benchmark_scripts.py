@@ -158,3 +158,17 @@ def test_compare_keeps_what_it_measured_when_a_later_engine_dies(qwen2, tmp_path
     table = (tmp_path / "out" / "run-partial.md").read_text()
     assert "| edgelora float32 | 10.0 |" in table
     assert json.loads((tmp_path / "out" / "run-partial.json").read_text())["runs"]["float32"]["columns"]
+
+
+def test_serve_compare_names_missing_pieces_before_it_starts_a_server(qwen2, tmp_path, capsys):
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "x1").symlink_to(qwen2.adapters["a1"])
+    code = _script("serve_compare").main([
+        "--onnx-dir", str(qwen2.onnx_dir), "--hf-dir", str(qwen2.model_dir), "--adapters-dir", str(peft),
+        "--count", "2", "--llama-dir", str(tmp_path / "no-llama"), "--vllm-python", str(tmp_path / "no-python"),
+        "--work-dir", str(tmp_path / "work")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "1 PEFT folders, --count 2" in err and "llama.cpp:" in err and "vLLM: no python" in err
+    assert not (tmp_path / "work").exists()
