@@ -61,6 +61,7 @@ class EngineRun:
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None
     bench: dict | None = None  # edgelora bench's whole JSON (bandwidth, weights, cold load)
+    version: str | None = None
 
     def median(self, column: str) -> float | None:
         entry = self.columns.get(column)
@@ -119,7 +120,7 @@ def _edgelora(label: str, folder: Path, args, work: Path, workload_path: Path) -
     if code != 0:
         return EngineRun(f"edgelora {label}", skipped=f"bench failed, see {work / f'edgelora_{label}.log'}")
     result = json.loads(out.read_text())
-    run = EngineRun(f"edgelora {label}", peak_rss_mb=peak_mb)
+    run = EngineRun(f"edgelora {label}", peak_rss_mb=peak_mb, version=_edgelora_version())
     for (name, _), config in zip(COLUMNS, result["configs"]):
         run.columns[name] = {"tokens_per_s": config["samples_decode_tokens_per_s"], "tokens": config["tokens"]}
     run.notes.append(f"bandwidth {result['memory']['read_bandwidth_gb_s']:.1f} GB/s, weights "
@@ -127,6 +128,12 @@ def _edgelora(label: str, folder: Path, args, work: Path, workload_path: Path) -
                      f"{result['cold_load']['median_ms']:.1f} ms")
     run.bench = result
     return run
+
+
+def _edgelora_version() -> str:
+    from importlib.metadata import version
+
+    return f"edgelora {version('edgelora')}, onnxruntime {version('onnxruntime')}"
 
 
 def _peer(label: str, command: list[str], work: Path) -> EngineRun:
@@ -137,7 +144,8 @@ def _peer(label: str, command: list[str], work: Path) -> EngineRun:
         print(f"compare: {label} failed: {tail[0]} (see {work / f'{label}.log'})", file=sys.stderr, flush=True)
         return EngineRun(label, skipped=f"failed: {tail[0]}")
     data = json.loads(out.read_text())
-    return EngineRun(data["engine"], data["columns"], data.get("peak_rss_mb"), data.get("notes", []))
+    return EngineRun(data["engine"], data["columns"], data.get("peak_rss_mb"), data.get("notes", []),
+                     version=data.get("version"))
 
 
 def _memory_probe(onnx_dir: Path, adapters: list[Path], threads: int) -> dict:
@@ -399,6 +407,7 @@ def _report(args, runs: dict[str, EngineRun], memory: dict, workload: dict) -> N
              _table(runs), "", "| ratio | measured | target |", "|---|---|---|"]
     for what, value, target in _ratios(runs):
         lines.append(f"| {what} | {f'{value:.2f}' if value else '—'} | {target} |")
+    lines += ["", "Versions: " + "; ".join(f"{run.engine}: {run.version}" for run in runs.values() if run.version)]
     lines += ["", "Greedy ids equal to edgelora float32's: "
               + ", ".join(f"{k}: {v}" for k, v in _same_tokens(runs).items()), ""]
     for key, run in runs.items():
@@ -420,7 +429,7 @@ def _report(args, runs: dict[str, EngineRun], memory: dict, workload: dict) -> N
     (stem.with_suffix(".json")).write_text(json.dumps(
         {"workload": workload, "memory": memory,
          "runs": {k: {"engine": r.engine, "columns": r.columns, "peak_rss_mb": r.peak_rss_mb, "notes": r.notes,
-                      "skipped": r.skipped} for k, r in runs.items()}}, indent=1) + "\n")
+                      "skipped": r.skipped, "version": r.version} for k, r in runs.items()}}, indent=1) + "\n")
     print("\n".join(lines))
     try:
         _chart(runs, stem.with_suffix(".png"), title)

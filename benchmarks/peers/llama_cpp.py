@@ -7,8 +7,10 @@ Build llama.cpp first with ``benchmarks/build_llama_cpp.sh PREFIX``, then:
 
 Model and adapters (cached in --work-dir, reused while newer than their sources and the converter):
   * the HF folder goes through llama.cpp's own ``convert_hf_to_gguf.py --outtype f32``, then
-    ``llama-quantize ... Q4_0`` for q4_0 (its defaults: some tensors, e.g. the output, keep a wider type;
-    the result's notes count the tensor types);
+    ``llama-quantize --token-embedding-type q4_0 --output-tensor-type q4_0 ... Q4_0`` for q4_0, at edgelora's
+    int4 precision (its lm_head is int4 too); the server keeps its KV cache in f32 (``-ctk f32 -ctv f32``), as
+    edgelora does, so greedy tokens can be compared. ``--library-defaults`` takes llama.cpp's own (the output
+    in Q8_0, an f16 cache). The result's notes count the tensor types;
   * each PEFT adapter goes through ``convert_lora_to_gguf.py --base HF_DIR --outtype f32``. That
     converter scales by lora_alpha / r and ignores ``use_rslora``: such adapters get a warning note.
   * Where the converter does not know a BPE tokenizer's pre-tokenizer hash (e.g. a made-up test
@@ -141,6 +143,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, required=True, help="where GGUF files and logs are cached")
     parser.add_argument("--request-per-row", action="store_true",
                         help="one request per row instead of one per adapter group")
+    parser.add_argument("--library-defaults", action="store_true",
+                        help="llama-quantize's and llama-server's own defaults (output Q8_0, f16 KV cache) instead of "
+                             "edgelora's precision (embedding and output Q4_0 too, f32 KV cache)")
     return check_peer_args(parser.parse_args(argv))
 
 
@@ -231,8 +236,12 @@ def converter_env(tools: Tools) -> dict[str, str]:
     return env
 
 
-def convert_base(tools: Tools, hf_dir: Path, quant: str, work: Path) -> tuple[Path, list[str]]:
-    """model-f32.gguf (and model-q4_0.gguf) in the work dir; returns the one to serve and notes."""
+def convert_base(tools: Tools, hf_dir: Path, quant: str, work: Path, matched: bool = False) -> tuple[Path, list[str]]:
+    """model-f32.gguf (and model-q4_0.gguf) in the work dir; returns the one to serve and notes.
+
+    ``matched``: the token embedding and the output in Q4_0 too (``model-q4_0-all.gguf``), as edgelora's
+    int4 quantizes its lm_head; llama-quantize's defaults keep the output in Q8_0.
+    """
     notes: list[str] = []
     f32 = work / "model-f32.gguf"
     command = [sys.executable, "-c", CONVERTER_SHIM, str(tools.convert_hf), str(hf_dir),
@@ -245,10 +254,13 @@ def convert_base(tools: Tools, hf_dir: Path, quant: str, work: Path) -> tuple[Pa
                      "was written (text tokenization is not used: prompts and outputs are token ids)")
     if quant == "f32":
         return f32, notes
-    q4 = work / "model-q4_0.gguf"
-    made, _ = produce(q4, [f32, tools.quantize], [str(tools.quantize), str(f32), "{out}", "Q4_0"],
-                      work / "logs" / "quantize-q4_0.log", "llama-quantize")
-    notes.append(f"model: llama-quantize model-f32.gguf Q4_0 with its defaults ({'quantized now' if made else 'cached'})")
+    flags = ["--token-embedding-type", "q4_0", "--output-tensor-type", "q4_0"] if matched else []
+    q4 = work / ("model-q4_0-all.gguf" if matched else "model-q4_0.gguf")
+    made, _ = produce(q4, [f32, tools.quantize], [str(tools.quantize), *flags, str(f32), "{out}", "Q4_0"],
+                      work / "logs" / f"quantize-{q4.stem}.log", "llama-quantize")
+    how = " ".join(flags) if matched else "its defaults"
+    notes.append(f"model: llama-quantize {' '.join(flags) + ' ' if flags else ''}model-f32.gguf Q4_0 ({how}; "
+                 f"{'quantized now' if made else 'cached'})")
     return q4, notes
 
 
@@ -279,13 +291,15 @@ def tensor_types(path: Path) -> str:
 
 
 def server_command(tools: Tools, model: Path, loras: list[Path], workload: Workload, threads: int,
-                   port: int) -> list[str]:
+                   port: int, f32_cache: bool = False) -> list[str]:
     """llama-server's command line: enough slots for the biggest column, each slot holding one row."""
     parallel = max(len(c.rows) for c in workload.columns)
     per_slot = max(len(p) for p in workload.prompts) + workload.max_tokens
     command = [str(tools.server), "-m", str(model), "--host", HOST, "--port", str(port),
                "-t", str(threads), "-tb", str(threads), "--parallel", str(parallel), "-c", str(parallel * per_slot),
                "--no-cont-batching", "--cache-ram", "0", "--no-webui"]
+    if f32_cache:  # the KV cache in float32 as edgelora's (llama.cpp's default is f16)
+        command += ["-ctk", "f32", "-ctv", "f32"]
     if loras:  # one comma-separated --lora: when it is given more than once, only the last one counts
         if any("," in str(path) for path in loras):
             raise InputError(f"adapter GGUF paths must not contain ',' (llama-server splits --lora on it): {loras}")
@@ -498,7 +512,8 @@ def serve_and_measure(tools: Tools, model: Path, loras: dict[str, Path], workloa
                       args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[str], str, float | None]:
     """Start llama-server, measure, read its version and peak RSS, and always stop it."""
     port = free_port()
-    command = server_command(tools, model, list(loras.values()), workload, args.threads, port)
+    command = server_command(tools, model, list(loras.values()), workload, args.threads, port,
+                             f32_cache=not args.library_defaults)
     log = work / "logs" / f"llama-server-{args.quant}.log"
     with log.open("w") as stream:
         process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -527,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work_dir.resolve()
         (work / "logs").mkdir(parents=True, exist_ok=True)
         hf_dir = args.hf_dir.resolve()
-        model, notes = convert_base(tools, hf_dir, args.quant, work)
+        model, notes = convert_base(tools, hf_dir, args.quant, work, matched=not args.library_defaults)
         loras = {name: convert_adapter(tools, hf_dir, name, path, work) for name, path in adapters.items()}
         columns, run_notes, version, rss = serve_and_measure(tools, model, loras, workload, args, work)
     except InputError as error:

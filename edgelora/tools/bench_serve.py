@@ -343,12 +343,9 @@ def _open_loop(options: BenchServeOptions, url: str, vocab: int | None) -> dict:
 
 
 def _measure(options: BenchServeOptions, url: str, vocab: int | None) -> dict:
-    from openai import OpenAI
-
     api_key = options.api_key or "none"
-    served = OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0).models.list().data
-    base = next((m.id for m in served if getattr(m, "parent", None) in (None, "")), served[0].id)
-    models = [base if name == "base" else name for name in options.adapters] or [base]
+    served = _served_models(options, url, api_key)
+    models = [served[name] for name in options.adapters] or [served["base"]]
     prompts = _prompts(max(options.requests, max(options.concurrency)), options.prompt_len, vocab or 1000)
     offline = _offline(options, prompts) if options.compare_offline else None
     # Warm-up: one request per model, so no level pays for first adapter loads and allocations.
