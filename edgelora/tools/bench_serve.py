@@ -311,6 +311,10 @@ def _open_loop(options: BenchServeOptions, url: str, vocab: int | None) -> dict:
             runs.append((rate or len(replay) / (max((r.at_s for r in replay), default=0.0) or 1.0), replay))
     else:
         runs = [(rate, plan(rate, shape)) for rate in options.rates]
+        empty = [f"{rate:g}" for rate, schedule in runs if not schedule]
+        if empty:
+            raise UserInputError(f"--rates {', '.join(empty)}: no request arrives within --duration "
+                                 f"{options.duration_s:g} s; give a longer --duration")
     # Warm-up: one short request per adapter, so no rate pays for first loads.
     warm = [PlannedRequest(0.0, name, [5] * 4, 2) for name in options.adapters]
     warmed = asyncio.run(run_schedule(f"{url}/v1", api_key, warm, models, options.adapter_field, options.adapters,

@@ -82,3 +82,11 @@ def test_open_loop_flags_are_checked_before_anything_starts(capsys):
         assert main(["bench-serve", "--adapters", "base", "--url", "http://127.0.0.1:9", *flags, "--quiet"]
                     if "--onnx-dir" not in flags else ["bench-serve", "--adapters", "base", *flags, "--quiet"]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_open_loop_refuses_a_rate_that_sends_nothing(exported_samples, capsys):
+    sample = exported_samples["qwen2"]
+    code = main(["bench-serve", "--onnx-dir", str(sample.onnx_dir), "--adapters", "base", "--rates", "0.001",
+                 "--duration", "1", "--threads", "1", "--quiet"])
+    assert code == 2
+    assert "--duration" in capsys.readouterr().err
