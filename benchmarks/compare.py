@@ -7,8 +7,11 @@ onnxruntime-genai and llama.cpp, on the same model, prompts and adapters.
 
 Five columns (prompts of --prompt-len token ids, --max-tokens greedy tokens, EOS ignored, decode
 tokens/s aggregate over the batch, prefill excluded): batch 1 base, batch 1 adapter B, batch 4
-base, batch 4 B on every row, batch 4 rows A, B, C, base. Each engine runs in its own process, one
-after another; inside one, the columns interleave round by round and medians are reported.
+base, batch 4 B on every row, batch 4 rows A, B, C, base. Each engine runs in its own process; the
+whole sequence of engines runs ``--passes`` times (default 2), its order rotating, so every engine
+is measured in separate minutes of the run; inside one pass the columns interleave round by round.
+Cells are medians over passes x rounds with their min-max; ratios are ratios of medians with the
+widest range the samples allow.
 The engines that cannot mix adapters in a batch run the last column as their users must (their
 runners say how). onnxruntime-genai runs from its own venv (``--genai-python``, see
 ``benchmarks/peers/genai.py``), llama.cpp from a build (``--llama-dir``,
@@ -32,6 +35,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,9 +67,27 @@ class EngineRun:
     bench: dict | None = None  # edgelora bench's whole JSON (bandwidth, weights, cold load)
     version: str | None = None
 
-    def median(self, column: str) -> float | None:
+    def samples(self, column: str) -> list[float]:
         entry = self.columns.get(column)
-        return statistics.median(entry["tokens_per_s"]) if entry and entry["tokens_per_s"] else None
+        return list(entry["tokens_per_s"]) if entry and entry.get("tokens_per_s") else []
+
+    def median(self, column: str) -> float | None:
+        values = self.samples(column)
+        return statistics.median(values) if values else None
+
+    def merge(self, other: EngineRun) -> None:
+        """Another pass of the same engine: its samples join these (the first pass's notes stay)."""
+        if other.skipped:
+            self.notes.append(f"a later pass was not measured: {other.skipped}")
+            return
+        if self.skipped:
+            other.notes.append(f"an earlier pass was not measured: {self.skipped}")
+            self.__dict__.update(other.__dict__)
+            return
+        for name, entry in other.columns.items():
+            mine = self.columns.setdefault(name, {"tokens_per_s": [], "tokens": entry.get("tokens")})
+            mine["tokens_per_s"] = list(mine.get("tokens_per_s", [])) + list(entry.get("tokens_per_s", []))
+        self.peak_rss_mb = max(filter(None, [self.peak_rss_mb, other.peak_rss_mb]), default=None)
 
 
 def _run(command: list[str], log_path: Path) -> tuple[int, float]:
@@ -173,12 +195,15 @@ print(json.dumps(steps))
             "per_adapter_mb": (steps[-1] - steps[0]) / max(len(adapters), 1) / 2**20}
 
 
-def _ratios(runs: dict[str, EngineRun]) -> list[tuple[str, float | None, str]]:
+def _ratios(runs: dict[str, EngineRun]) -> list[tuple[str, tuple[float, float, float] | None, str]]:
     """(what, ratio, target) rows for the acceptance figures."""
-    def ratio(a: str, b: str, column: str, column_b: str | None = None) -> float | None:
-        x = runs.get(a).median(column) if a in runs else None
-        y = runs.get(b).median(column_b or column) if b in runs else None
-        return x / y if x and y else None
+    def ratio(a: str, b: str, column: str, column_b: str | None = None) -> tuple[float, float, float] | None:
+        """Ratio of medians, and the widest ratio the samples allow (min/max .. max/min)."""
+        x = runs[a].samples(column) if a in runs else []
+        y = runs[b].samples(column_b or column) if b in runs else []
+        if not x or not y or min(y) <= 0:
+            return None
+        return statistics.median(x) / statistics.median(y), min(x) / max(y), max(x) / min(y)
 
     mixed = "b4 A,B,C,base"
     rows = [("int4 b1 B / llama.cpp q4_0", ratio("int4", "llama q4_0", "b1 B"), ">= 0.8"),
@@ -214,7 +239,8 @@ def _table(runs: dict[str, EngineRun]) -> str:
         if run.skipped:
             lines.append(f"| {run.engine} | " + " | ".join("—" for _ in COLUMNS) + f" | not measured: {run.skipped} |")
             continue
-        cells = [f"{run.median(name):.1f}" if run.median(name) else "—" for name, _ in COLUMNS]
+        cells = [f"{run.median(name):.1f} ({min(run.samples(name)):.1f}–{max(run.samples(name)):.1f})"
+                 if run.median(name) else "—" for name, _ in COLUMNS]
         rss = f"{run.peak_rss_mb:.0f}" if run.peak_rss_mb else "—"
         lines.append(f"| {run.engine} | " + " | ".join(cells) + f" | {rss} |")
     return "\n".join(lines)
@@ -310,7 +336,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", default=f"{datetime.date.today().isoformat()}-compare", help="output file stem")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per engine (medians)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the columns per engine and pass")
+    parser.add_argument("--passes", type=int, default=2,
+                        help="the whole engine sequence this many times, its order rotating: every engine is measured "
+                             "in separate minutes of the run (medians and min-max over passes x rounds)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engines", default="float32,int8,int4,peft,genai,llama",
@@ -326,6 +355,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.adapters = dict(item.split("=", 1) for item in args.adapter)
     except ValueError:
         parser.error("--adapter takes NAME=PEFT_DIR")
+    if args.passes < 1 or args.rounds < 1:
+        parser.error("--passes and --rounds must be >= 1")
     if set(args.adapters) != {"A", "B", "C"}:
         parser.error("--adapter: give exactly A=..., B=... and C=...")
     return args
@@ -353,46 +384,44 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, EngineRun] = {}
     args.model_label = (f"{config['family']}-shaped: hidden {config['hidden_size']}, {config['num_layers']} layers, "
                         f"vocab {config['vocab_size']}")
-    try:
-        for label in ("float32", "int8", "int4"):
-            if label in engines:
-                print(f"edgelora {label}", flush=True)
-                runs[label] = _edgelora(label, folders[label], args, work, workload_path)
-        if "peft" in engines:
-            print("transformers + PEFT", flush=True)
-            runs["peft"] = _peer("peft", [sys.executable, str(PEERS / "peft_eager.py"), "--hf-dir", str(args.hf_dir),
-                                          *[f"--adapter={a}" for a in adapters], *common], work)
-        for precision in ("fp32", "int4"):
-            key = f"genai {precision}"
-            if "genai" not in engines:
-                continue
-            if not args.genai_python.is_file():
-                runs[key] = EngineRun(f"onnxruntime-genai {precision}", skipped=f"no {args.genai_python}")
-                continue
-            print(f"onnxruntime-genai {precision}", flush=True)
-            runs[key] = _peer(key.replace(" ", "_"), [str(args.genai_python), str(PEERS / "genai.py"), "--hf-dir",
+    tasks: list[tuple[str, Callable[[], EngineRun]]] = []
+    for label in ("float32", "int8", "int4"):
+        if label in engines:
+            tasks.append((label, lambda label=label: _edgelora(label, folders[label], args, work, workload_path)))
+    if "peft" in engines:
+        tasks.append(("peft", lambda: _peer("peft", [sys.executable, str(PEERS / "peft_eager.py"), "--hf-dir",
                                                       str(args.hf_dir), *[f"--adapter={a}" for a in adapters],
-                                                      "--precision", precision, "--work-dir", str(work / "genai"),
-                                                      *common], work)
-        for quant in ("f32", "q4_0"):
-            key = f"llama {quant}"
-            if "llama" not in engines:
-                continue
-            if not (args.llama_dir / "bin" / "llama-server").is_file():
-                runs[key] = EngineRun(f"llama.cpp {quant}", skipped=f"no {args.llama_dir / 'bin' / 'llama-server'}")
-                continue
-            print(f"llama.cpp {quant}", flush=True)
-            runs[key] = _peer(key.replace(" ", "_"), [sys.executable, str(PEERS / "llama_cpp.py"), "--llama-dir",
-                                                      str(args.llama_dir), "--hf-dir", str(args.hf_dir),
-                                                      *[f"--adapter={a}" for a in adapters], "--quant", quant,
-                                                      "--work-dir", str(work / "llama"), *common], work)
+                                                      *common], work)))
+    for precision in ("fp32", "int4") if "genai" in engines else ():
+        key = f"genai {precision}"
+        tasks.append((key, lambda key=key, precision=precision: _peer(
+            key.replace(" ", "_"), [str(args.genai_python), str(PEERS / "genai.py"), "--hf-dir", str(args.hf_dir),
+                                    *[f"--adapter={a}" for a in adapters], "--precision", precision, "--work-dir",
+                                    str(work / "genai"), *common], work)))
+    for quant in ("f32", "q4_0") if "llama" in engines else ():
+        key = f"llama {quant}"
+        tasks.append((key, lambda key=key, quant=quant: _peer(
+            key.replace(" ", "_"), [sys.executable, str(PEERS / "llama_cpp.py"), "--llama-dir", str(args.llama_dir),
+                                    "--hf-dir", str(args.hf_dir), *[f"--adapter={a}" for a in adapters], "--quant",
+                                    quant, "--work-dir", str(work / "llama"), *common], work)))
+    try:
+        for index in range(args.passes):  # every engine once per pass, the order rotating from pass to pass
+            shift = index % max(len(tasks), 1)
+            for key, run in tasks[shift:] + tasks[:shift]:
+                print(f"pass {index + 1}/{args.passes}: {key}", flush=True)
+                result = run()
+                if key in runs:
+                    runs[key].merge(result)
+                else:
+                    runs[key] = result
     except BaseException:
         if runs:  # what was measured is kept: the table so far, named -partial
             args.name += "-partial"
             _report(args, runs, {}, workload)
         raise
     memory_adapters = args.memory_adapters or [work / "processed" / name for name in args.adapters]
-    memory = {label: _memory_probe(folders[label], memory_adapters, args.threads) for label in ("float32", "int4")}
+    memory = {label: _memory_probe(folders[label], memory_adapters, args.threads) for label in ("float32", "int4")
+              if label in engines}
     _report(args, runs, memory, workload)
     return 0
 
@@ -404,9 +433,9 @@ def _report(args, runs: dict[str, EngineRun], memory: dict, workload: dict) -> N
              f"medians of {args.rounds}")
     lines = [f"# Side-by-side decode speed ({datetime.datetime.now().isoformat(timespec='minutes')})", "",
              f"Command: `python benchmarks/compare.py {' '.join(sys.argv[1:])}`", "", title + "; tokens/s:", "",
-             _table(runs), "", "| ratio | measured | target |", "|---|---|---|"]
+             _table(runs), "", "| ratio | measured (widest from the samples) | target |", "|---|---|---|"]
     for what, value, target in _ratios(runs):
-        lines.append(f"| {what} | {f'{value:.2f}' if value else '—'} | {target} |")
+        lines.append(f"| {what} | {f'{value[0]:.2f} ({value[1]:.2f}–{value[2]:.2f})' if value else '—'} | {target} |")
     lines += ["", "Versions: " + "; ".join(f"{run.engine}: {run.version}" for run in runs.values() if run.version)]
     lines += ["", "Greedy ids equal to edgelora float32's: "
               + ", ".join(f"{k}: {v}" for k, v in _same_tokens(runs).items()), ""]

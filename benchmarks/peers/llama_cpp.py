@@ -258,7 +258,7 @@ def convert_base(tools: Tools, hf_dir: Path, quant: str, work: Path, matched: bo
     q4 = work / ("model-q4_0-all.gguf" if matched else "model-q4_0.gguf")
     made, _ = produce(q4, [f32, tools.quantize], [str(tools.quantize), *flags, str(f32), "{out}", "Q4_0"],
                       work / "logs" / f"quantize-{q4.stem}.log", "llama-quantize")
-    how = " ".join(flags) if matched else "its defaults"
+    how = "edgelora's int4 precision" if matched else "its defaults"
     notes.append(f"model: llama-quantize {' '.join(flags) + ' ' if flags else ''}model-f32.gguf Q4_0 ({how}; "
                  f"{'quantized now' if made else 'cached'})")
     return q4, notes

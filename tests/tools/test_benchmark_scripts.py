@@ -156,7 +156,7 @@ def test_compare_keeps_what_it_measured_when_a_later_engine_dies(qwen2, tmp_path
                       "--adapter", f"B={a2}", "--adapter", f"C={a3}", "--engines", "float32,peft",
                       "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), "--name", "run"])
     table = (tmp_path / "out" / "run-partial.md").read_text()
-    assert "| edgelora float32 | 10.0 |" in table
+    assert "| edgelora float32 | 10.0 (10.0–10.0) |" in table
     assert json.loads((tmp_path / "out" / "run-partial.json").read_text())["runs"]["float32"]["columns"]
 
 
@@ -172,3 +172,25 @@ def test_serve_compare_names_missing_pieces_before_it_starts_a_server(qwen2, tmp
     err = capsys.readouterr().err
     assert "1 PEFT folders, --count 2" in err and "llama.cpp:" in err and "vLLM: no python" in err
     assert not (tmp_path / "work").exists()
+
+
+def test_compare_runs_every_engine_once_per_pass_and_pools_the_samples(qwen2, tmp_path, monkeypatch):
+    compare = _script("compare")
+    speeds = iter([10.0, 20.0, 30.0])
+    order = []
+
+    def fake_run(label, *args):
+        order.append(label)
+        value = next(speeds)
+        return compare.EngineRun(f"edgelora {label}", {name: {"tokens_per_s": [value], "tokens": []}
+                                                       for name, _ in compare.COLUMNS})
+
+    monkeypatch.setattr(compare, "_prepare_edgelora", lambda args, work: {"float32": qwen2.onnx_dir})
+    monkeypatch.setattr(compare, "_edgelora", fake_run)
+    monkeypatch.setattr(compare, "_memory_probe", lambda *args: {})
+    a1, a2, a3 = (qwen2.adapters[name] for name in ("a1", "a2", "a3"))
+    assert compare.main(["--hf-dir", str(qwen2.model_dir), "--onnx-dir", str(qwen2.onnx_dir), "--adapter", f"A={a1}",
+                         "--adapter", f"B={a2}", "--adapter", f"C={a3}", "--engines", "float32", "--passes", "3",
+                         "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), "--name", "run"]) == 0
+    assert order == ["float32"] * 3
+    assert "| edgelora float32 | 20.0 (10.0–30.0) |" in (tmp_path / "out" / "run.md").read_text()
