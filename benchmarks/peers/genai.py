@@ -20,8 +20,16 @@ max_tokens keeps EOS out). genai runs the prefill inside ``append_tokens``; the 
 ``generate_next_token()`` only picks a token from the prefill logits, so it and its token are left
 out: tokens/s = rows * (max_tokens - 1) / time of the other ``generate_next_token()`` calls, each of
 which is one decode step. genai cannot give rows of one batch different adapters, so a column
-that mixes them runs one batch per adapter group, one after another, and its tokens/s is the
-total timed tokens over the summed decode time of its groups.
+that mixes them runs one batch per adapter group, one after another ("groups in turn"), and its
+tokens/s is the total timed tokens over the summed decode time of its groups plus the prefills of
+every group after the first (a mixed batch prefills all its rows before decoding, once; groups in
+turn stop to prefill again for each further group).
+
+Prompt-speed columns (the workload's ``prefill``): one base row, ``append_tokens`` timed; prompt
+tokens/s = prompt length / that time.
+
+``--plain`` builds the base model with no adapter at all (what a user without LoRA runs: the
+builder fuses q/k/v then) and times only the base and prompt-speed columns.
 """
 
 from __future__ import annotations
@@ -43,12 +51,15 @@ from peer_input import (
     Column,
     InputError,
     RunError,
+    Samples,
     Workload,
     check_peer_args,
+    column_names,
     load_workload,
     parse_adapters,
     peer_parser,
     read_hf_config,
+    rounds_to_run,
 )
 
 LORA_MARKERS = ("/lora_A/", "/lora_B/")
@@ -63,6 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "int4"), required=True)
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--work-dir", type=Path, required=True, help="where built models are cached")
+    parser.add_argument("--plain", action="store_true",
+                        help="the base model built without LoRA; only the base and prompt-speed columns run")
     return check_peer_args(parser.parse_args(argv))
 
 
@@ -90,7 +103,8 @@ def run_builder(hf_dir: Path, out_dir: Path, precision: str, extra: list[str], l
     if out_dir.exists():
         shutil.rmtree(out_dir)
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir)]
-    command += ["-p", precision, "-e", "cpu", "-c", str(out_dir.parent / "hf_cache"), "--extra_options", *extra]
+    command += ["-p", precision, "-e", "cpu", "-c", str(out_dir.parent / "hf_cache")]
+    command += ["--extra_options", *extra] if extra else []
     with log.open("w") as stream:
         done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0 or not (out_dir / "model.onnx").is_file():
@@ -216,6 +230,21 @@ def build_base(hf_dir: Path, precision: str, first: tuple[str, Path, dict[str, A
     return target
 
 
+def build_plain(hf_dir: Path, precision: str, work: Path) -> Path:
+    """The builder's model with no adapter (its own defaults, fused q/k/v), built or reused."""
+    target = work / f"plain-{precision}"
+    key = {"genai": genai_version(), "hf": sources_stamp(hf_dir), "precision": precision}
+    if cached(target / "edgelora-build.json", key):
+        return target
+    scratch = work / f"scratch-plain-{precision}"
+    run_builder(hf_dir, scratch, precision, [], work / f"build-plain-{precision}.log")
+    (scratch / "edgelora-build.json").write_text(json.dumps({"key": key}, indent=1))
+    if target.exists():
+        shutil.rmtree(target)
+    scratch.rename(target)
+    return target
+
+
 def set_threads(model_dir: Path, threads: int) -> None:
     """genai reads its thread counts only from genai_config.json's session options."""
     path = model_dir / "genai_config.json"
@@ -254,6 +283,7 @@ class GroupRun:
     seconds: float
     tokens: int
     generated: list[list[int]]
+    prefill_seconds: float = 0.0
 
 
 def run_group(
@@ -267,7 +297,9 @@ def run_group(
     generator = og.Generator(model, params)
     if adapter is not None:
         generator.set_active_adapter(adapters, adapter)
+    started = time.perf_counter()
     generator.append_tokens(np.array(prompts, dtype=np.int32))  # runs the prefill
+    prefill = time.perf_counter() - started
     generator.generate_next_token()  # picks token 1 from the prefill logits: not timed
     started = time.perf_counter()
     for _ in range(max_tokens - 1):
@@ -276,16 +308,27 @@ def run_group(
     generated = [[int(t) for t in generator.get_sequence(i)[prompt_len:]] for i in range(len(prompts))]
     if any(len(row) != max_tokens for row in generated) or not generator.is_done():
         raise RunError(f"expected {max_tokens} new tokens per row, got {[len(row) for row in generated]}")
-    return GroupRun(seconds, len(prompts) * (max_tokens - 1), generated)
+    return GroupRun(seconds, len(prompts) * (max_tokens - 1), generated, prefill)
+
+
+def run_prefill(og: Any, model: Any, prompt: tuple[int, ...]) -> float:
+    """Prompt tokens/s of one base row: the time of ``append_tokens`` (the whole prompt in one pass)."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + 1, batch_size=1)
+    generator = og.Generator(model, params)
+    started = time.perf_counter()
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    return len(prompt) / (time.perf_counter() - started)
 
 
 def run_column(og: Any, model: Any, adapters: Any, workload: Workload, column: Column) -> tuple[float, list[list[int]]]:
-    """Decode tokens/s of one column (adapter groups in sequence) and its generated ids in row order."""
+    """Decode tokens/s of one column (adapter groups in turn, each further group's prefill counted) and its
+    generated ids in row order."""
     seconds, tokens = 0.0, 0
     generated: list[list[int]] = [[] for _ in column.rows]
-    for adapter, rows in adapter_groups(column).items():
+    for index, (adapter, rows) in enumerate(adapter_groups(column).items()):
         result = run_group(og, model, adapters, adapter, [workload.prompts[r] for r in rows], workload.max_tokens)
-        seconds += result.seconds
+        seconds += result.seconds + (result.prefill_seconds if index else 0.0)
         tokens += result.tokens
         for row, ids in zip(rows, result.generated, strict=True):
             generated[row] = ids
@@ -293,9 +336,9 @@ def run_column(og: Any, model: Any, adapters: Any, workload: Workload, column: C
 
 
 def measure(
-    og: Any, model_dir: Path, adapter_files: dict[str, Path], workload: Workload, rounds: int
+    og: Any, model_dir: Path, adapter_files: dict[str, Path], workload: Workload, rounds: int, from_stdin: bool
 ) -> tuple[dict[str, Any], list[str]]:
-    """One untimed pass over every column, then `rounds` rounds interleaving the columns in order."""
+    """One untimed pass over every column, then the rounds (see ``rounds_to_run``), columns in order."""
     model = og.Model(str(model_dir))
     adapters = og.Adapters(model)
     used = {a for c in workload.columns for a in c.rows if a is not None}
@@ -303,18 +346,16 @@ def measure(
         adapters.load(str(adapter_files[name]), name)
     for column in workload.columns:
         run_column(og, model, adapters, workload, column)
-    results: dict[str, Any] = {c.name: {"tokens_per_s": [], "tokens": []} for c in workload.columns}
-    unstable: set[str] = set()
-    for _ in range(rounds):
+    for prefill in workload.prefills:
+        run_prefill(og, model, prefill.prompt)
+    samples = Samples(column_names(workload))
+    for _ in rounds_to_run(rounds, from_stdin, samples):
         for column in workload.columns:
             rate, generated = run_column(og, model, adapters, workload, column)
-            entry = results[column.name]
-            if entry["tokens"] and entry["tokens"] != generated:
-                unstable.add(column.name)
-            entry["tokens_per_s"].append(round(rate, 3))
-            entry["tokens"] = generated
-    notes = [f"greedy tokens differed between rounds in: {sorted(unstable)}"] if unstable else []
-    return results, notes
+            samples.add(column.name, rate, generated)
+        for prefill in workload.prefills:
+            samples.add(prefill.name, run_prefill(og, model, prefill.prompt))
+    return samples.columns, samples.notes()
 
 
 def check_adapters(model_dir: Path, metas: dict[str, dict[str, Any]]) -> None:
@@ -334,13 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         adapters = parse_adapters(args.adapter)
-        if not adapters:
+        if not adapters and not args.plain:
             raise InputError("give at least one --adapter: the base model takes its LoRA structure from the first")
         hf_config = read_hf_config(args.hf_dir)
-        workload = load_workload(args.workload, set(adapters), hf_config["vocab_size"])
+        workload = load_workload(args.workload, set(adapters), hf_config["vocab_size"], base_only=args.plain)
         check_equal_prompt_lengths(workload)
         context = hf_config.get("max_position_embeddings")
-        longest = max(len(p) for p in workload.prompts) + workload.max_tokens
+        longest = max(max(len(p) for p in workload.prompts) + workload.max_tokens, workload.longest_prefill + 1)
         if type(context) is int and longest > context:
             raise InputError(f"workload: prompt + max_tokens = {longest} exceeds the model's {context} positions")
         try:
@@ -352,20 +393,24 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work_dir.resolve()
         work.mkdir(parents=True, exist_ok=True)
         hf_dir = args.hf_dir.resolve()
-        metas = {name: build_adapter(hf_dir, name, path, work) for name, path in adapters.items()}
-        first = next(iter(adapters))
-        model_dir = build_base(hf_dir, args.precision, (first, adapters[first], metas[first]), work)
-        check_adapters(model_dir, metas)
+        if args.plain:
+            first, files = "", {}
+            model_dir = build_plain(hf_dir, args.precision, work)
+        else:
+            metas = {name: build_adapter(hf_dir, name, path, work) for name, path in adapters.items()}
+            first = next(iter(adapters))
+            model_dir = build_base(hf_dir, args.precision, (first, adapters[first], metas[first]), work)
+            check_adapters(model_dir, metas)
+            files = {name: work / "adapters" / f"{name}.onnx_adapter" for name in adapters}
         set_threads(model_dir, args.threads)
-        files = {name: work / "adapters" / f"{name}.onnx_adapter" for name in adapters}
-        columns, run_notes = measure(og, model_dir, files, workload, args.rounds)
+        columns, run_notes = measure(og, model_dir, files, workload, args.rounds, args.stdin_rounds)
     except InputError as error:
         print(f"genai.py: error: {error}", file=sys.stderr)
         return 2
     except RunError as error:
         print(f"genai.py: failed: {error}", file=sys.stderr)
         return 1
-    notes = [
+    lora_notes = [
         f"model builder: -p {args.precision} -e cpu --extra_options adapter_path=<{first}>"
         + (" nodes_to_exclude=<its LoRA MatMuls>" if args.precision == "int4" else "")
         + "; LoRA weights then made graph inputs of dynamic rank with empty defaults (multi-LoRA contract)",
@@ -373,19 +418,26 @@ def main(argv: list[str] | None = None) -> int:
         "og.Adapters.load + Generator.set_active_adapter per batch",
         "base rows run the same LoRA-input model with no adapter active (rank-0 LoRA MatMuls still execute); "
         "the builder does not fuse q/k/v when LoRA is present",
+        "mixed columns: groups in turn (one batch per adapter group, in sequence); tokens/s over their summed "
+        "decode time plus the prefill time of every group after the first",
+    ]
+    plain_notes = [f"model builder: -p {args.precision} -e cpu, no adapter (its defaults; base columns only)"]
+    notes = [
+        *(plain_notes if args.plain else lora_notes),
         *describe_build(model_dir),
         f"threads: intra_op_num_threads={args.threads}, inter_op_num_threads=1 (genai_config.json)",
         f"tokens/s = rows*(max_tokens-1) / time of generate_next_token() calls 2..{workload.max_tokens}; "
         "call 1 only picks the token from the prefill logits (prefill runs in append_tokens)",
         "EOS: min_length = max_length = prompt + max_tokens; every row checked to have max_tokens new tokens",
-        "mixed columns: one batch per adapter group, run in sequence; tokens/s over their summed decode time",
-        f"rounds: {args.rounds} after one untimed warm-up pass over every column; columns interleaved per round",
+        "prompt-speed columns: one base row, prompt tokens / time of append_tokens",
+        ("rounds driven by the compare script (engines interleaved round by round)" if args.stdin_rounds else
+         f"rounds: {args.rounds}") + " after one untimed warm-up pass over every column; columns interleaved per round",
         "peak_rss_mb: this process only (builds run in child processes)",
         *run_notes,
     ]
     result = {
-        "engine": f"onnxruntime-genai {args.precision}",
-        "version": og.__version__,
+        "engine": f"onnxruntime-genai {args.precision}" + (" plain" if args.plain else ""),
+        "version": f"onnxruntime-genai {og.__version__}, onnxruntime {importlib.metadata.version('onnxruntime')}",
         "columns": columns,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "notes": notes,

@@ -73,12 +73,15 @@ from peer_input import (
     Column,
     InputError,
     RunError,
+    Samples,
     Workload,
     check_peer_args,
+    column_names,
     load_workload,
     parse_adapters,
     peer_parser,
     read_hf_config,
+    rounds_to_run,
 )
 
 from edgelora.tools.serve_process import free_port, stop_process  # what edgelora serve's launcher uses
@@ -143,6 +146,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, required=True, help="where GGUF files and logs are cached")
     parser.add_argument("--request-per-row", action="store_true",
                         help="one request per row instead of one per adapter group")
+    parser.add_argument("--merged", metavar="NAME", default=None,
+                        help="serve the base with adapter NAME merged into it (PEFT merge_and_unload, then converted "
+                             "and quantized like the base): what a one-adapter user runs; only the columns whose rows "
+                             "all use NAME run, with no LoRA at run time")
     parser.add_argument("--library-defaults", action="store_true",
                         help="llama-quantize's and llama-server's own defaults (output Q8_0, f16 KV cache) instead of "
                              "edgelora's precision (embedding and output Q4_0 too, f32 KV cache)")
@@ -264,6 +271,39 @@ def convert_base(tools: Tools, hf_dir: Path, quant: str, work: Path, matched: bo
     return q4, notes
 
 
+def merge_adapter(hf_dir: Path, name: str, peft_dir: Path, work: Path) -> Path:
+    """An HF folder with the adapter merged into the weights (PEFT, float32), made once per source change."""
+    target = work / f"merged-{name}"
+    if is_fresh(target / "model.safetensors", [hf_dir, peft_dir]):
+        return target
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    scratch = work / f"merged-{name}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(peft_dir)).merge_and_unload()
+    merged.save_pretrained(scratch, safe_serialization=True)
+    for item in hf_dir.iterdir():  # tokenizer and generation files: the converter reads them
+        if item.is_file() and not (scratch / item.name).exists() and item.suffix not in (".safetensors", ".bin"):
+            shutil.copy2(item, scratch / item.name)
+    shutil.rmtree(target, ignore_errors=True)
+    scratch.rename(target)
+    (target / "model.safetensors.sources.json").write_text(json.dumps([str(hf_dir), str(peft_dir)]))
+    return target
+
+
+def merged_workload(workload: Workload, name: str) -> Workload:
+    """The columns a model with ``name`` merged in stands for: every row on ``name``."""
+    columns = tuple(Column(c.name, (None,) * len(c.rows)) for c in workload.columns if set(c.rows) == {name})
+    if not columns:
+        raise InputError(f"--merged {name}: no workload column has every row on {name}")
+    return Workload(workload.prompts, workload.max_tokens, columns)
+
+
 def convert_adapter(tools: Tools, hf_dir: Path, name: str, peft_dir: Path, work: Path) -> Path:
     """adapter-NAME-f32.gguf in the work dir, from the PEFT folder and its base's config."""
     target = work / f"adapter-{name}-f32.gguf"
@@ -294,7 +334,7 @@ def server_command(tools: Tools, model: Path, loras: list[Path], workload: Workl
                    port: int, f32_cache: bool = False) -> list[str]:
     """llama-server's command line: enough slots for the biggest column, each slot holding one row."""
     parallel = max(len(c.rows) for c in workload.columns)
-    per_slot = max(len(p) for p in workload.prompts) + workload.max_tokens
+    per_slot = max(max(len(p) for p in workload.prompts) + workload.max_tokens, workload.longest_prefill + 1)
     command = [str(tools.server), "-m", str(model), "--host", HOST, "--port", str(port),
                "-t", str(threads), "-tb", str(threads), "--parallel", str(parallel), "-c", str(parallel * per_slot),
                "--no-cont-batching", "--cache-ram", "0", "--no-webui"]
@@ -456,9 +496,19 @@ class ForeignCpu:
         return max(0.0, (after[1] - before[1]) / (wall * self.cpus)) if wall > 0 else 0.0
 
 
+def prefill_intervals(received: float, rows: list[RowResult]) -> tuple[float, float]:
+    """A request's prefill [start, first token] on the client clock (its rows prefill together)."""
+    start = received - max(r.prompt_ms + r.predicted_ms for r in rows) / 1e3
+    return start, start + max(r.prompt_ms for r in rows) / 1e3
+
+
 def run_column(client: httpx.Client, workload: Workload, column: Column, order: list[str],
                per_row: bool) -> tuple[float, list[list[int]], float]:
-    """Decode tokens/s of one column, its generated ids in row order, and its mean rows decoding at once."""
+    """Decode tokens/s of one column, its generated ids in row order, and its mean rows decoding at once.
+
+    With several adapter groups (groups in turn), the prefill of every group but the first to start counts
+    as decode wall time too: a mixed batch prefills all rows once, the server stops to prefill each group.
+    """
     groups = request_groups(column, per_row)
     with ThreadPoolExecutor(max_workers=len(groups)) as pool:
         futures = [pool.submit(completion, client, [workload.prompts[r] for r in rows], lora_field(adapter, order),
@@ -472,40 +522,45 @@ def run_column(client: httpx.Client, workload: Workload, column: Column, order: 
         for row, result in zip(rows, results):
             generated[row] = result.tokens
             tokens += result.predicted_n - 1
-    seconds = union_length(intervals)
-    concurrency = sum(hi - lo for lo, hi in intervals) / seconds
+    decoding = union_length(intervals)
+    extra_prefills = sorted(prefill_intervals(received, results) for received, results in answers)[1:]
+    seconds = union_length(intervals + extra_prefills)
+    concurrency = sum(hi - lo for lo, hi in intervals) / decoding
     return tokens / seconds, generated, concurrency
 
 
+def run_prefill(client: httpx.Client, prompt: tuple[int, ...], order: list[str]) -> float:
+    """Prompt tokens/s of one base row, from the server's own prompt timing (n_predict 1, no prompt cache)."""
+    _, (row,) = completion(client, [prompt], lora_field(None, order), 1)
+    return len(prompt) / (row.prompt_ms / 1e3)
+
+
 def measure(client: httpx.Client, workload: Workload, order: list[str], rounds: int, per_row: bool,
-            meter: ForeignCpu) -> tuple[dict[str, Any], list[str]]:
-    """One untimed pass over every column, then `rounds` rounds interleaving the columns in order."""
+            meter: ForeignCpu, from_stdin: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """One untimed pass over every column, then the rounds (see ``rounds_to_run``), columns in order."""
     for column in workload.columns:
         run_column(client, workload, column, order, per_row)
-    results: dict[str, Any] = {c.name: {"tokens_per_s": [], "tokens": []} for c in workload.columns}
+    for prefill in workload.prefills:
+        run_prefill(client, prefill.prompt, order)
+    samples = Samples(column_names(workload))
     concurrency: dict[str, float] = {}
     noise: dict[str, list[float]] = {c.name: [] for c in workload.columns}
-    unstable: set[str] = set()
-    for _ in range(rounds):
+    for _ in rounds_to_run(rounds, from_stdin, samples):
         for column in workload.columns:
             before = meter.sample()
             rate, generated, rows_at_once = run_column(client, workload, column, order, per_row)
             noise[column.name].append(meter.share(before, meter.sample()))
-            entry = results[column.name]
-            if entry["tokens"] and entry["tokens"] != generated:
-                unstable.add(column.name)
-            entry["tokens_per_s"].append(round(rate, 3))
-            entry["tokens"] = generated
+            samples.add(column.name, rate, generated)
             concurrency[column.name] = rows_at_once
+        for prefill in workload.prefills:
+            samples.add(prefill.name, run_prefill(client, prefill.prompt, order))
     at_once = ", ".join(f"{name} {value:.2f}" for name, value in concurrency.items())
     worst = max(max(values) for values in noise.values())
     shares = ", ".join(f"{name} {' '.join(f'{v:.0%}' for v in values)}" for name, values in noise.items())
     notes = [f"mean rows decoding at once (sum of the rows' decode times / decode wall time), last round: {at_once}",
              f"{'WARNING: ' if worst > 0.05 else ''}CPU used by other processes while timing (share of the "
              f"machine, per round): {shares}"]
-    if unstable:
-        notes.append(f"greedy tokens differed between rounds in: {sorted(unstable)}")
-    return results, notes
+    return samples.columns, notes + samples.notes()
 
 
 def serve_and_measure(tools: Tools, model: Path, loras: dict[str, Path], workload: Workload,
@@ -524,7 +579,8 @@ def serve_and_measure(tools: Tools, model: Path, loras: dict[str, Path], workloa
             if loras:
                 check_lora_order(client, list(loras.values()))
             meter = ForeignCpu(process.pid)
-            columns, notes = measure(client, workload, list(loras), args.rounds, args.request_per_row, meter)
+            columns, notes = measure(client, workload, list(loras), args.rounds, args.request_per_row, meter,
+                                     args.stdin_rounds)
             rss = peak_rss_mb(process.pid)
     finally:
         stop_server(process)
@@ -542,7 +598,19 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work_dir.resolve()
         (work / "logs").mkdir(parents=True, exist_ok=True)
         hf_dir = args.hf_dir.resolve()
-        model, notes = convert_base(tools, hf_dir, args.quant, work, matched=not args.library_defaults)
+        if args.merged:
+            if args.merged not in adapters:
+                raise InputError(f"--merged {args.merged}: not one of the --adapter names")
+            workload = merged_workload(workload, args.merged)
+            merged_work = work / f"merged-{args.merged}-gguf"
+            (merged_work / "logs").mkdir(parents=True, exist_ok=True)
+            merged_hf = merge_adapter(hf_dir, args.merged, adapters[args.merged], work)
+            model, notes = convert_base(tools, merged_hf, args.quant, merged_work, matched=not args.library_defaults)
+            notes.insert(0, f"adapter {args.merged} merged into the weights (PEFT merge_and_unload, float32), "
+                            "then converted like the base; served with no --lora")
+            adapters = {}
+        else:
+            model, notes = convert_base(tools, hf_dir, args.quant, work, matched=not args.library_defaults)
         loras = {name: convert_adapter(tools, hf_dir, name, path, work) for name, path in adapters.items()}
         columns, run_notes, version, rss = serve_and_measure(tools, model, loras, workload, args, work)
     except InputError as error:
@@ -566,11 +634,15 @@ def main(argv: list[str] | None = None) -> int:
         "new tokens and a fully prefilled prompt (cache_n 0)",
         "tokens/s = sum(predicted_n - 1) / union of the rows' decode intervals [first token, last token], "
         "placed on the client clock from timings.prompt_ms/predicted_ms and the response time",
-        f"rounds: {args.rounds} after one untimed warm-up pass over every column; columns interleaved per round",
+        "mixed columns: groups in turn; the prefill of every group after the first counts as decode time",
+        "prompt-speed columns: one base row, n_predict 1, prompt_n / timings.prompt_ms",
+        ("rounds driven by the compare script (engines interleaved round by round)" if args.stdin_rounds else
+         f"rounds: {args.rounds}") + " after one untimed warm-up pass over every column; columns interleaved per round",
         "peak_rss_mb: llama-server's VmHWM (includes resident pages of the mmapped model)",
         *run_notes,
     ]
-    result = {"engine": f"llama.cpp {args.quant}", "version": version, "columns": columns,
+    engine = f"llama.cpp {args.quant}" + (f" merged {args.merged}" if args.merged else "")
+    result = {"engine": engine, "version": version, "columns": columns,
               "peak_rss_mb": rss, "notes": notes}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -7,7 +7,8 @@ A column runs as one ``generate`` call; PEFT mixes adapters in a batch through `
 (``"__base__"`` for a base row). Decode tokens/s excludes the prefill: a logits processor stamps
 the time of every generation step, and the rate is ``rows * (steps - 1)`` over the time from the
 first step (the prefill's output) to the last. Greedy, exactly ``max_tokens`` new tokens per row
-(``min_new_tokens`` keeps EOS away).
+(``min_new_tokens`` keeps EOS away). Prompt-speed columns: one base row's forward pass over the
+prompt (with the cache, as ``generate`` does), timed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from peer_input import Samples, rounds_to_run
 
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
@@ -66,6 +69,17 @@ def _run_column(model, prompts: list[list[int]], rows: list[str | None], max_tok
     return rate, out[:, width:].tolist()
 
 
+def _prefill(model, prompt: list[int]) -> float:
+    """Prompt tokens/s of one base row: one forward pass over the whole prompt."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad(), model.disable_adapter():
+        started = time.perf_counter()
+        model(input_ids=ids, use_cache=True)
+        return len(prompt) / (time.perf_counter() - started)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", required=True, type=Path)
@@ -74,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--stdin-rounds", action="store_true", help="rounds driven from stdin (peer_input.py)")
     args = parser.parse_args(argv)
     try:
         workload = json.loads(args.workload.read_text())
@@ -90,21 +105,25 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     model = _load(args.hf_dir, {name: Path(folder) for name, folder in adapters.items()})
-    columns = workload["columns"]
-    results = {column["name"]: {"tokens_per_s": [], "tokens": []} for column in columns}
+    columns, prefills = workload["columns"], workload.get("prefill") or []
+    samples = Samples([column["name"] for column in columns] + [entry["name"] for entry in prefills])
     for column in columns:  # warm-up
         _run_column(model, workload["prompts"], column["rows"], min(workload["max_tokens"], 4))
-    for _ in range(args.rounds):
+    for entry in prefills:
+        _prefill(model, entry["prompt"])
+    for _ in rounds_to_run(args.rounds, args.stdin_rounds, samples):
         for column in columns:
             rate, tokens = _run_column(model, workload["prompts"], column["rows"], workload["max_tokens"])
-            results[column["name"]]["tokens_per_s"].append(rate)
-            results[column["name"]]["tokens"] = tokens
+            samples.add(column["name"], rate, tokens)
+        for entry in prefills:
+            samples.add(entry["name"], _prefill(model, entry["prompt"]))
+    results = samples.columns
     for entry in results.values():
         entry["median"] = statistics.median(entry["tokens_per_s"])
     args.out.write_text(json.dumps({
         "engine": "transformers + PEFT eager", "version": f"torch {torch.__version__}",
         "columns": results, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "notes": ["mixed batches through PEFT's adapter_names"]}, indent=1) + "\n")
+        "notes": ["mixed batches through PEFT's adapter_names", *samples.notes()]}, indent=1) + "\n")
     return 0
 
 

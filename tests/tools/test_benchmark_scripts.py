@@ -139,24 +139,67 @@ def test_compare_names_every_missing_piece_before_it_runs(qwen2, tmp_path, capsy
     assert [line for line in lines if "missing:" in line] == [line for line in lines if "--adapter C=" in line]
 
 
-def test_compare_keeps_what_it_measured_when_a_later_engine_dies(qwen2, tmp_path, monkeypatch):
-    compare = _script("compare")
-    measured = compare.EngineRun("edgelora float32", {name: {"tokens_per_s": [10.0], "tokens": []}
-                                                     for name, _ in compare.COLUMNS})
-    monkeypatch.setattr(compare, "_prepare_edgelora", lambda args, work: {"float32": qwen2.onnx_dir})
-    monkeypatch.setattr(compare, "_edgelora", lambda *args: measured)
+def _compare_args(qwen2, tmp_path, *extra: str) -> list[str]:
+    a1, a2, a3 = (qwen2.adapters[name] for name in ("a1", "a2", "a3"))
+    return ["--hf-dir", str(qwen2.model_dir), "--onnx-dir", str(qwen2.onnx_dir), "--adapter", f"A={a1}",
+            "--adapter", f"B={a2}", "--adapter", f"C={a3}", "--prompt-len", "6", "--max-tokens", "4",
+            "--prefill-lens", "9", "--threads", "1", "--work-dir", str(tmp_path / "work"),
+            "--out-dir", str(tmp_path / "out"), "--name", "run", *extra]
 
-    def dies(*args):
+
+def test_compare_interleaves_long_lived_engines_round_by_round(qwen2, tmp_path, monkeypatch, capsys):
+    """Real runners (edgelora float32 and PEFT) stay up; each runs once per round, the order rotating, and every
+    round's rates, bandwidth probe, ids and versions reach the report."""
+    compare = _script("compare")
+    monkeypatch.setattr(compare, "_memory_probe", lambda *args: {})
+    assert compare.main(_compare_args(qwen2, tmp_path, "--engines", "float32,peft", "--rounds", "3")) == 0
+    order = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("round ")]
+    assert order == ["float32", "peft", "peft", "float32", "float32", "peft"]
+    data = json.loads((tmp_path / "out" / "run.json").read_text())
+    for key in ("float32", "peft"):
+        run = data["runs"][key]
+        assert run["skipped"] is None and len(run["bandwidth_gb_s"]) == 3 and run["version"]
+        assert all(len(run["columns"][name]["tokens_per_s"]) == 3 for name, _ in compare.FIXED_COLUMNS)
+        assert len(run["columns"]["prefill 9"]["tokens_per_s"]) == 3
+    assert data["runs"]["float32"]["columns"]["b4 A,B,C,base"]["tokens"] == \
+        data["runs"]["peft"]["columns"]["b4 A,B,C,base"]["tokens"]
+    report = (tmp_path / "out" / "run.md").read_text()
+    assert "Prompt speed" in report and "Mixed batch vs groups in turn" in report and "peft: 6/6 columns" in report
+
+
+def test_compare_keeps_the_rounds_measured_when_an_engine_dies(qwen2, tmp_path, monkeypatch):
+    """An engine that dies mid-run is reported as such; the others' rounds and its own earlier rounds stay."""
+    compare = _script("compare")
+    monkeypatch.setattr(compare, "_memory_probe", lambda *args: {})
+    real = compare._commands
+
+    def with_a_dying_peer(args, folders, workload_path):
+        commands = real(args, folders, workload_path)
+        script = ("import json, sys\nprint('@ready', flush=True)\nsys.stdin.readline()\n"
+                  "print('@round 0 ' + json.dumps({'b1 base': 5.0}), flush=True)\nsys.stdin.readline()\n"
+                  "sys.exit('dies in round 2')")
+        commands["peft"] = [sys.executable, "-c", script]
+        return commands
+
+    monkeypatch.setattr(compare, "_commands", with_a_dying_peer)
+    assert compare.main(_compare_args(qwen2, tmp_path, "--engines", "float32,peft", "--rounds", "2")) == 0
+    data = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert "dies in round 2" in data["runs"]["peft"]["skipped"]
+    assert data["runs"]["peft"]["columns"]["b1 base"]["tokens_per_s"] == [5.0]
+    assert len(data["runs"]["float32"]["columns"]["b1 base"]["tokens_per_s"]) == 2
+
+
+def test_compare_writes_what_it_has_when_interrupted(qwen2, tmp_path, monkeypatch):
+    compare = _script("compare")
+
+    def interrupted(workers, rounds, threads):
+        workers[0].run.add_round({"b1 base": 10.0})
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(compare, "_peer", dies)
-    a1, a2, a3 = (qwen2.adapters[name] for name in ("a1", "a2", "a3"))
+    monkeypatch.setattr(compare, "_interleave", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        compare.main(["--hf-dir", str(qwen2.model_dir), "--onnx-dir", str(qwen2.onnx_dir), "--adapter", f"A={a1}",
-                      "--adapter", f"B={a2}", "--adapter", f"C={a3}", "--engines", "float32,peft",
-                      "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), "--name", "run"])
-    table = (tmp_path / "out" / "run-partial.md").read_text()
-    assert "| edgelora float32 | 10.0 (10.0–10.0) |" in table
+        compare.main(_compare_args(qwen2, tmp_path, "--engines", "float32"))
+    assert "| edgelora float32 | 10.0 (10.0–10.0) |" in (tmp_path / "out" / "run-partial.md").read_text()
     assert json.loads((tmp_path / "out" / "run-partial.json").read_text())["runs"]["float32"]["columns"]
 
 
@@ -172,25 +215,3 @@ def test_serve_compare_names_missing_pieces_before_it_starts_a_server(qwen2, tmp
     err = capsys.readouterr().err
     assert "1 PEFT folders, --count 2" in err and "llama.cpp:" in err and "vLLM: no python" in err
     assert not (tmp_path / "work").exists()
-
-
-def test_compare_runs_every_engine_once_per_pass_and_pools_the_samples(qwen2, tmp_path, monkeypatch):
-    compare = _script("compare")
-    speeds = iter([10.0, 20.0, 30.0])
-    order = []
-
-    def fake_run(label, *args):
-        order.append(label)
-        value = next(speeds)
-        return compare.EngineRun(f"edgelora {label}", {name: {"tokens_per_s": [value], "tokens": []}
-                                                       for name, _ in compare.COLUMNS})
-
-    monkeypatch.setattr(compare, "_prepare_edgelora", lambda args, work: {"float32": qwen2.onnx_dir})
-    monkeypatch.setattr(compare, "_edgelora", fake_run)
-    monkeypatch.setattr(compare, "_memory_probe", lambda *args: {})
-    a1, a2, a3 = (qwen2.adapters[name] for name in ("a1", "a2", "a3"))
-    assert compare.main(["--hf-dir", str(qwen2.model_dir), "--onnx-dir", str(qwen2.onnx_dir), "--adapter", f"A={a1}",
-                         "--adapter", f"B={a2}", "--adapter", f"C={a3}", "--engines", "float32", "--passes", "3",
-                         "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), "--name", "run"]) == 0
-    assert order == ["float32"] * 3
-    assert "| edgelora float32 | 20.0 (10.0–30.0) |" in (tmp_path / "out" / "run.md").read_text()
