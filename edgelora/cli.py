@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from edgelora.errors import EdgeLoraError, UserInputError
-from edgelora.runtime.config import MIN_HOST_LORAS, STEP_TOKENS, EngineConfig, SchedulerConfig
+from edgelora.runtime.config import ADAPTER_LABELS, MIN_HOST_LORAS, STEP_TOKENS, EngineConfig, SchedulerConfig
 
 log = logging.getLogger("edgelora")
 BATCHED_TOKENS_HELP = (f"tokens one step may feed: a longer prompt is prefilled in chunks of this size, alternating with "
@@ -104,6 +104,15 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _size(text: str) -> int:
+    from edgelora.runtime.config import parse_size
+
+    try:
+        return parse_size(text)
+    except UserInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _bench(args: argparse.Namespace) -> None:
     from edgelora.tools.bench import BenchOptions, parse_rows, run_bench
 
@@ -122,6 +131,8 @@ def _serve(args: argparse.Namespace) -> None:
     options = ServeOptions(
         onnx_dir=args.onnx_dir, lora_modules=parse_lora_modules(args.lora_modules),
         served_model_name=args.served_model_name, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+        max_cpu_lora_memory=args.max_cpu_lora_memory, adapter_labels=args.metrics_adapter_labels,
+        lora_on_demand=args.lora_on_demand, lora_cache_max_size=args.lora_cache_max_size,
         max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens, host=args.host, port=args.port, api_key=args.api_key,
         api_keys=args.api_keys, lora_root=args.lora_root, lora_cache_dir=args.lora_cache_dir, enable_lora_updates=args.enable_lora_updates,
@@ -342,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--max-loras", type=int, default=EngineConfig.max_loras, help="adapter slots a step can use at once")
     _flag(serve, "--max-cpu-loras", type=int, default=EngineConfig.max_cpu_loras,
           help=f"adapters kept ready in host memory (at least --max-loras); default: max({MIN_HOST_LORAS}, --max-loras)")
+    _flag(serve, "--max-cpu-lora-memory", type=_size, default=EngineConfig.max_cpu_lora_bytes, metavar="SIZE",
+          help="and at most this much memory for them (2GiB, 512MB; with --ray, per replica): a host-ready adapter "
+               "is kept at its file's precision, about its file's size; default: bounded by --max-cpu-loras only")
     _flag(serve, "--max-lora-rank", type=int, default=EngineConfig.max_lora_rank, help=RANK_HELP)
     _flag(serve, "--max-num-seqs", "--max-batch-size", "--max_batch_size", "--maxBatchSize", type=int,
           default=SchedulerConfig.max_num_seqs, help="requests decoded together (rows of the batch)")
@@ -357,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--lora-root", type=Path, default=None, help="run-time adapter paths must resolve inside this folder")
     _flag(serve, "--lora-cache-dir", type=Path, default=None,
           help="where PEFT adapters are processed to; default: ONNX_DIR/.lora_cache")
+    _flag(serve, "--lora-on-demand", action="store_true",
+          help="a request whose model names a folder directly under --lora-root that is not loaded yet loads it "
+               "(PEFT folders are processed into --lora-cache-dir once); any other name stays a 404")
+    _flag(serve, "--lora-cache-max-size", type=_size, default=None, metavar="SIZE",
+          help="bound the processed copies of on-demand PEFT adapters (2GiB, 500MB): past it the least recently "
+               "used leave the cache and the registry (a later request loads them again); default: no bound")
     _flag(serve, "--enable-lora-updates", action="store_true",
           help="allow /v1/load_lora_adapter and /v1/unload_lora_adapter (admin keys; needs --lora-root)")
     _flag(serve, "--max-waiting", type=int, default=None,
@@ -366,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=None,
                        help="CPU threads for ONNX Runtime; default: all cores (with --ray: per replica, and the CPUs "
                             "Ray reserves for it; default: cores / replicas)")
+    _flag(serve, "--metrics-adapter-labels", type=int, default=ADAPTER_LABELS, metavar="N",
+          help="adapters with /metrics series of their own (requests, tokens, loads, location): the first N seen; "
+               "later ones are counted under adapter=\"other\", so the series stay bounded")
     _flag(serve, "--shutdown-timeout", type=float, default=30.0,
           help="seconds SIGTERM waits for running requests before it cancels them")
     serve.add_argument("--ray", action="store_true",

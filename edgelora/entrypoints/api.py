@@ -38,6 +38,7 @@ class LoraConfig:
     max_lora_rank: int = EngineConfig.max_lora_rank
     max_loras: int = EngineConfig.max_loras
     max_cpu_loras: int | None = EngineConfig.max_cpu_loras  # None: max(16, max_loras); never below max_loras
+    max_cpu_lora_bytes: int | None = EngineConfig.max_cpu_lora_bytes  # host-ready bytes (file precision); None: no bound
     lora_chunk_rank: int = EngineConfig.lora_chunk_rank  # rows of a pool slot; a higher rank takes several slots
 
 
@@ -117,7 +118,8 @@ class LLM:
         lora_config = lora_config or LoraConfig()
         self.engine = Engine(Path(model), EngineConfig(
             max_lora_rank=lora_config.max_lora_rank, max_loras=lora_config.max_loras,
-            max_cpu_loras=lora_config.max_cpu_loras, lora_chunk_rank=lora_config.lora_chunk_rank, device=device,
+            max_cpu_loras=lora_config.max_cpu_loras, max_cpu_lora_bytes=lora_config.max_cpu_lora_bytes,
+            lora_chunk_rank=lora_config.lora_chunk_rank, device=device,
             num_threads=num_threads))
         self.tokenizer = ChatTokenizer(Path(model))
         self.scheduler = Scheduler(self.engine, SchedulerConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len,

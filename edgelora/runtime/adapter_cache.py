@@ -5,8 +5,9 @@ Three levels, in TensorRT-LLM's and vLLM's words:
 * **registered**: every adapter the cache was given, name -> its current version (``AdapterRef``),
   validated once. Never forgotten until ``remove``: beyond the two bounded levels below, an
   adapter is simply read again from its file on next use.
-* **host-ready** (at most ``max_cpu_loras``): read, converted to the graph's dtype and transposed
-  to the slot layout, one copy away from a slot. LRU.
+* **host-ready** (at most ``max_cpu_loras``, and at most ``max_cpu_lora_bytes``): read and
+  transposed to the slot layout at the file's own precision (float16 files stay float16: a host
+  copy costs about its file), converted to the graph's dtype while it is copied into a slot. LRU.
 * **slots** (``max_loras``): pool memory a batch binds (device memory on CUDA, host memory on the
   CPU); slot 0 means "no adapter". LRU among idle slots. A pool slot holds ``chunk_rank`` rows
   (the pool's ``max_rank``): an adapter of rank r takes ceil(r / chunk_rank) slots in a row, each
@@ -38,6 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,9 +97,14 @@ class RegisteredAdapter:
         return self.ref.version
 
 
+HOST_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))  # kept as the file has them; others become the graph's
+
+
 @dataclass
 class HostAdapter:
-    """An adapter ready to copy into a slot: per LoRA site A^T [rank, in] and B [rank, out], or None."""
+    """An adapter ready to copy into a slot: per LoRA site A^T [rank, in] and B [rank, out], or None.
+
+    At the file's precision: the conversion to the pool's dtype happens on the copy into a slot."""
 
     rank: int
     a: list[np.ndarray | None]
@@ -109,7 +116,8 @@ class HostAdapter:
 
     @classmethod
     def of(cls, tensors: dict[str, np.ndarray], manifest: LoraManifest, dtype, where: str) -> HostAdapter:
-        """Lay a processed file's tensors out for the pool (A transposed, the graph's dtype)."""
+        """Lay a processed file's tensors out for the pool (A transposed), at the file's float16 / float32
+        precision (any other becomes ``dtype``, the graph's)."""
         a: list[np.ndarray | None] = []
         b: list[np.ndarray | None] = []
         ranks = set()
@@ -127,8 +135,8 @@ class HostAdapter:
                 raise AdapterError(f"{where}: {site.a_name} {list(lora_a.shape)} / {site.b_name} {list(lora_b.shape)} "
                                    f"do not fit the projection {site.in_features}x{site.out_features}")
             ranks.add(int(lora_a.shape[1]))
-            a.append(np.ascontiguousarray(lora_a.T, dtype=dtype))
-            b.append(np.ascontiguousarray(lora_b, dtype=dtype))
+            a.append(np.ascontiguousarray(lora_a.T, dtype=lora_a.dtype if lora_a.dtype in HOST_DTYPES else dtype))
+            b.append(np.ascontiguousarray(lora_b, dtype=lora_b.dtype if lora_b.dtype in HOST_DTYPES else dtype))
         if len(ranks) != 1:
             raise AdapterError(f"{where}: " + ("holds no LoRA tensors" if not ranks else f"mixes ranks {sorted(ranks)}"))
         return cls(ranks.pop(), a, b)
@@ -147,12 +155,13 @@ class CacheStats:
     slot_moves: int = 0  # compactions: a running adapter moved down so a step binds only used slots
     loads: int = 0  # activations that copied an adapter into a slot
     load_s_total: float = 0.0
-    recent_load_s: deque = field(default_factory=lambda: deque(maxlen=RECENT_LOADS))  # bounded: servers run for weeks
+    # (adapter name, seconds) of the latest loads; bounded: servers run for weeks
+    recent_loads: deque = field(default_factory=lambda: deque(maxlen=RECENT_LOADS))
 
-    def record_load(self, seconds: float) -> None:
+    def record_load(self, name: str, seconds: float) -> None:
         self.loads += 1
         self.load_s_total += seconds
-        self.recent_load_s.append(seconds)
+        self.recent_loads.append((name, seconds))
 
 
 @dataclass
@@ -186,7 +195,7 @@ class AdapterCache:
     """Names -> versions -> host-ready copies -> pool slots, each bounded level LRU."""
 
     def __init__(self, pool, spec: ModelSpec, manifest: LoraManifest, max_lora_rank: int, max_cpu_loras: int,
-                 dtype=np.float32, max_loras: int | None = None):
+                 dtype=np.float32, max_loras: int | None = None, max_cpu_lora_bytes: int | None = None):
         self._pool = pool
         self._chunk_rank = pool.max_rank  # rows of one pool slot
         self._max_loras = max_loras or pool.num_slots  # adapters in slots at once
@@ -194,7 +203,8 @@ class AdapterCache:
         self._manifest = manifest
         self._max_lora_rank = max_lora_rank
         self._max_cpu_loras = max_cpu_loras
-        self._dtype = dtype
+        self._max_cpu_bytes = max_cpu_lora_bytes  # None: bounded by the count only
+        self._dtype = np.dtype(dtype)
         self._current: dict[str, AdapterRef] = {}  # name -> the version new requests get
         self._registered: dict[AdapterRef, RegisteredAdapter] = {}  # current and retired-but-held versions
         self._host: OrderedDict[AdapterRef, HostAdapter] = OrderedDict()  # LRU, oldest first
@@ -225,7 +235,7 @@ class AdapterCache:
             entry = RegisteredAdapter(ref, checked.files.weights, checked.config)
         entry.weights = checked.files.weights  # the latest place these bytes were seen
         if read and ref not in self._host:
-            self._keep_host_copy(entry, self._host_adapter(checked.tensors, entry))
+            self._keep_host_copy(entry, self._host_adapter(checked.tensors, entry.weights))
         self._registered[ref] = entry
         return self._make_current(entry)
 
@@ -252,10 +262,10 @@ class AdapterCache:
         started = time.perf_counter()
         ready = self._host_copy(entry)
         self._write(slot, ready)
-        self.stats.record_load(time.perf_counter() - started)
+        self.stats.record_load(entry.name, time.perf_counter() - started)
         entry.slot, entry.span = slot, span
         self._slots[slot] = entry.ref
-        log.debug("adapter %s -> slot %d (%.1f ms)", entry.ref, slot, self.stats.recent_load_s[-1] * 1e3)
+        log.debug("adapter %s -> slot %d (%.1f ms)", entry.ref, slot, self.stats.recent_loads[-1][1] * 1e3)
         return slot
 
     def deactivate(self, target: str | AdapterRef) -> None:
@@ -290,6 +300,25 @@ class AdapterCache:
     def prefetch(self, target: str | AdapterRef) -> None:
         """Read the adapter into the host cache now (a server's loader), so its first step copies, not reads."""
         self._host_copy(self._entry(target))
+
+    def needs_read(self, target: str | AdapterRef) -> bool:
+        """Neither in a slot nor host-ready: activating it now would read its file (on the caller's thread)."""
+        entry = self._entry(target)
+        return not entry.slot and entry.ref not in self._host
+
+    def read_job(self, target: str | AdapterRef) -> Callable[[], HostAdapter]:
+        """A job that reads and lays out the adapter's host copy touching no cache state, so it may run on
+        another thread (the scheduler's prefetch); ``install_host_copy`` then keeps it, on the cache's thread."""
+        entry = self._entry(target)
+        ref, weights = entry.ref, entry.weights
+        return lambda: self._read_host(ref, weights)
+
+    def install_host_copy(self, ref: AdapterRef, ready: HostAdapter) -> None:
+        """Keep a host copy a ``read_job`` made (nothing if that version left meanwhile or is there already)."""
+        entry = self._registered.get(ref)
+        if entry is not None and ref not in self._host:
+            self.stats.host_misses += 1
+            self._keep_host_copy(entry, ready)
 
     def forget_host_copy(self, target: str | AdapterRef) -> None:
         """Drop the host-ready copy (benchmarks: make the next activation read the file)."""
@@ -424,6 +453,16 @@ class AdapterCache:
         """Slot -> adapter name (a retired version shows as ``name@version``)."""
         return {slot: self._label(ref) for slot, ref in sorted(self._slots.items())}
 
+    @property
+    def spare_host_places(self) -> int:
+        """Host-ready places beyond the slots' own copies (reads worth having in flight; at least 1)."""
+        return max(1, self._max_cpu_loras - self._max_loras)
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the host-ready copies."""
+        return sum(ready.size_bytes for ready in self._host.values())
+
     def host_ready(self) -> list[str]:
         """Names with a host-ready copy, least recently used first (a retired version: ``name@version``)."""
         return [self._label(ref) for ref in self._host]
@@ -474,30 +513,36 @@ class AdapterCache:
             self.stats.host_hits += 1
             return ready
         self.stats.host_misses += 1
-        files = ProcessedAdapterFiles.read(entry.weights)
-        if files.version != entry.version:
-            raise AdapterChanged(f"adapter {entry.name!r}: adapter files changed on disk since it was loaded "
-                                 f"({entry.weights.parent}: version {entry.version}, now {files.version}); "
-                                 "load it again")
-        ready = self._host_adapter(files.tensors(str(entry.weights)), entry)
+        ready = self._read_host(entry.ref, entry.weights)
         self._keep_host_copy(entry, ready)
         return ready
 
-    def _host_adapter(self, tensors: dict[str, np.ndarray], entry: RegisteredAdapter) -> HostAdapter:
-        ready = HostAdapter.of(tensors, self._manifest, self._dtype, str(entry.weights))
+    def _read_host(self, ref: AdapterRef, weights: Path) -> HostAdapter:
+        """Read the file, check its bytes are this version, lay it out: no cache state (any thread)."""
+        files = ProcessedAdapterFiles.read(weights)
+        if files.version != ref.version:
+            raise AdapterChanged(f"adapter {ref.name!r}: adapter files changed on disk since it was loaded "
+                                 f"({weights.parent}: version {ref.version}, now {files.version}); load it again")
+        return self._host_adapter(files.tensors(str(weights)), weights)
+
+    def _host_adapter(self, tensors: dict[str, np.ndarray], weights: Path) -> HostAdapter:
+        ready = HostAdapter.of(tensors, self._manifest, self._dtype, str(weights))
         if ready.rank > self._max_lora_rank:
-            raise AdapterError(f"{entry.weights}: rank {ready.rank} is above the maximum LoRA rank {self._max_lora_rank}")
+            raise AdapterError(f"{weights}: rank {ready.rank} is above the maximum LoRA rank {self._max_lora_rank}")
         return ready
 
     def _keep_host_copy(self, entry: RegisteredAdapter, ready: HostAdapter) -> None:
-        """Cache a host-ready copy, evicting the LRU unpinned one; none is kept if every cached copy is pinned."""
-        if self._max_cpu_loras <= 0:
+        """Cache a host-ready copy, evicting LRU unpinned ones until the count and the byte budget allow it;
+        none is kept if they cannot (every cached copy pinned, or this one alone over the budget)."""
+        if self._max_cpu_loras <= 0 or (self._max_cpu_bytes is not None and ready.size_bytes > self._max_cpu_bytes):
             return
-        while len(self._host) >= self._max_cpu_loras:
+        held = self.host_bytes
+        while len(self._host) >= self._max_cpu_loras or (
+                self._max_cpu_bytes is not None and held + ready.size_bytes > self._max_cpu_bytes):
             victim = next((ref for ref in self._host if not self._registered[ref].pinned), None)
             if victim is None:
                 return  # every cached copy is pinned: use this one once, keep none
-            del self._host[victim]
+            held -= self._host.pop(victim).size_bytes
             self.stats.host_evictions += 1
         self._host[entry.ref] = ready
 
@@ -513,8 +558,11 @@ class AdapterCache:
         for first in range(0, ready.rank, self._chunk_rank):
             rows = slice(first, min(first + self._chunk_rank, ready.rank))
             self._pool.write(slot + first // self._chunk_rank, rows.stop - rows.start,
-                             [a[rows] if a is not None else None for a in ready.a],
-                             [b[rows] if b is not None else None for b in ready.b])
+                             [self._pool_rows(a, rows) for a in ready.a], [self._pool_rows(b, rows) for b in ready.b])
+
+    def _pool_rows(self, array: np.ndarray | None, rows: slice) -> np.ndarray | None:
+        """Rows of a host copy in the pool's dtype (converted here: the host keeps the file's precision)."""
+        return None if array is None else np.ascontiguousarray(array[rows], dtype=self._dtype)
 
     def _clear(self, entry: RegisteredAdapter) -> None:
         for chunk in range(entry.span):

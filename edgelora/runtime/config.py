@@ -8,13 +8,28 @@ light module (no numpy, no ONNX Runtime), so the CLI can build its flags from it
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from edgelora.errors import UserInputError
 from edgelora.formats import contract
 
 MIN_HOST_LORAS = 16  # the default max_cpu_loras is max(MIN_HOST_LORAS, max_loras)
+ADAPTER_LABELS = 100  # adapters with metric series of their own in serve; later ones are counted as "other"
 STEP_TOKENS = 256  # the default step budget: a chunk then takes about 1 s at a 1k context (int4 0.5B, 2 cores)
+
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "k": 2**10, "m": 2**20, "g": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '2GiB', '512MB', '1.5G' (binary for K/M/G and KiB.., decimal for kB/MB/GB) or a plain number."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in SIZE_UNITS or float(match.group(1)) <= 0:
+        raise UserInputError(f"size {text!r}: expected a positive number with an optional unit (2GiB, 512MB, 1G)")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
 @dataclass(kw_only=True)  # built by keyword only: a field added anywhere cannot shift the others
@@ -27,7 +42,8 @@ class EngineConfig:
 
     max_lora_rank: int = contract.MAX_LORA_RANK
     max_loras: int = 8  # adapter slots ready for a batch
-    max_cpu_loras: int | None = None  # adapters kept converted in host memory; None: max(16, max_loras)
+    max_cpu_loras: int | None = None  # adapters kept host-ready in memory; None: max(16, max_loras)
+    max_cpu_lora_bytes: int | None = None  # and at most this many bytes of them (file precision); None: no bound
     # Rows of one adapter pool slot: an adapter of rank r takes ceil(r / lora_chunk_rank) slots, so a step
     # mixing ranks 4 and 64 computes each at about its own rank instead of padding every adapter to 64.
     lora_chunk_rank: int = 16
@@ -49,6 +65,8 @@ class EngineConfig:
             problems.append(f"max_loras {self.max_loras} (>= 1)")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             problems.append(f"max_cpu_loras {self.max_cpu_loras} (>= max_loras {self.max_loras})")
+        if self.max_cpu_lora_bytes is not None and self.max_cpu_lora_bytes < 1:
+            problems.append(f"max_cpu_lora_bytes {self.max_cpu_lora_bytes} (>= 1)")
         if self.num_threads is not None and self.num_threads < 1:
             problems.append(f"num_threads {self.num_threads} (>= 1)")
         if problems:
@@ -68,6 +86,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int | None = None
     # Positions a host KV cache holds at first; it doubles when a step needs more.
     kv_cache_initial_len: int = 256
+    # A waiting request whose adapter is neither in a slot nor host-ready has it read on a worker thread
+    # (runtime/prefetch.py) and is admitted once it is in; False: the step reads it (every row waits).
+    prefetch_adapters: bool = True
 
     @property
     def step_tokens(self) -> int | None:

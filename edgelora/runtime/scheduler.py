@@ -26,6 +26,9 @@ held by running rows waits; requests behind it whose adapters already sit in a s
 but the least recently used held slot takes no new rows from then on, so it drains and the
 waiting request gets it (hot adapters cannot starve a cold one). Running adapters are kept in
 slots 1..k (``AdapterCache.compact``), so a step's LoRA work is that of the adapters it uses.
+A request whose adapter must first be read from its file while rows are decoding waits while a
+worker thread reads it (``prefetch``), and requests behind it go ahead meanwhile: no decode step
+waits for a disk read.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from edgelora.runtime.config import SchedulerConfig
 from edgelora.runtime.engine import Engine, StepPlan
 from edgelora.runtime.lora_mix import LoraMix, check_mix
 from edgelora.runtime.output import OutputStage, OutputState
+from edgelora.runtime.prefetch import Prefetcher
 from edgelora.runtime.sampling import SamplingParams
 
 
@@ -143,6 +147,9 @@ class Scheduler:
         self._finished: list[SequenceUpdate] = []  # updates owed for requests that ended outside a step
         self._draining: AdapterRef | None = None  # adapter whose slot takes no new rows (a request waits for a slot)
         self._rows = None  # the engine's KV rows this batch runs on (opened on the first step)
+        # reads in flight: room in the host cache beside the slots' own copies (at least one)
+        self._prefetch = (Prefetcher(engine.adapters, engine.adapters.spare_host_places)
+                          if self.config.prefetch_adapters else None)
         self.last_step = StepStats()
         self.stats = SchedulerStats()
 
@@ -217,6 +224,8 @@ class Scheduler:
         prompt (alternating with decode steps), or a decode step."""
         started = time.perf_counter()
         self.last_step = StepStats()
+        if self._prefetch is not None:
+            self._prefetch.collect()
         updates = self._take_aborts() + self._finished
         self._finished = []
         admitted = self._admit() if self._chunking is None else []
@@ -228,6 +237,8 @@ class Scheduler:
         elif self._running:
             updates, kind = updates + self._decode_step(), "decode"
         self._last_kind = kind
+        if not kind and self._prefetch is not None:
+            self._prefetch.wait()  # nothing to run but reads in flight: wait for one instead of spinning
         self._leave([seq for seq in self._running if seq.out.finish_reason])
         if not self._live() and self._rows is not None:
             self.engine.shrink_rows(0)
@@ -279,6 +290,9 @@ class Scheduler:
             refs = [ref for ref, _ in seq.adapters]
             if refs:
                 missing = [ref for ref in refs if not adapters.is_resident(ref)]
+                reading = self._reading(seq, [ref for ref in missing if adapters.needs_read(ref)])
+                if seq.request_id not in self._waiting:
+                    continue  # its adapter could not be read: it failed
                 if not missing:
                     if self._draining in refs:
                         continue
@@ -289,6 +303,8 @@ class Scheduler:
                         self._draining = held[0] if held else None
                     waiting_for_slot = True
                     continue
+                if reading:
+                    continue  # admitted once its copy is in, at a later step
                 try:
                     adapters.acquire(refs)
                 except EdgeLoraError as exc:
@@ -305,6 +321,21 @@ class Scheduler:
         if not waiting_for_slot:
             self._draining = None
         return admitted
+
+    def _reading(self, seq: _Sequence, unread: list[AdapterRef]) -> bool:
+        """Whether ``seq`` must wait for its adapters to be read (asked for here); a failed read fails it
+        (it leaves the queue). Only while rows are live: with none, nobody waits for an inline read, and the
+        requests admitted together share one prefill (offline batches, a server's first requests)."""
+        if self._prefetch is None or not unread or not self._live():
+            return False
+        for ref in unread:
+            failure = self._prefetch.take_failure(ref)
+            if failure is not None:
+                self._fail(seq, failure)
+                return True
+        for ref in unread:
+            self._prefetch.request(ref)
+        return True
 
     def _fail(self, seq: _Sequence, message: str) -> None:
         del self._waiting[seq.request_id]

@@ -101,7 +101,7 @@ def server(sample, lora_root):
                    "--lora-modules", f"a1={sample.processed['a1']}", f"a2={sample.processed['a2']}",
                    f"a3={sample.adapters['a3']}", "--enable-lora-updates", "--lora-root", str(lora_root),
                    "--lora-cache-dir", str(lora_root.parent / "cache"), "--max-num-seqs", "4", "--max-model-len", str(MODEL_LEN),
-                   "--threads", "1"]) as served:
+                   "--threads", "1", "--metrics-adapter-labels", "2"]) as served:
         yield served
 
 
@@ -778,6 +778,30 @@ def test_the_server_never_imports_torch(sample, tmp_path):
 
 
 # -- weighted mixes of adapters -----------------------------------------------------------------------
+def _samples(server: Served, name: str) -> dict[str, float]:
+    """adapter label -> value of one per-adapter series."""
+    text = httpx.get(server.url + "/metrics", timeout=TIMEOUT_S).text
+    return {sample.labels["adapter"]: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name}
+
+
+def test_per_adapter_metrics_stay_bounded_past_the_label_limit(server, client):
+    """--metrics-adapter-labels 2 and three adapters used: two have series of their own, the third counts as other;
+    the per-adapter series add up to the totals."""
+    for model in ("a1", "a2", "a3", SERVED):
+        client.completions.create(model=model, prompt="hello", max_tokens=3, temperature=0)
+    tokens = _samples(server, "edgelora_adapter_generation_tokens_total")
+    own = set(tokens) - {"base", "mix", "other"}
+    assert len(own) == 2 and own <= {"a1", "a2", "a3"} and tokens["other"] >= 3 and tokens["base"] >= 3
+    assert sum(tokens.values()) == _metric(server, "edgelora_generation_tokens_total")
+    prompts = _samples(server, "edgelora_adapter_prompt_tokens_total")
+    assert sum(prompts.values()) == _metric(server, "edgelora_prompt_tokens_total")
+    labelled = set(_samples(server, "edgelora_adapter_loads_total")) | set(_samples(server, "edgelora_adapter_location"))
+    assert labelled - {"other"} <= own
+    assert _metric(server, "edgelora_adapters_by_location", where="slot") >= 1
+    assert _metric(server, "edgelora_adapter_load_time_seconds_total") > 0
+
+
 def test_a_lora_mix_in_the_openai_body_equals_the_python_api(server, client, offline):
     mix = {"a1": 0.7, "a2": -0.3}
     before = _metric(server, "edgelora_requests_total", adapter="mix")

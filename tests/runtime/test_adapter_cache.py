@@ -367,3 +367,37 @@ def test_processed_files_of_other_dtypes_are_converted(qwen2, tmp_path, storage)
         a = tensors[site.a_name]
         view = cache._pool.a_view(index, slot, slot)
         np.testing.assert_array_equal(view[: a.shape[1]], a.T.astype(np.float32).astype(pool_dtype))
+
+
+def test_host_copies_keep_the_files_precision_within_a_byte_budget(qwen2):
+    """float16 files stay float16 host-ready (about the file's size) and become the pool's float32 in the slot; a
+    byte budget evicts the least recently used copy, and a copy over the whole budget is used once, not kept."""
+    file_bytes = (qwen2.processed["a1"] / contract.PROCESSED_ADAPTER).stat().st_size
+    cache = _cache(qwen2, max_loras=2, max_cpu_loras=4)
+    cache.add("a1", qwen2.processed["a1"])
+    cache.activate("a1")
+    ready = cache._host[cache.current("a1")]
+    assert {array.dtype for array in ready.a + ready.b if array is not None} == {np.dtype(np.float16)}
+    assert cache.host_bytes <= 1.1 * file_bytes and _slot_holds(cache, qwen2, "a1")
+
+    sizes = {}
+    for name in ("a2", "a3"):
+        cache.add(name, qwen2.processed[name])
+        cache.prefetch(name)
+        sizes[name] = cache._host[cache.current(name)].size_bytes
+    sizes["a1"] = ready.size_bytes
+    pool = native.AdapterPool([(s.in_features, s.out_features) for s in qwen2.manifest.sites], 2,
+                              contract.MAX_LORA_RANK, "float32", "cpu")
+    limit = sizes["a1"] + sizes["a2"] - 1  # room for either, not both
+    budget = AdapterCache(pool, qwen2.spec, qwen2.manifest, contract.MAX_LORA_RANK, 4, np.float32,
+                          max_cpu_lora_bytes=limit)
+    for name in ("a1", "a2"):
+        budget.add(name, qwen2.processed[name])
+        budget.activate(name)
+    assert budget.host_ready() == ["a2"] and budget.stats.host_evictions == 1 and budget.host_bytes <= limit
+    assert _slot_holds(budget, qwen2, "a1") and _slot_holds(budget, qwen2, "a2")
+    tiny = AdapterCache(pool, qwen2.spec, qwen2.manifest, contract.MAX_LORA_RANK, 4, np.float32,
+                        max_cpu_lora_bytes=sizes["a3"] - 1)
+    tiny.add("a3", qwen2.processed["a3"])
+    tiny.activate("a3")
+    assert tiny.host_ready() == [] and _slot_holds(tiny, qwen2, "a3")

@@ -22,7 +22,7 @@ def qwen2(exported_samples):
 def _engine(sample, max_loras: int = 3, max_cpu_loras: int = 3) -> Engine:
     engine = Engine(sample.onnx_dir, EngineConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras, num_threads=1))
     for name, path in sample.processed.items():
-        engine.adapters.add(name, path)
+        engine.adapters.add(name, path, read=True)  # host-ready: the step logs below never wait for a read
     return engine
 
 

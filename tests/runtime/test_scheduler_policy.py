@@ -13,6 +13,8 @@ bound, and that every request's tokens equal the ones it gets when it runs alone
 
 from __future__ import annotations
 
+import shutil
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +128,7 @@ def _engine(adapter_files, max_loras: int = 3, **extra) -> FakeEngine:
     pool = native.AdapterPool([(SIZE, SIZE)], max_loras, contract.MAX_LORA_RANK, "float32", "cpu")
     cache = AdapterCache(pool, _spec(), _manifest(), contract.MAX_LORA_RANK, max(16, max_loras))
     for name, path in adapter_files.items():
-        cache.add(name, path)
+        cache.add(name, path, read=True)  # host-ready: admission here never waits for a read (see test_prefetch)
     return FakeEngine(cache, **extra)
 
 
@@ -283,3 +285,56 @@ def test_a_mix_takes_a_slot_per_member_and_waits_until_it_has_them(adapter_files
     assert outputs["x1"] == _alone(adapter_files, _request("x", 4))
     assert all(engine.adapters.get(name).requests == 0 and engine.adapters.get(name).references == 0
                for name in ("x", "y", "z"))
+
+
+def test_a_waiting_adapters_file_is_read_on_a_worker_thread_while_the_batch_decodes(adapter_files, monkeypatch):
+    """x runs; y is registered but not read. y's read blocks on a worker thread until released: meanwhile every
+    step decodes x, and once the copy is in, y is admitted and answers as alone."""
+    pool = native.AdapterPool([(SIZE, SIZE)], 3, contract.MAX_LORA_RANK, "float32", "cpu")
+    cache = AdapterCache(pool, _spec(), _manifest(), contract.MAX_LORA_RANK, 16)
+    cache.add("x", adapter_files["x"], read=True)
+    cache.add("y", adapter_files["y"])
+    engine = FakeEngine(cache)
+    release, threads = threading.Event(), []
+    real_job = cache.read_job
+
+    def slow_job(target):
+        job = real_job(target)
+
+        def blocked():
+            threads.append(threading.current_thread().name)
+            assert release.wait(30)
+            return job()
+        return blocked
+
+    monkeypatch.setattr(cache, "read_job", slow_job)
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=2))
+    scheduler.add_request("x", _request("x", 40))
+    scheduler.step()
+    scheduler.add_request("y", _request("y", 3))
+    for _ in range(5):
+        scheduler.step()
+    assert [plan.rows for plan in engine.plans[1:]] == [1] * 5, "x decodes alone while y's file is read"
+    assert scheduler.num_waiting == 1 and threads and threads[0].startswith("edgelora-prefetch")
+    release.set()
+    outputs = {"x": [], "y": []}
+    for _ in range(100):
+        for update in scheduler.step():
+            outputs[update.request_id] += update.new_token_ids
+        if not scheduler.has_unfinished_requests():
+            break
+    assert outputs["y"] == _alone(adapter_files, _request("y", 3))
+    assert cache.stats.host_misses == 1 and cache.stats.slot_misses == 2
+
+
+def test_a_failed_read_fails_only_the_request_that_needed_it(adapter_files, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter_files["y"], broken)
+    engine = _engine({"x": adapter_files["x"]})
+    engine.adapters.add("b", broken)
+    weights = broken / contract.PROCESSED_ADAPTER
+    weights.write_bytes(weights.read_bytes()[:100])  # damaged after registration
+    outputs, finished = _run(Scheduler(engine, SchedulerConfig(max_num_seqs=2)),
+                             {0: {"b": _request("b", 3), "x": _request("x", 3)}})
+    assert finished == {"b": "error", "x": "length"}
+    assert outputs["x"] == _alone({"x": adapter_files["x"]}, _request("x", 3))

@@ -215,3 +215,65 @@ def test_serve_compare_names_missing_pieces_before_it_starts_a_server(qwen2, tmp
     err = capsys.readouterr().err
     assert "1 PEFT folders, --count 2" in err and "llama.cpp:" in err and "vLLM: no python" in err
     assert not (tmp_path / "work").exists()
+
+
+def _peer_module(name: str):
+    sys.path.insert(0, str(BENCHMARKS / "peers"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_peer_workload_reads_prompt_speed_columns_and_keeps_base_columns_for_a_plain_model(tmp_path):
+    peer_input = _peer_module("peer_input")
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps({"prompts": [[1, 2], [3, 4]], "max_tokens": 4,
+                                "columns": [{"name": "b1 base", "rows": [None]}, {"name": "b2 A", "rows": ["A", "A"]}],
+                                "prefill": [{"name": "prefill 3", "prompt": [5, 6, 7]}]}))
+    workload = peer_input.load_workload(path, {"A"}, 10)
+    assert [c.name for c in workload.columns] == ["b1 base", "b2 A"] and workload.longest_prefill == 3
+    assert peer_input.column_names(workload) == ["b1 base", "b2 A", "prefill 3"]
+    plain = peer_input.load_workload(path, set(), 10, base_only=True)
+    assert [c.name for c in plain.columns] == ["b1 base"]
+    with pytest.raises(peer_input.InputError, match="prefill"):
+        peer_input.load_workload(path, {"A"}, 6)  # token id 7 is outside a vocabulary of 6
+
+
+def test_a_driven_runner_announces_readiness_and_each_round_with_its_rates(monkeypatch, capsys):
+    import io
+
+    peer_input = _peer_module("peer_input")
+    samples = peer_input.Samples(["b1 base"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("round\nround\ndone\nround\n"))
+    for index in peer_input.rounds_to_run(99, True, samples):
+        samples.add("b1 base", 10.0 + index, [[index]])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["@ready", '@round 0 {"b1 base": 10.0}', '@round 1 {"b1 base": 11.0}']
+    assert samples.notes() == ["greedy tokens differed between rounds in: ['b1 base']"]
+    assert list(peer_input.rounds_to_run(2, False, samples)) == [0, 1]
+
+
+def test_llama_groups_in_turn_count_every_further_groups_prefill():
+    llama = _peer_module("llama_cpp")
+    row = llama.RowResult([1, 2], prompt_ms=1000.0, predicted_ms=2000.0, predicted_n=2)
+    # Two groups answered at t=10 and t=13: prefills [7, 8] and [10, 11], decodes [8, 10] and [11, 13].
+    first, second = (llama.prefill_intervals(t, [row]) for t in (10.0, 13.0))
+    assert first == (7.0, 8.0) and second == (10.0, 11.0)
+    decodes = llama.decode_intervals(10.0, [row]) + llama.decode_intervals(13.0, [row])
+    assert llama.union_length(decodes) == 4.0 and llama.union_length(decodes + [second]) == 5.0
+    workload = llama.Workload(((1,),), 4, (llama.Column("b1 B", ("B",)), llama.Column("b2 A,B", ("A", "B"))))
+    assert llama.merged_workload(workload, "B").columns == (llama.Column("b1 B", (None,)),)
+    with pytest.raises(llama.InputError, match="--merged A"):
+        llama.merged_workload(workload, "A")
+
+
+def test_host_memory_reports_resident_bytes_per_host_ready_adapter(qwen2, tmp_path):
+    out = tmp_path / "host.json"
+    folder = qwen2.processed["a1"].parent
+    assert _script("host_memory").main(["--onnx-dir", str(qwen2.onnx_dir), "--adapters-dir", str(folder),
+                                        "--count", "2", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert len(figures["rss_mb"]) == 3 and figures["file_mb"] > 0 and figures["host_copy_mb"] > 0
+    assert _script("host_memory").main(["--onnx-dir", str(qwen2.onnx_dir), "--adapters-dir", str(folder),
+                                        "--count", "999"]) == 2

@@ -31,11 +31,12 @@ class EdgeLoraIngress:
         onnx_dir = Path(options.onnx_dir)
         backend = ReplicaBackend(replicas, hub, adapters, onnx_dir, options.max_lora_rank)
         info = await replicas.info.remote()
-        metrics = ServerMetrics()
+        metrics = ServerMetrics(options.adapter_labels)
         self._state = AppState(options.name, backend, Tenants.of(options.api_key, options.api_keys), metrics,
                                AdapterSources(onnx_dir, options.cache_dir, options.lora_root), ChatTokenizer(onnx_dir),
                                info["max_model_len"], options.enable_lora_updates, set(adapters),
-                               render_metrics=lambda: backend.render_metrics(metrics.registry))
+                               render_metrics=lambda: backend.render_metrics(metrics.registry),
+                               on_demand=options.lora_on_demand, cache_max_bytes=options.lora_cache_max_size)
 
     def __serve_build_asgi_app__(self):
         return create_app(self._state)

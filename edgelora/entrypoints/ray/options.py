@@ -14,6 +14,7 @@ from pathlib import Path
 from edgelora.entrypoints.lora_modules import parse_lora_modules
 from edgelora.entrypoints.server import ServeOptions
 from edgelora.errors import UserInputError
+from edgelora.runtime.config import parse_size
 
 # A replica's queue when --max-waiting is not given: Ray needs a bound (max_ongoing_requests).
 WAITING_PER_ROW = 8
@@ -94,6 +95,9 @@ class RayOptions:
             values["lora_modules"] = {str(name): Path(path) for name, path in modules.items()}
         else:
             raise UserInputError("args: lora_modules must be a list of NAME=PATH or a mapping")
+        for name in ("max_cpu_lora_memory", "lora_cache_max_size"):
+            if isinstance(values.get(name), str):  # "2GiB" in a Serve config
+                values[name] = parse_size(values[name])
         options = cls(serve=ServeOptions(**values), **own)
         options.validate()
         return options

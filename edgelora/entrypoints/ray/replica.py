@@ -90,7 +90,7 @@ class EdgeLoraReplica:
     async def __init__(self, settings: EngineSettings, hub):
         """``settings.adapters`` stays empty: every adapter comes lazily, through the multiplexed loader."""
         self._hub = hub
-        self._metrics = ServerMetrics()
+        self._metrics = ServerMetrics(settings.adapter_labels)
         self._loads, self._read_seconds = adapter_load_metrics(self._metrics.registry)
         self._engine = EngineLoop(settings, self._metrics)
         self._info = await asyncio.to_thread(self._engine.start)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edgelora.errors import UserInputError
 from edgelora.formats import contract
-from edgelora.runtime.config import EngineConfig, SchedulerConfig
+from edgelora.runtime.config import ADAPTER_LABELS, EngineConfig, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class ServeOptions:
     served_model_name: str | None = None  # default: the onnx folder's name
     max_loras: int = EngineConfig.max_loras
     max_cpu_loras: int | None = EngineConfig.max_cpu_loras  # None: EngineConfig.host_loras' rule
+    max_cpu_lora_memory: int | None = EngineConfig.max_cpu_lora_bytes  # bytes of host-ready adapters (per replica)
     max_lora_rank: int = EngineConfig.max_lora_rank
     max_num_seqs: int = SchedulerConfig.max_num_seqs
     max_model_len: int | None = None
@@ -48,22 +49,31 @@ class ServeOptions:
     lora_root: Path | None = None
     lora_cache_dir: Path | None = None  # default: <onnx_dir>/.lora_cache
     enable_lora_updates: bool = False
+    lora_on_demand: bool = False  # a request naming a folder directly under lora_root loads it
+    lora_cache_max_size: int | None = None  # bytes of on-demand PEFT adapters processed into the cache (LRU)
     max_waiting: int | None = None
     device: str = "cpu"
     threads: int | None = None
     shutdown_timeout_s: float = 30.0
+    adapter_labels: int = ADAPTER_LABELS  # adapters with metric series of their own; later ones count as "other"
 
     def validate(self) -> None:
         """Everything that can be refused before the model loads, all problems at once."""
         problems = []
         if self.enable_lora_updates and self.lora_root is None:
             problems.append("--enable-lora-updates needs --lora-root DIR (run-time adapters must come from inside it)")
+        if self.lora_on_demand and self.lora_root is None:
+            problems.append("--lora-on-demand needs --lora-root DIR (the folders requests may name)")
+        if self.lora_cache_max_size is not None and self.lora_cache_max_size < 1:
+            problems.append(f"--lora-cache-max-size {self.lora_cache_max_size} (>= 1 byte)")
         if self.lora_root is not None and not Path(self.lora_root).is_dir():
             problems.append(f"--lora-root {self.lora_root}: no such folder")
         if self.api_key is not None and self.api_keys is not None:
             problems.append("give --api-key or --api-keys, not both")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port {self.port} (0..65535)")
+        if self.adapter_labels < 0:
+            problems.append(f"--metrics-adapter-labels {self.adapter_labels} (>= 0)")
         if self.shutdown_timeout_s < 0:
             problems.append(f"--shutdown-timeout {self.shutdown_timeout_s} (>= 0)")
         if self.served_model_name is not None and not self.served_model_name.strip():
@@ -79,7 +89,8 @@ class ServeOptions:
     def engine_config(self, threads: int | None = None) -> EngineConfig:
         """The engine's settings (``threads`` overrides ``--threads``: a Ray replica's share)."""
         return EngineConfig(max_lora_rank=self.max_lora_rank, max_loras=self.max_loras,
-                            max_cpu_loras=self.max_cpu_loras, device=self.device, num_threads=threads or self.threads)
+                            max_cpu_loras=self.max_cpu_loras, max_cpu_lora_bytes=self.max_cpu_lora_memory,
+                            device=self.device, num_threads=threads or self.threads)
 
     def scheduler_config(self, max_waiting: int | None = None) -> SchedulerConfig:
         """The scheduler's settings (``max_waiting`` overrides ``--max-waiting``: a Ray replica's bound)."""
@@ -167,13 +178,14 @@ def serve(options: ServeOptions) -> None:
         sources = AdapterSources(onnx_dir, options.cache_dir, options.lora_root)
         startup = prepare_startup_adapters(options, sources)
         settings = engine_settings(options, startup)
-        metrics = ServerMetrics()
+        metrics = ServerMetrics(options.adapter_labels)
         engine = EngineLoop(settings, metrics)
         info = engine.start()
         try:
             state = AppState(options.name, engine, tenants, metrics, sources, ChatTokenizer(onnx_dir),
                              info.max_model_len, options.enable_lora_updates, set(info.adapters),
-                             max_loras=options.max_loras)
+                             max_loras=options.max_loras, on_demand=options.lora_on_demand,
+                             cache_max_bytes=options.lora_cache_max_size)
             config = uvicorn.Config(create_app(state), log_config=None, lifespan="on",
                                     timeout_graceful_shutdown=options.shutdown_timeout_s)
             server = uvicorn.Server(config)
@@ -192,7 +204,8 @@ def engine_settings(options: ServeOptions, adapters: dict[str, Path], threads: i
     from edgelora.entrypoints.server.engine_loop import EngineSettings
 
     return EngineSettings(onnx_dir=Path(options.onnx_dir), engine=options.engine_config(threads),
-                          scheduler=options.scheduler_config(max_waiting), adapters=adapters)
+                          scheduler=options.scheduler_config(max_waiting), adapters=adapters,
+                          adapter_labels=options.adapter_labels)
 
 
 def _run_until_signal(server, sock: socket.socket) -> None:

@@ -27,6 +27,20 @@ class ForbiddenPath(UserInputError):
     """An adapter path outside ``--lora-root`` (after following symlinks): a 403."""
 
 
+def on_demand_name(name: str) -> bool:
+    """Whether a request's ``model`` may name a folder directly under the root: one plain path component
+    (no separators, not ``.``/``..``, not hidden); anything else is an unknown model."""
+    return 0 < len(name) <= 255 and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files in a folder (0 if it is gone)."""
+    try:
+        return sum(item.stat().st_size for item in Path(folder).iterdir() if item.is_file())
+    except OSError:
+        return 0
+
+
 @dataclass
 class AdapterSources:
     """Turns a path a caller names into a processed folder the engine can register."""
@@ -69,6 +83,7 @@ class AdapterSources:
         key = self._cache_key(path)
         target = self.cache_dir / key
         if (target / contract.PROCESSED_ADAPTER).is_file() and (target / contract.PROCESSED_CONFIG).is_file():
+            target.touch()  # used now: the cache's LRU order
             return target
         from edgelora.adapters import process_adapter  # numpy + safetensors only for a safetensors PEFT folder
 
@@ -78,6 +93,11 @@ class AdapterSources:
             shutil.rmtree(target, ignore_errors=True)
             raise AdapterError(f"{path}: the adapter files changed while they were processed; load it again")
         return target
+
+    def drop(self, folder: Path) -> None:
+        """Delete a processed copy in the cache folder (nothing outside it)."""
+        if Path(folder).resolve().is_relative_to(self.cache_dir.resolve()):
+            shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
     def _cache_key(path: Path) -> str:

@@ -10,10 +10,12 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, Request
@@ -22,7 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edgelora.entrypoints.server.adapters import AdapterSources, ForbiddenPath
+from edgelora.entrypoints.server.adapters import AdapterSources, ForbiddenPath, folder_bytes, on_demand_name
 from edgelora.entrypoints.server.engine_loop import (
     AdapterLoad,
     RequestFailed,
@@ -106,6 +108,10 @@ class AppState:
     # /metrics' body; None: this process's own registry (edgelora.entrypoints.ray merges every replica's)
     render_metrics: Callable[[], Awaitable[bytes]] | None = None
     max_loras: int = EngineConfig.max_loras  # adapters one step may use: the most a lora_mix may name
+    on_demand: bool = False  # a request's model naming a folder under the root loads it (--lora-on-demand)
+    cache_max_bytes: int | None = None  # processed copies of on-demand PEFT adapters kept at most (LRU)
+    demand: dict[str, asyncio.Future] = field(default_factory=dict)  # on-demand loads in flight, by name
+    demand_used: OrderedDict[str, Path] = field(default_factory=OrderedDict)  # on-demand name -> folder, LRU first
 
 
 @dataclass
@@ -288,15 +294,66 @@ def create_app(state: AppState) -> FastAPI:
             raise ApiError(404, f"loading and unloading adapters at run time is off; start the server with "
                                 f"{UPDATES_FLAG} (and --lora-root)", code="lora_updates_disabled")
 
-    def resolve_model(name: str, tenant: Tenant) -> str | None:
-        """None for the base model, else the adapter name; 404 for what this key cannot see."""
+    async def resolve_model(name: str, tenant: Tenant) -> str | None:
+        """None for the base model, else the adapter name; 404 for what this key cannot see (with
+        --lora-on-demand, a folder under the root that is not loaded yet is loaded first)."""
         if name == state.served_name:
             return None
         prefix = state.served_name + ":"
         adapter = name[len(prefix):] if name.startswith(prefix) else name
-        if adapter in state.adapters and tenant.may_use(adapter):
+        if tenant.may_use(adapter) and (adapter in state.adapters or await load_on_demand(adapter)):
+            if adapter in state.demand_used:
+                state.demand_used.move_to_end(adapter)
             return adapter
         raise ApiError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    async def load_on_demand(name: str) -> bool:
+        """Register the folder ``name`` directly under --lora-root; False when there is none (a 404, like
+        any unknown name: '..', separators and symlinks leaving the root included). Concurrent first
+        requests share one load."""
+        if not state.on_demand or not on_demand_name(name) or name == state.served_name:
+            return False
+        try:
+            path = state.sources.inside_root(name)
+        except ForbiddenPath:
+            return False
+        if not path.is_dir():
+            return False
+        pending = state.demand.get(name)
+        if pending is None:
+            pending = state.demand[name] = asyncio.ensure_future(demand_load(name, path))
+            pending.add_done_callback(lambda _: state.demand.pop(name, None))
+        await asyncio.shield(pending)
+        return True
+
+    async def demand_load(name: str, path) -> None:
+        folder = await asyncio.get_running_loop().run_in_executor(adapter_pool, state.sources.prepare, path)
+        loaded = await state.engine.load_adapter(name, folder)
+        state.adapters.add(name)
+        state.demand_used[name] = folder
+        state.metrics.on_demand_loads.inc()
+        log.info("adapter %s loaded on demand from %s (version %s)", name, path, loaded.version)
+        await trim_cache(keep=name)
+
+    async def trim_cache(keep: str) -> None:
+        """Past --lora-cache-max-size, the least recently used on-demand adapters processed into the cache
+        leave it and the registry (a later request loads them again); ``keep`` stays."""
+        if state.cache_max_bytes is None:
+            return
+        cached = {name: folder for name, folder in state.demand_used.items()
+                  if folder.is_relative_to(state.sources.cache_dir)}
+        total = sum(folder_bytes(folder) for folder in cached.values())
+        for name, folder in cached.items():  # least recently used first
+            if total <= state.cache_max_bytes:
+                break
+            if name == keep:
+                continue
+            total -= folder_bytes(folder)
+            state.adapters.discard(name)
+            state.demand_used.pop(name, None)
+            await state.engine.unload_adapter(name)
+            await asyncio.get_running_loop().run_in_executor(adapter_pool, state.sources.drop, folder)
+            log.info("adapter %s left the processed cache (--lora-cache-max-size)", name)
 
     async def tokenize(call: Callable, *args) -> list[int]:
         ids = await asyncio.get_running_loop().run_in_executor(tokenize_pool, call, *args)
@@ -326,7 +383,7 @@ def create_app(state: AppState) -> FastAPI:
 
     async def accept(tenant: Tenant, request_id: str, generation: GenerationRequest, arrival_s: float) -> _Ticket:
         """Hand the request to the engine; 429 over the key's limit, 503 on a full queue, 400 on bad input."""
-        label = generation.adapter or (MIX_LABEL if generation.lora_mix else "base")
+        label = state.metrics.label(generation.adapter or (MIX_LABEL if generation.lora_mix else "base"))
         if tenant.max_concurrent is not None and state.in_flight.get(tenant.label, 0) >= tenant.max_concurrent:
             state.metrics.requests.labels(label, "rejected").inc()
             raise ApiError(429, f"this API key already has {tenant.max_concurrent} requests running or waiting",
@@ -385,7 +442,7 @@ def create_app(state: AppState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, tenant: TenantOf) -> Response:
         arrival_s = time.perf_counter()
-        adapter = resolve_model(body.model, tenant)
+        adapter = await resolve_model(body.model, tenant)
         if body.logprobs is not None:
             raise ApiError(400, "logprobs are not supported", "logprobs")
         if body.echo:
@@ -444,7 +501,7 @@ def create_app(state: AppState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                tenant: TenantOf) -> Response:
         arrival_s = time.perf_counter()
-        adapter = resolve_model(body.model, tenant)
+        adapter = await resolve_model(body.model, tenant)
         if body.logprobs:
             raise ApiError(400, "logprobs are not supported", "logprobs")
         messages = [message.as_template_input() for message in body.messages]
@@ -527,7 +584,8 @@ def create_app(state: AppState) -> FastAPI:
         name = body.lora_name
         if name not in state.adapters:
             raise ApiError(404, f"the adapter {name!r} is not loaded", "lora_name", "model_not_found")
-        state.adapters.discard(name)  # new requests get a 404 from now on
+        state.adapters.discard(name)  # new requests get a 404 from now on (or load it again, on demand)
+        state.demand_used.pop(name, None)
         removed = await state.engine.unload_adapter(name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully."
                                  + ("" if removed else " Requests that use it finish first."))

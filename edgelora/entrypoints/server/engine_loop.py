@@ -34,7 +34,7 @@ from pathlib import Path
 from edgelora.entrypoints.server.metrics import ServerMetrics
 from edgelora.errors import EdgeLoraError, RuntimeFailure, UserInputError
 from edgelora.runtime.adapter_cache import AdapterRef
-from edgelora.runtime.config import EngineConfig, SchedulerConfig
+from edgelora.runtime.config import ADAPTER_LABELS, EngineConfig, SchedulerConfig
 from edgelora.runtime.engine import Engine
 from edgelora.runtime.scheduler import GenerationRequest, Scheduler, SequenceUpdate
 from edgelora.runtime.tokenizer import ChatTokenizer
@@ -50,6 +50,7 @@ class EngineSettings:
     engine: EngineConfig
     scheduler: SchedulerConfig
     adapters: dict[str, Path] = field(default_factory=dict)  # processed folders registered at start
+    adapter_labels: int = ADAPTER_LABELS  # adapters with metric series of their own
 
 
 @dataclass
@@ -216,7 +217,9 @@ class EngineLoop:
         if stepped:
             self._step()
         self._metrics.observe_queue(scheduler.num_running, scheduler.num_waiting)
-        self._metrics.observe_cache(self._engine.adapters.stats, len(self._engine.adapters.names()))
+        adapters = self._engine.adapters
+        self._metrics.observe_cache(adapters.stats, len(adapters.names()), list(adapters.slot_table().values()),
+                                    adapters.host_ready())
         if stepped:
             self._metrics.observe_step(scheduler.last_step, time.perf_counter() - started)
         return True
@@ -334,11 +337,11 @@ class EngineLoop:
             if update.new_token_ids:
                 if live.last_token_s is None:
                     metrics.time_to_first_token.observe(now - live.arrival_s)
-                    metrics.prompt_tokens.inc(update.prompt_tokens)
+                    metrics.observe_first_token(live.adapter_label, update.prompt_tokens)
                 else:
                     metrics.inter_token_latency.observe(now - live.last_token_s)
                 live.last_token_s = now
-                metrics.generation_tokens.inc(len(update.new_token_ids))
+                metrics.observe_tokens(live.adapter_label, len(update.new_token_ids))
             if update.finish_reason == "error":
                 deliveries.append((live.stream, RequestFailed(update.error or "the request failed")))
             else:

@@ -3,6 +3,11 @@
 The engine thread updates them after each step; ``/metrics`` renders the registry. Adapter cache
 counters come from ``AdapterCache.stats`` as deltas since the last step, so the prometheus counters
 stay monotonic and the cache object is only read on the engine thread.
+
+Per-adapter series have bounded cardinality: the first ``adapter_labels`` adapters seen get a
+label of their own, every later one is counted under ``other`` (``base`` and ``mix`` are always
+there). A label once given is kept, so every counter stays monotonic, however many adapters a
+server meets in its life.
 """
 
 from __future__ import annotations
@@ -11,20 +16,45 @@ from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from edgelora.runtime.adapter_cache import CacheStats
+from edgelora.runtime.config import ADAPTER_LABELS
 from edgelora.runtime.scheduler import StepStats
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                      7.5, 10.0, 20.0, 40.0, 80.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 CACHE_COUNTERS = ("slot_hits", "slot_misses", "slot_evictions", "host_hits", "host_misses", "host_evictions")
+FIXED_LABELS = ("base", "mix", "other")
+LOCATIONS = ("slot", "host", "disk")  # edgelora_adapter_location's values 2, 1, 0
+
+
+class AdapterLabels:
+    """Adapter name -> metric label: its own for the first ``limit`` names seen, else ``other``."""
+
+    def __init__(self, limit: int = ADAPTER_LABELS):
+        self.limit = limit
+        self._own: dict[str, None] = {}  # insertion-ordered set
+
+    def __call__(self, name: str) -> str:
+        if name in FIXED_LABELS or name in self._own:
+            return name
+        if len(self._own) < self.limit:
+            self._own[name] = None
+            return name
+        return "other"
+
+    @property
+    def named(self) -> list[str]:
+        """The adapters that have a label of their own."""
+        return list(self._own)
 
 
 class ServerMetrics:
     """Every metric ``edgelora serve`` exposes."""
 
-    def __init__(self):
+    def __init__(self, adapter_labels: int = ADAPTER_LABELS):
         self.registry = CollectorRegistry()
         registry = self.registry
+        self.label = AdapterLabels(adapter_labels)
         self.requests = Counter("edgelora_requests", "Requests by adapter ('base' for none, 'mix' for a lora_mix) and outcome "
                                 "(stop, length, abort, error, rejected)", ["adapter", "outcome"], registry=registry)
         self.prompt_tokens = Counter("edgelora_prompt_tokens", "Prompt tokens of admitted requests", registry=registry)
@@ -56,6 +86,23 @@ class ServerMetrics:
         self.adapter_load_seconds = Histogram("edgelora_adapter_load_seconds",
                                               "Time to bring an adapter into a slot (file or host copy -> slot)",
                                               buckets=LATENCY_BUCKETS_S, registry=registry)
+        per_adapter = f" (the first {adapter_labels} adapters seen by name, later ones as 'other')"
+        self.adapter_prompt_tokens = Counter("edgelora_adapter_prompt_tokens", "Prompt tokens by adapter" + per_adapter,
+                                             ["adapter"], registry=registry)
+        self.adapter_generation_tokens = Counter("edgelora_adapter_generation_tokens",
+                                                 "Generated tokens by adapter" + per_adapter, ["adapter"],
+                                                 registry=registry)
+        self.adapter_loads = Counter("edgelora_adapter_loads", "Copies of an adapter into a slot" + per_adapter,
+                                     ["adapter"], registry=registry)
+        self.adapter_load_time = Counter("edgelora_adapter_load_time_seconds",
+                                         "Seconds spent bringing an adapter into a slot" + per_adapter, ["adapter"],
+                                         registry=registry)
+        self.adapter_location = Gauge("edgelora_adapter_location", "Where an adapter with a label of its own is: "
+                                      "2 in a slot, 1 host-ready, 0 on disk only", ["adapter"], registry=registry)
+        self.on_demand_loads = Counter("edgelora_adapter_on_demand_loads", "Adapters registered because a request "
+                                       "named their folder under --lora-root (--lora-on-demand)", registry=registry)
+        self.adapters_by_location = Gauge("edgelora_adapters_by_location", "Adapters in slots, host-ready (and not "
+                                          "in a slot) and on disk only", ["where"], registry=registry)
         self._seen_cache = CacheStats()
         self._seen_loads = 0
 
@@ -75,18 +122,42 @@ class ServerMetrics:
             self.decode_step_seconds.observe(iteration_s)
             self.decode_overhead_seconds.observe(max(0.0, iteration_s - stats.run_s))
 
-    def observe_cache(self, stats: CacheStats, registered: int) -> None:
-        """Advance the cache counters by what changed since the last call (engine thread only)."""
+    def observe_cache(self, stats: CacheStats, registered: int, in_slots: list[str] | None = None,
+                      host_ready: list[str] | None = None) -> None:
+        """Advance the cache counters by what changed since the last call, and where adapters are (engine thread
+        only; ``in_slots`` / ``host_ready``: names, as the cache lists them)."""
         for name in CACHE_COUNTERS:
             delta = getattr(stats, name) - getattr(self._seen_cache, name)
             if delta > 0:
                 self.cache[name].inc(delta)
             setattr(self._seen_cache, name, getattr(stats, name))
-        new_loads = min(stats.loads - self._seen_loads, len(stats.recent_load_s))
-        for seconds in list(stats.recent_load_s)[len(stats.recent_load_s) - new_loads:]:
+        new_loads = min(stats.loads - self._seen_loads, len(stats.recent_loads))
+        for adapter, seconds in list(stats.recent_loads)[len(stats.recent_loads) - new_loads:]:
             self.adapter_load_seconds.observe(seconds)
+            label = self.label(adapter)
+            self.adapter_loads.labels(label).inc()
+            self.adapter_load_time.labels(label).inc(seconds)
         self._seen_loads = stats.loads
         self.adapters.set(registered)
+        if in_slots is not None and host_ready is not None:
+            self.observe_locations(registered, in_slots, host_ready)
+
+    def observe_locations(self, registered: int, in_slots: list[str], host_ready: list[str]) -> None:
+        """Counts per location, and each labelled adapter's own (a retired version, ``name@v``, is not its name)."""
+        slots, host = set(in_slots), set(host_ready) - set(in_slots)
+        self.adapters_by_location.labels("slot").set(len(slots))
+        self.adapters_by_location.labels("host").set(len(host))
+        self.adapters_by_location.labels("disk").set(max(0, registered - len(slots) - len(host)))
+        for name in self.label.named:
+            self.adapter_location.labels(name).set(2 if name in slots else 1 if name in host else 0)
+
+    def observe_first_token(self, label: str, prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.adapter_prompt_tokens.labels(label).inc(prompt_tokens)
+
+    def observe_tokens(self, label: str, count: int) -> None:
+        self.generation_tokens.inc(count)
+        self.adapter_generation_tokens.labels(label).inc(count)
 
     def observe_queue(self, running: int, waiting: int) -> None:
         self.running.set(running)

@@ -1,15 +1,18 @@
 """API keys: who may call the server, which adapters each key sees, and how much it may queue.
 
-``--api-keys FILE`` is JSON ``{"KEY": {"adapters": ["a", "b"] | "*", "admin": bool,
+``--api-keys FILE`` is JSON ``{"KEY": {"adapters": ["a", "b", "acme-*"] | "*", "admin": bool,
 "max_concurrent": int}}``; ``--api-key KEY`` is one key with every adapter and admin rights;
-neither means an open server (every caller is an admin that sees every adapter).
+neither means an open server (every caller is an admin that sees every adapter). An entry of
+``adapters`` with ``*``, ``?`` or ``[...]`` is a pattern (``fnmatch``, case-sensitive): a key for
+one customer's adapters under ``--lora-root`` names them as ``acme-*``.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from edgelora.errors import UserInputError
@@ -24,8 +27,16 @@ class Tenant:
     admin: bool = False
     max_concurrent: int | None = None  # running + waiting requests at once
 
+    patterns: tuple[str, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        wild = tuple(sorted(a for a in self.adapters or () if any(c in a for c in "*?[")))
+        object.__setattr__(self, "patterns", wild)
+
     def may_use(self, adapter: str) -> bool:
-        return self.adapters is None or adapter in self.adapters
+        if self.adapters is None or adapter in self.adapters:
+            return True
+        return any(fnmatchcase(adapter, pattern) for pattern in self.patterns)
 
 
 OPEN = Tenant("open", None, admin=True)
