@@ -362,17 +362,21 @@ def _ratios(runs: dict[str, EngineRun], columns: list[tuple[str, list]],
 
 
 def _same_tokens(runs: dict[str, EngineRun], names: list[str], reference: str = "float32") -> dict[str, str]:
-    """Per engine: of the columns both ran, those whose greedy ids equal edgelora float32's on every row."""
+    """Per engine: of the rows both ran, how many have greedy ids equal to edgelora float32's, and the median
+    count of leading ids they share (a row that leaves at token k shares k)."""
     ref = runs.get(reference)
     out = {}
     for key, run in runs.items():
-        if key == reference or run.skipped or ref is None:
+        if key == reference or ref is None or not run.columns:
             continue
-        both = [name for name in names if run.columns.get(name, {}).get("tokens")
-                and ref.columns.get(name, {}).get("tokens")]
-        equal = [name for name in both if run.columns[name]["tokens"] == ref.columns[name]["tokens"]]
-        out[key] = f"{len(equal)}/{len(both)} columns" + (f" (differ: {', '.join(sorted(set(both) - set(equal)))})"
-                                                          if len(equal) < len(both) else "")
+        equal, shared = 0, []
+        for name in names:
+            mine, theirs = run.columns.get(name, {}).get("tokens"), ref.columns.get(name, {}).get("tokens")
+            for a, b in zip(mine or [], theirs or []):
+                equal += a == b
+                shared.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+        if shared:
+            out[key] = f"{equal}/{len(shared)} rows (median {statistics.median(shared):g} leading ids shared)"
     return out
 
 

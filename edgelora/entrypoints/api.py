@@ -30,8 +30,8 @@ class LoraConfig:
     """Adapter capacity of an LLM: rank limit, slots for a batch, adapters kept ready in host memory.
 
     Every adapter the LLM is given stays known by name; ``max_loras`` bounds the slots a batch
-    binds and ``max_cpu_loras`` the adapters held converted in host memory. Beyond both, an adapter
-    is read again from its file on next use.
+    binds, ``max_cpu_loras`` (and ``max_cpu_lora_bytes``) the adapters held host-ready, at their
+    file's precision. Beyond both, an adapter is read again from its file on next use.
     """
 
     lora_dir: list[str] = field(default_factory=list)  # processed adapters registered at start (name = folder name)

@@ -164,7 +164,7 @@ def test_compare_interleaves_long_lived_engines_round_by_round(qwen2, tmp_path, 
     assert data["runs"]["float32"]["columns"]["b4 A,B,C,base"]["tokens"] == \
         data["runs"]["peft"]["columns"]["b4 A,B,C,base"]["tokens"]
     report = (tmp_path / "out" / "run.md").read_text()
-    assert "Prompt speed" in report and "Mixed batch vs groups in turn" in report and "peft: 6/6 columns" in report
+    assert "Prompt speed" in report and "Mixed batch vs groups in turn" in report and "peft: 18/18 rows (median 4 leading ids shared)" in report
 
 
 def test_compare_keeps_the_rounds_measured_when_an_engine_dies(qwen2, tmp_path, monkeypatch):
