@@ -647,7 +647,7 @@ def _report(args, runs: dict[str, EngineRun], memory: dict, workload: dict) -> N
         {"workload": workload, "memory": memory, "columns": args.columns,
          "runs": {k: {"engine": r.engine, "columns": r.columns, "peak_rss_mb": r.peak_rss_mb, "notes": r.notes,
                       "skipped": r.skipped, "version": r.version, "bandwidth_gb_s": r.bandwidth_gb_s}
-                  for k, r in runs.items()}}, indent=1) + "\n")
+                  for k, r in runs.items()}}, separators=(",", ":")) + "\n")  # compact: every row's ids
     print("\n".join(lines))
     try:
         _chart(runs, decode, stem.with_suffix(".png"), title)
