@@ -218,8 +218,8 @@ class EngineLoop:
             self._step()
         self._metrics.observe_queue(scheduler.num_running, scheduler.num_waiting)
         adapters = self._engine.adapters
-        self._metrics.observe_cache(adapters.stats, len(adapters.names()), list(adapters.slot_table().values()),
-                                    adapters.host_ready())
+        self._metrics.observe_cache(adapters.stats, len(adapters.names()),
+                                    lambda: (list(adapters.slot_table().values()), adapters.host_ready()))
         if stepped:
             self._metrics.observe_step(scheduler.last_step, time.perf_counter() - started)
         return True

@@ -12,6 +12,8 @@ server meets in its life.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 (re-exported for the app)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -105,6 +107,7 @@ class ServerMetrics:
                                           "in a slot) and on disk only", ["where"], registry=registry)
         self._seen_cache = CacheStats()
         self._seen_loads = 0
+        self._seen_moved: tuple = ()
 
     def observe_step(self, stats: StepStats, iteration_s: float) -> None:
         """One engine-thread iteration around a scheduler step (a prefill of new rows, a chunk of a long
@@ -122,10 +125,11 @@ class ServerMetrics:
             self.decode_step_seconds.observe(iteration_s)
             self.decode_overhead_seconds.observe(max(0.0, iteration_s - stats.run_s))
 
-    def observe_cache(self, stats: CacheStats, registered: int, in_slots: list[str] | None = None,
-                      host_ready: list[str] | None = None) -> None:
+    def observe_cache(self, stats: CacheStats, registered: int,
+                      locations: Callable[[], tuple[list[str], list[str]]] | None = None) -> None:
         """Advance the cache counters by what changed since the last call, and where adapters are (engine thread
-        only; ``in_slots`` / ``host_ready``: names, as the cache lists them)."""
+        only; ``locations`` gives the names in slots and host-ready, asked only when a load, an eviction, a host
+        read or the registry changed since the last call: not on every step)."""
         for name in CACHE_COUNTERS:
             delta = getattr(stats, name) - getattr(self._seen_cache, name)
             if delta > 0:
@@ -139,8 +143,11 @@ class ServerMetrics:
             self.adapter_load_time.labels(label).inc(seconds)
         self._seen_loads = stats.loads
         self.adapters.set(registered)
-        if in_slots is not None and host_ready is not None:
-            self.observe_locations(registered, in_slots, host_ready)
+        moved = (stats.loads, stats.slot_evictions, stats.host_misses, stats.host_evictions, registered,
+                 len(self.label.named))
+        if locations is not None and moved != self._seen_moved:
+            self._seen_moved = moved
+            self.observe_locations(registered, *locations())
 
     def observe_locations(self, registered: int, in_slots: list[str], host_ready: list[str]) -> None:
         """Counts per location, and each labelled adapter's own (a retired version, ``name@v``, is not its name)."""
