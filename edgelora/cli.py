@@ -84,7 +84,8 @@ def _infer(args: argparse.Namespace) -> None:
     result = run_infer(InferOptions(
         onnx_dir=args.onnx_dir, input_file=args.input_file, output_file=args.output_file,
         max_lora_rank=args.max_lora_rank, max_batch_size=args.max_batch_size, device=args.device,
-        num_threads=args.threads, max_num_batched_tokens=args.max_num_batched_tokens))
+        num_threads=args.threads, max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching))
     stats = result["stats"]
     log.info("%d responses in %.2f s (%s decode tokens/s) -> %s", stats["requests"], stats["total_s"],
              stats["decode_tokens_per_s"], args.output_file)
@@ -137,7 +138,8 @@ def _serve(args: argparse.Namespace) -> None:
         max_num_batched_tokens=args.max_num_batched_tokens, host=args.host, port=args.port, api_key=args.api_key,
         api_keys=args.api_keys, lora_root=args.lora_root, lora_cache_dir=args.lora_cache_dir, enable_lora_updates=args.enable_lora_updates,
         max_waiting=args.max_waiting, device=args.device, threads=args.threads,
-        shutdown_timeout_s=args.shutdown_timeout)
+        shutdown_timeout_s=args.shutdown_timeout, enable_prefix_caching=args.enable_prefix_caching,
+        prefix_cache_memory=args.prefix_cache_memory, prefix_cache_share_base=args.prefix_cache_share_base)
     if not args.ray:
         if args.replicas is not None or args.ray_address is not None:
             raise UserInputError("--replicas and --ray-address need --ray")
@@ -164,6 +166,7 @@ def _bench_serve(args: argparse.Namespace) -> None:
         repeats=args.repeats, threads=args.threads, max_loras=args.max_loras, max_num_seqs=args.max_num_seqs,
         compare_offline=args.compare_offline, api_key=args.api_key, json_path=args.json, rates=args.rates,
         requests_file=args.requests_file, duration_s=args.duration, zipf_alpha=args.zipf_alpha, spread=args.length_spread,
+        shared_prefix_len=args.shared_prefix_len,
         seed=args.seed, slo_ttft_s=args.slo_ttft, slo_itl_s=args.slo_itl, sustain_ttft_p99_s=args.sustain_ttft_p99,
         adapter_field=args.adapter_field, chart_path=args.chart, timeout_s=args.request_timeout))
 
@@ -312,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(infer, "--max-num-batched-tokens", type=int, default=None, help=BATCHED_TOKENS_HELP)
     infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution provider (cuda needs onnxruntime-gpu)")
     infer.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores)")
+    _flag(infer, "--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+          default=SchedulerConfig.enable_prefix_caching,
+          help="requests whose prompts start the same way (a shared system prompt) under the same adapter reuse "
+               "its KV instead of prefilling it again; --no-enable-prefix-caching turns it off")
 
     bench = _add(subparsers, "bench", _bench, "measure base / one-adapter / mixed-adapter speed",
                  "Measure prefill ms and decode tokens/s for the base model, one adapter on every row, and a mixed "
@@ -389,6 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--metrics-adapter-labels", type=int, default=ADAPTER_LABELS, metavar="N",
           help="adapters with /metrics series of their own (requests, tokens, loads, location): the first N seen; "
                "later ones are counted under adapter=\"other\", so the series stay bounded")
+    _flag(serve, "--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+          default=SchedulerConfig.enable_prefix_caching,
+          help="keep the KV of prompt blocks and reuse it for later prompts that start the same way under the same "
+               "adapter version and tenant (they prefill only the rest); --no-enable-prefix-caching turns it off")
+    _flag(serve, "--prefix-cache-memory", type=_size, default=SchedulerConfig.prefix_cache_bytes, metavar="SIZE",
+          help="host memory for cached prompt KV (1GiB, 512MB; with --ray, per replica); least recently used "
+               "blocks leave first; default: 512MiB")
+    _flag(serve, "--prefix-cache-share-base", action="store_true",
+          help="share cached base-model prefixes across tenants (API keys); by default every tenant has its own, "
+               "so response times cannot show one tenant what another asked. Adapter prefixes stay per tenant")
     _flag(serve, "--shutdown-timeout", type=float, default=30.0,
           help="seconds SIGTERM waits for running requests before it cancels them")
     serve.add_argument("--ray", action="store_true",
@@ -434,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="adapter popularity: the i-th of --adapters is drawn with weight 1/i^alpha (0: uniform)")
     _flag(open_loop, "--length-spread", type=float, default=0.0,
           help="prompt and output lengths uniform within +-this fraction of --prompt-len / --max-tokens")
+    _flag(open_loop, "--shared-prefix-len", type=int, default=0, metavar="N",
+          help="every request starts with the same N-token system prompt before its own --prompt-len tokens (a "
+               "prefix-cache workload: compare a server with and without --no-enable-prefix-caching)")
     open_loop.add_argument("--seed", type=int, default=0, help="seed of the arrivals, adapters, lengths and prompts")
     _flag(open_loop, "--slo-ttft", type=float, default=None, help="SLO: time to first token, seconds")
     _flag(open_loop, "--slo-itl", type=float, default=None, help="SLO: a request's mean inter-token gap, seconds")

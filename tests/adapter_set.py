@@ -34,28 +34,32 @@ def processed_adapters(sample, root: Path, count: int, seed: int) -> dict[str, P
 
 
 def chat_requests(adapter_names: list[str], count: int, base: int = 0, max_tokens: tuple[int, int] = (4, 17),
-                  seed: int = 7, tag: str = "") -> list[dict]:
-    """``count`` requests round robin over the adapters, then ``base`` base-model ones; lengths drawn from ``max_tokens``."""
+                  seed: int = 7, tag: str = "", systems: list[str] | None = None) -> list[dict]:
+    """``count`` requests round robin over the adapters, then ``base`` base-model ones; lengths drawn from ``max_tokens``.
+    ``systems``: system prompts, request i gets the (i // 3)-th in turn (a prefix-cache workload)."""
     rng = np.random.default_rng(seed)
     requests = []
     for index in range(count + base):
         name = adapter_names[index % len(adapter_names)] if index < count else None
+        system = [{"role": "system", "content": systems[(index // 3) % len(systems)]}] if systems else []
         requests.append({"lora_name": name, "max_tokens": int(rng.integers(*max_tokens)),
-                         "messages": [{"role": "user", "content": f"Tell me about {TOPICS[index % len(TOPICS)]} "
-                                                                  f"({tag}{index})."}]})
+                         "messages": system + [{"role": "user", "content": f"Tell me about {TOPICS[index % len(TOPICS)]} "
+                                                                           f"({tag}{index})."}]})
     return requests
 
 
-def offline_answers(sample, adapters: dict[str, Path], requests: list[dict], root: Path) -> list[dict]:
-    """What ``edgelora infer`` answers (greedy) to each request: output_text and output_ids."""
+def offline_answers(sample, adapters: dict[str, Path], requests: list[dict], root: Path,
+                    *flags: str) -> list[dict]:
+    """What ``edgelora infer`` answers (greedy) to each request: output_text and output_ids (``flags``: infer's)."""
     payload = {"temperature": 0, "available_lora_weights": {name: str(path) for name, path in adapters.items()},
                "requests": [{"messages": r["messages"], "lora_name": r["lora_name"],
+                             **({"lora_mix": r["lora_mix"]} if r.get("lora_mix") else {}),
                              "max_generate_length": r["max_tokens"]} for r in requests]}
     root.mkdir(parents=True, exist_ok=True)
     input_file, output_file = root / "input.json", root / "output.json"
     input_file.write_text(json.dumps(payload))
     assert main(["infer", "--onnx-dir", str(sample.onnx_dir), "--input-file", str(input_file),
-                 "--output-file", str(output_file), "--quiet"]) == 0
+                 "--output-file", str(output_file), "--quiet", *flags]) == 0
     return json.loads(output_file.read_text())["responses"]
 
 
@@ -72,9 +76,10 @@ def send_all(client, requests: list[dict], base_name: str, stagger_s: float = 0.
         time.sleep(stagger_s * index)
         request = requests[index]
         try:
+            extra = {"return_token_ids": True, **({"lora_mix": request["lora_mix"]} if request.get("lora_mix") else {})}
             response = client.chat.completions.create(
                 model=request["lora_name"] or base_name, messages=request["messages"],
-                max_tokens=request["max_tokens"], temperature=0, extra_body={"return_token_ids": True})
+                max_tokens=request["max_tokens"], temperature=0, extra_body=extra)
             choice = response.choices[0]
             results[index] = {"text": choice.message.content, "ids": choice.model_extra.get("token_ids"),
                               "finish_reason": choice.finish_reason}

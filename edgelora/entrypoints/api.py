@@ -114,7 +114,9 @@ class LLM:
     def __init__(self, model: str | Path, lora_config: LoraConfig | None = None,
                  max_batch_size: int = SchedulerConfig.max_num_seqs,
                  device: str = "cpu", num_threads: int | None = None, max_model_len: int | None = None,
-                 max_num_batched_tokens: int | None = SchedulerConfig.max_num_batched_tokens):
+                 max_num_batched_tokens: int | None = SchedulerConfig.max_num_batched_tokens,
+                 enable_prefix_caching: bool = SchedulerConfig.enable_prefix_caching,
+                 prefix_cache_bytes: int = SchedulerConfig.prefix_cache_bytes):
         lora_config = lora_config or LoraConfig()
         self.engine = Engine(Path(model), EngineConfig(
             max_lora_rank=lora_config.max_lora_rank, max_loras=lora_config.max_loras,
@@ -123,7 +125,9 @@ class LLM:
             num_threads=num_threads))
         self.tokenizer = ChatTokenizer(Path(model))
         self.scheduler = Scheduler(self.engine, SchedulerConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len,
-                                                                max_num_batched_tokens=max_num_batched_tokens),
+                                                                max_num_batched_tokens=max_num_batched_tokens,
+                                                                enable_prefix_caching=enable_prefix_caching,
+                                                                prefix_cache_bytes=prefix_cache_bytes),
                                    self.tokenizer)
         self.stats = GenerationStats()
         for path in lora_config.lora_dir:

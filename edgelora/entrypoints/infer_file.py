@@ -34,6 +34,7 @@ class InferOptions:
     max_num_batched_tokens: int | None = SchedulerConfig.max_num_batched_tokens  # None: the default rule; 0: no limit
     device: str = "cpu"
     num_threads: int | None = None
+    enable_prefix_caching: bool = SchedulerConfig.enable_prefix_caching
 
 
 @dataclass
@@ -135,7 +136,8 @@ def run_infer(options: InferOptions) -> dict:
                                            max_loras=max(1, widest_mix, min(len(used), options.max_batch_size)),
                                            max_cpu_loras=max(1, len(used))),
               max_batch_size=options.max_batch_size, device=options.device, num_threads=options.num_threads,
-              max_num_batched_tokens=options.max_num_batched_tokens)
+              max_num_batched_tokens=options.max_num_batched_tokens,
+              enable_prefix_caching=options.enable_prefix_caching)
     ids = {name: number for number, name in enumerate(used, start=1)}
     lora_requests = [LoRARequest(r.lora_name, ids[r.lora_name], str(job.adapters[r.lora_name])) if r.lora_name else None
                      for r in job.requests]

@@ -210,6 +210,9 @@ class AdapterCache:
         self._host: OrderedDict[AdapterRef, HostAdapter] = OrderedDict()  # LRU, oldest first
         self._slots: OrderedDict[int, AdapterRef] = OrderedDict()  # slot -> version, least recently used first
         self.stats = CacheStats()
+        # called with each version that stops being current (replaced or removed): caches of what was
+        # computed under it (the scheduler's prefix cache) drop it
+        self.on_retire: list[Callable[[AdapterRef], object]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
     def add(self, name: str, path: Path, version: str | None = None, read: bool = False) -> RegisteredAdapter:
@@ -489,6 +492,8 @@ class AdapterCache:
         return entry
 
     def _retire(self, ref: AdapterRef) -> None:
+        for listener in self.on_retire:
+            listener(ref)
         entry = self._registered.get(ref)
         if entry is not None and self._current.get(ref.name) != ref:
             entry.retired = True

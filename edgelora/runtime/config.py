@@ -16,6 +16,7 @@ from edgelora.formats import contract
 
 MIN_HOST_LORAS = 16  # the default max_cpu_loras is max(MIN_HOST_LORAS, max_loras)
 ADAPTER_LABELS = 100  # adapters with metric series of their own in serve; later ones are counted as "other"
+PREFIX_CACHE_BYTES = 512 * 2**20  # host memory for cached prompt KV: ~21k tokens of the 0.5B bench model
 STEP_TOKENS = 256  # the default step budget: a chunk then takes about 1 s at a 1k context (int4 0.5B, 2 cores)
 
 
@@ -89,6 +90,12 @@ class SchedulerConfig:
     # A waiting request whose adapter is neither in a slot nor host-ready has it read on a worker thread
     # (runtime/prefetch.py) and is admitted once it is in; False: the step reads it (every row waits).
     prefetch_adapters: bool = True
+    # Automatic prefix caching (runtime/prefix_cache.py): the KV of full prompt blocks is kept after a prefill
+    # and copied into later rows whose prompt starts the same way under the same adapter version(s) and
+    # cache salt (serve: the tenant), so they prefill only the rest. Host KV (CPU) only.
+    enable_prefix_caching: bool = True
+    prefix_cache_bytes: int = PREFIX_CACHE_BYTES
+    prefix_block_tokens: int = 32  # tokens per cached block: a hit is a whole number of blocks
 
     @property
     def step_tokens(self) -> int | None:
@@ -109,6 +116,10 @@ class SchedulerConfig:
                             f"(0 for no limit, else >= max_num_seqs {self.max_num_seqs})")
         if self.max_waiting is not None and self.max_waiting < 0:
             problems.append(f"max_waiting {self.max_waiting} (>= 0)")
+        if self.prefix_cache_bytes < 1:
+            problems.append(f"prefix_cache_bytes {self.prefix_cache_bytes} (>= 1)")
+        if self.prefix_block_tokens < 1:
+            problems.append(f"prefix_block_tokens {self.prefix_block_tokens} (>= 1)")
         if self.kv_cache_initial_len < 1:
             problems.append(f"kv_cache_initial_len {self.kv_cache_initial_len} (>= 1)")
         if problems:

@@ -52,6 +52,7 @@ class StepPlan:
     slots: list[int]  # per row: adapter slot (0: no adapter)
     every_position: bool = False  # logits of every fed token, not only the last (benchmarks/prefill_logits.py)
     mixes: list[RowAdapters | None] | None = None  # per row, a weighted mix of slots that replaces its slot
+    started: bool = False  # every row was just given to its request by start_rows: fresh and cached-prefix rows mix
 
     def row_adapters(self) -> list[RowAdapters]:
         """Each row's (slot, weight) pairs: its mix, else its slot at weight 1, else none."""
@@ -76,7 +77,7 @@ class StepPlan:
                 or (self.mixes is not None and len(self.mixes) != self.rows):
             raise EdgeLoraError(f"a step plan needs one token list, position and slot per row "
                                 f"({self.rows} / {len(self.positions)} / {len(self.slots)})")
-        if not all(self.token_ids) or (not self.is_prefill and 0 in self.positions):
+        if not all(self.token_ids) or (not self.is_prefill and 0 in self.positions and not self.started):
             raise EdgeLoraError("a step runs fresh prompts, or tokens on top of every row's cache, not both")
 
 
@@ -198,6 +199,20 @@ class Engine:
     def move_row(self, source: int, target: int) -> None:
         """Copy KV row ``source`` over ``target`` (the scheduler keeps live rows packed at the front)."""
         self._rows().move_row(source, target)
+
+    def start_rows(self, rows: list[int], prefixes: list[list[np.ndarray]]) -> None:
+        """Rows given to new requests: each cleared, then its cached prefix blocks (prefix_cache.py) copied
+        in from position 0; a step then feeds each row from the end of its prefix on."""
+        cache = self._rows()
+        cache.reserve(max(sum(block.shape[2] for block in blocks) for blocks in prefixes))
+        cache.clear_rows(rows)
+        for row, blocks in zip(rows, prefixes):
+            if blocks:
+                cache.write_positions(row, 0, blocks)
+
+    def read_prefix(self, row: int, start: int, stop: int) -> np.ndarray:
+        """A copy of one row's KV at positions [start, stop) (a block for the prefix cache)."""
+        return self._rows().read_positions(row, start, stop)
 
     def shrink_rows(self, positions: int) -> None:
         """Give host KV memory back when the live rows need at most ``positions`` positions."""

@@ -132,6 +132,24 @@ class KVCache:
             self._zero(target, keep, stale)
         self._written[target] = keep
 
+    @property
+    def on_host(self) -> bool:
+        return bool(self._host)
+
+    def read_positions(self, row: int, start: int, stop: int) -> np.ndarray:
+        """A copy of positions [start, stop) of one row, every layer: [2 x layers, kv_heads, n, head_dim]
+        (host buffers; the prefix cache's blocks)."""
+        return np.stack([buffer[row, :, start:stop] for buffer in self._host])
+
+    def write_positions(self, row: int, start: int, blocks: list[np.ndarray]) -> None:
+        """Copy blocks (as ``read_positions`` gives them) into one row from ``start`` on, one after another."""
+        for block in blocks:
+            stop = start + block.shape[2]
+            for index, buffer in enumerate(self._host):
+                buffer[row, :, start:stop] = block[index]
+            start = stop
+        self._written[row] = max(int(self._written[row]), start)
+
     def _zero(self, row: int, start: int, stop: int) -> None:
         if self._host:
             for buffer in self._host:

@@ -44,6 +44,7 @@ from edgelora.runtime.engine import Engine, StepPlan
 from edgelora.runtime.lora_mix import LoraMix, check_mix
 from edgelora.runtime.output import OutputStage, OutputState
 from edgelora.runtime.prefetch import Prefetcher
+from edgelora.runtime.prefix_cache import PrefixCache, chain_keys, namespace_of
 from edgelora.runtime.sampling import SamplingParams
 
 
@@ -59,6 +60,9 @@ class GenerationRequest:
     adapter: str | None = None
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=None))
     lora_mix: LoraMix | dict[str, float] | None = None  # several adapters with weights (then adapter is None)
+    # Prefix-cache namespace (vLLM's cache_salt): prompts share cached KV only under the same salt. The
+    # server sets it per tenant, so one tenant's timing cannot show what another asked.
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -108,7 +112,8 @@ class SchedulerStats:
     decode_s: float = 0.0
     decode_run_s: float = 0.0
     decode_rows: int = 0  # summed over decode steps
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prefilled (computed); a prefix-cache hit's tokens are not
+    cached_prompt_tokens: int = 0  # prompt tokens copied from the prefix cache instead
     generated_tokens: int = 0
 
 
@@ -122,6 +127,9 @@ class _Sequence:
     total: int = 0  # tokens in this row's cache
     prefilled: int = 0  # prompt tokens in the cache so far (a prompt longer than the step budget comes in chunks)
     pending: int = 0  # the last sampled token, not yet in the cache
+    prefix_keys: list[bytes] = field(default_factory=list)  # chain keys of the prompt's full blocks
+    prefix: list = field(default_factory=list)  # cached blocks copied into the row when it starts
+    cached: int = 0  # prompt tokens those blocks hold (the row's prefill starts there)
 
 
 class Scheduler:
@@ -150,6 +158,10 @@ class Scheduler:
         # reads in flight: room in the host cache beside the slots' own copies (at least one)
         self._prefetch = (Prefetcher(engine.adapters, engine.adapters.spare_host_places)
                           if self.config.prefetch_adapters else None)
+        self.prefix: PrefixCache | None = None  # host KV only: device rows have no cheap block copy here
+        if self.config.enable_prefix_caching and engine.config.device == "cpu":
+            self.prefix = PrefixCache(self.config.prefix_block_tokens, self.config.prefix_cache_bytes)
+            engine.adapters.on_retire.append(self.prefix.drop)  # a replaced or unloaded version's blocks go
         self.last_step = StepStats()
         self.stats = SchedulerStats()
 
@@ -196,7 +208,8 @@ class Scheduler:
             if name not in self.engine.adapters:
                 raise UserInputError(f"{where}: unknown adapter {name!r}" + (" in lora_mix" if mix else ""))
         return GenerationRequest(list(request.prompt_ids), request.adapter,
-                                 replace(sampling, max_tokens=max_tokens, stop=list(sampling.stop)), mix)
+                                 replace(sampling, max_tokens=max_tokens, stop=list(sampling.stop)), mix,
+                                 request.cache_salt)
 
     def add_request(self, request_id: str, request: GenerationRequest, where: str | None = None) -> None:
         """Check and queue a request; it runs once a row (and its adapter's slot) is free.
@@ -211,8 +224,11 @@ class Scheduler:
             raise QueueFull(f"the queue is full ({self.config.max_waiting} waiting requests); try again later")
         members = checked.lora_mix or (((checked.adapter, 1.0),) if checked.adapter is not None else ())
         held = tuple((self.engine.adapters.hold(name), weight) for name, weight in members)
-        self._waiting[request_id] = _Sequence(request_id, checked, self.output.start(checked.sampling,
-                                                                                     checked.prompt_ids), held)
+        seq = _Sequence(request_id, checked, self.output.start(checked.sampling, checked.prompt_ids), held)
+        if self.prefix is not None:
+            seq.prefix_keys = chain_keys(namespace_of(checked.cache_salt, held), checked.prompt_ids,
+                                         self.prefix.block_tokens)
+        self._waiting[request_id] = seq
 
     def abort_request(self, request_id: str) -> None:
         """Cancel a request; its final update (finish_reason "abort") comes from the next step."""
@@ -283,7 +299,8 @@ class Scheduler:
         for seq in list(self._waiting.values()):
             if free_rows == 0:
                 break
-            length = len(seq.request.prompt_ids)
+            hit = self.prefix.peek(seq.prefix_keys, len(seq.request.prompt_ids)) if self.prefix is not None else 0
+            length = len(seq.request.prompt_ids) - hit  # what it prefills
             chunked = budget is not None and tokens + length > budget
             if chunked and admitted:
                 break  # the next step takes it
@@ -311,6 +328,9 @@ class Scheduler:
                     self._fail(seq, str(exc))
                     continue
             del self._waiting[seq.request_id]
+            if self.prefix is not None:
+                seq.prefix = self.prefix.lookup(seq.prefix_keys, len(seq.request.prompt_ids))
+                seq.cached = seq.prefilled = len(seq.prefix) * self.prefix.block_tokens
             if chunked:  # longer than the budget: prefilled in chunks into the top row
                 seq.row = self.config.max_num_seqs - 1
                 self._chunking = seq
@@ -370,17 +390,39 @@ class Scheduler:
             seq.row = first_row + offset
             self._running.append(seq)
         self._compact()
-        prompts = [seq.request.prompt_ids for seq in admitted]
-        logits = self.engine.step(self._plan(first_row, admitted, prompts, [0] * len(admitted)))
+        if any(seq.cached for seq in admitted):  # rows start from their cached prefixes
+            self.engine.start_rows([seq.row for seq in admitted], [seq.prefix for seq in admitted])
+        fed = [seq.request.prompt_ids[seq.cached:] for seq in admitted]
+        plan = self._plan(first_row, admitted, fed, [seq.cached for seq in admitted])
+        logits = self.engine.step(replace(plan, started=any(seq.cached for seq in admitted)))
         self.last_step.run_s = self.engine.last_run_s
-        for seq, prompt in zip(admitted, prompts):
-            seq.total = len(prompt)
+        for seq in admitted:
+            seq.total = seq.prefilled = len(seq.request.prompt_ids)
+            self._keep_prefix(seq)
         tokens = self.output.sample([seq.out for seq in admitted], logits)
         self.last_step.prefill_rows = len(admitted)
         self.stats.prefill_steps += 1
         self.stats.prefill_run_s += self.last_step.run_s
-        self.stats.prompt_tokens += sum(map(len, prompts))
+        self.stats.prompt_tokens += sum(map(len, fed))
+        self.stats.cached_prompt_tokens += sum(seq.cached for seq in admitted)
         return [self._accept(seq, int(token)) for seq, token in zip(admitted, tokens)]
+
+    def _keep_prefix(self, seq: _Sequence) -> None:
+        """After a prompt's prefill: copy its full blocks not cached yet into the prefix cache (not for a
+        version retired meanwhile: no new request could reach them)."""
+        prefix = self.prefix
+        if prefix is None or not seq.prefix_keys:
+            return
+        seq.prefix = []  # the row holds them now
+        adapters = self.engine.adapters
+        if any(adapters.current(ref.name) != ref for ref, _ in seq.adapters):
+            return
+        refs = tuple(ref for ref, _ in seq.adapters)
+        size = prefix.block_tokens
+        for index in range(prefix.missing_from(seq.prefix_keys), len(seq.prefix_keys)):
+            key = seq.prefix_keys[index]
+            if key not in prefix:
+                prefix.insert(key, self.engine.read_prefix(seq.row, index * size, (index + 1) * size), refs)
 
     def _chunk_step(self) -> list[SequenceUpdate]:
         """The next chunk of the prompt in the top row; its last chunk gives its first token and moves
@@ -390,6 +432,9 @@ class Scheduler:
         self._compact()
         prompt = seq.request.prompt_ids
         start = seq.prefilled
+        if start and start == seq.cached:  # the first chunk: the row starts from its cached prefix
+            self.engine.start_rows([seq.row], [seq.prefix])
+            self.stats.cached_prompt_tokens += seq.cached
         chunk = prompt[start:start + self.config.step_tokens]
         logits = self.engine.step(self._plan(seq.row, [seq], [chunk], [start]))
         seq.prefilled += len(chunk)
@@ -407,6 +452,7 @@ class Scheduler:
             seq.row = row
         self._running.append(seq)
         seq.total = len(prompt)
+        self._keep_prefix(seq)
         self.last_step.prefill_rows = 1
         token = self.output.sample([seq.out], logits)[0]
         return [self._accept(seq, int(token))]

@@ -82,6 +82,7 @@ class BenchServeOptions:
     duration_s: float = 60.0
     zipf_alpha: float = 1.0
     spread: float = 0.0
+    shared_prefix_len: int = 0  # a system prompt every open-loop request starts with
     seed: int = 0
     slo_ttft_s: float | None = None
     slo_itl_s: float | None = None
@@ -111,6 +112,8 @@ class BenchServeOptions:
             problems.append("--rates and --requests-file: give one (a file replays its own arrival times)")
         if self.open_loop and self.compare_offline:
             problems.append("--compare-offline goes with --concurrency levels, not an open loop")
+        if self.shared_prefix_len < 0 or (self.shared_prefix_len and not self.rates):
+            problems.append("--shared-prefix-len must be >= 0, and goes with --rates")
         if self.duration_s <= 0 or self.zipf_alpha < 0 or not 0 <= self.spread < 1:
             problems.append("--duration must be > 0, --zipf-alpha >= 0, --length-spread in [0, 1)")
         if any(bound is not None and bound <= 0 for bound in (self.slo_ttft_s, self.slo_itl_s)):
@@ -301,6 +304,7 @@ def _open_loop(options: BenchServeOptions, url: str, vocab: int | None) -> dict:
     models = _served_models(options, url, api_key)
     shape = LoadShape(adapters=list(options.adapters), duration_s=options.duration_s, zipf_alpha=options.zipf_alpha,
                       prompt_len=options.prompt_len, output_len=options.max_tokens, spread=options.spread,
+                      shared_prefix_len=options.shared_prefix_len,
                       vocab=vocab or 1000, seed=options.seed)
     if options.requests_file is not None:
         runs = []

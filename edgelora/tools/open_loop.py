@@ -49,6 +49,9 @@ class LoadShape:
     spread: float = 0.0  # lengths uniform in [mean * (1 - spread), mean * (1 + spread)]
     vocab: int = 1000
     seed: int = 0
+    # tokens of one system prompt every request starts with (a prefix-cache workload); the rest
+    # (prompt_len) is each request's own
+    shared_prefix_len: int = 0
 
 
 @dataclass
@@ -99,13 +102,14 @@ def plan(rate: float, shape: LoadShape) -> list[PlannedRequest]:
     """The schedule of one rate (same seed and shape: the same requests)."""
     rng = np.random.default_rng([shape.seed, int(rate * 1000)])
     weights = zipf_weights(len(shape.adapters), shape.zipf_alpha)
+    shared = np.random.default_rng([shape.seed, 7]).integers(3, shape.vocab, shape.shared_prefix_len).tolist()
     planned, clock = [], 0.0
     while True:
         clock += rng.exponential(1.0 / rate)
         if clock >= shape.duration_s:
             return planned
         adapter = shape.adapters[int(rng.choice(len(weights), p=weights))]
-        prompt = rng.integers(3, shape.vocab, _length(rng, shape.prompt_len, shape.spread)).tolist()
+        prompt = shared + rng.integers(3, shape.vocab, _length(rng, shape.prompt_len, shape.spread)).tolist()
         planned.append(PlannedRequest(clock, adapter, prompt, max(2, _length(rng, shape.output_len, shape.spread))))
 
 

@@ -81,13 +81,14 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def ray_served(ray_setup, ray_cluster):
-    """``edgelora serve --ray``: 2 replicas, room for all 8 adapters on each, run-time loads allowed."""
+    """``edgelora serve --ray``: 2 replicas, room for all 8 adapters on each, run-time loads allowed, and
+    adapters under the root loaded on demand."""
     _, address = ray_cluster
     modules = [f"{name}={path}" for name, path in ray_setup.adapters.items()]
     with running_server("--ray", "--ray-address", address, "--replicas", "2", "--threads", "1",
                         "--onnx-dir", str(ray_setup.sample.onnx_dir), "--served-model-name", BASE,
                         "--max-num-seqs", "8", "--max-loras", str(ADAPTERS), "--max-cpu-loras", str(ADAPTERS),
-                        "--enable-lora-updates", "--lora-root", str(ray_setup.root),
+                        "--enable-lora-updates", "--lora-root", str(ray_setup.root), "--lora-on-demand",
                         "--lora-cache-dir", str(ray_setup.root.parent / "cache"),
                         "--lora-modules", *modules, timeout_s=300) as (url, process):
         yield url, process
@@ -145,25 +146,32 @@ def test_routes_streaming_models_and_run_time_adapters(ray_setup, ray_served):
     url, _ = ray_served
     client = _client(url)
     ids = {card.id for card in client.models.list().data}
-    assert ids == {BASE, *ray_setup.adapters}
+    assert ids == {BASE, *ray_setup.adapters, "late"}  # "late": a folder under the root, listed, not loaded
     request, expected = ray_setup.requests[3], ray_setup.offline[3]
     chunks = client.chat.completions.create(model=request["lora_name"], messages=request["messages"],
                                             max_tokens=request["max_tokens"], temperature=0, stream=True)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == expected["output_text"]
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="late", messages=request["messages"], max_tokens=2)
+    for escape in ("../offline", "..", "late/..", str(ray_setup.root / "late")):
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=escape, messages=request["messages"], max_tokens=2)
+    late = ray_setup.late_request
+    for _ in range(2):  # on demand (the PEFT folder processed at the ingress), then again after an unload
+        results, errors = send_all(client, [late], BASE)
+        assert not errors, errors
+        assert not mismatches([late], results, [ray_setup.late_offline])
+        response = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "late"}, timeout=30)
+        assert response.status_code == 200, response.text
+    assert _by_replica(url, "edgelora_adapter_on_demand_loads_total")["ingress"] == 2.0  # counted at the ingress
     response = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": "late"}, timeout=120)
     assert response.status_code == 200, response.text
-    late = ray_setup.late_request
     results, errors = send_all(client, [late], BASE)
-    assert not errors, errors
-    assert not mismatches([late], results, [ray_setup.late_offline])
+    assert not errors and not mismatches([late], results, [ray_setup.late_offline]), errors
     assert httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/etc"},
                       timeout=30).status_code == 403
     response = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "late"}, timeout=30)
     assert response.status_code == 200, response.text
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="late", messages=late["messages"], max_tokens=2)
+        client.chat.completions.create(model="x", messages=late["messages"], max_tokens=2)
     _client_that_leaves_mid_stream_frees_its_row(url)
     bad = httpx.post(f"{url}/v1/chat/completions", json={"model": BASE, "messages": "not a list"}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"

@@ -56,3 +56,31 @@ def test_churn_fixture_adapters_really_differ(churn_setup):
     messages = [{"role": "user", "content": "Tell me about the sea."}]
     outputs = llm.generate([messages] * len(lora), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), lora)
     assert len({tuple(output.token_ids) for output in outputs}) == len(lora)
+
+
+SYSTEMS = [" ".join(["You are a careful assistant for a shipping company; answer briefly and politely."] * 6),
+           " ".join(["Numbers: one two three four five six seven eight nine ten, and the sea and the wind."] * 6)]
+
+
+def test_shared_system_prompts_with_the_prefix_cache_equal_infer_without_it(churn_setup, tmp_path):
+    """The churn above with long shared system prompts and weighted mixes: the server's prefix cache hits (per
+    adapter version and mix), and every answer equals offline infer with --no-enable-prefix-caching."""
+    from openai import OpenAI
+
+    sample, adapters, _, _ = churn_setup
+    names = list(adapters)
+    requests = chat_requests(names, 24, 3, systems=SYSTEMS, tag="prefix ")
+    for index in (5, 11, 17):  # mixes: the base model with weighted adapters
+        requests[index] = {**requests[index], "lora_name": None,
+                           "lora_mix": {names[index % 8]: 0.5, names[(index + 1) % 8]: 0.25}}
+    offline = offline_answers(sample, adapters, requests, tmp_path / "offline", "--no-enable-prefix-caching")
+    modules = [f"{name}={path}" for name, path in adapters.items()]
+    with running_server("--onnx-dir", str(sample.onnx_dir), "--served-model-name", "base", "--max-loras", "3",
+                        "--max-cpu-loras", "4", "--max-num-seqs", "8", "--threads", "1", "--quiet",
+                        "--lora-modules", *modules) as (url, _):
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        results, errors = send_all(client, requests, "base", stagger_s=0.05)
+        assert not errors, errors
+        found = mismatches(requests, results, offline)
+        assert not found, "\n".join(found)
+        assert metric(url, "edgelora_prefix_cache_hit_tokens_total") > 0

@@ -30,7 +30,7 @@ from edgelora.formats.model_spec import ModelSpec
 from edgelora.formats.processed_adapter import ProcessedAdapterConfig
 from edgelora.runtime import native
 from edgelora.runtime.adapter_cache import AdapterCache
-from edgelora.runtime.config import SchedulerConfig
+from edgelora.runtime.config import EngineConfig, SchedulerConfig
 from edgelora.runtime.engine import StepPlan
 from edgelora.runtime.sampling import SamplingParams
 from edgelora.runtime.scheduler import GenerationRequest, QueueFull, Scheduler
@@ -76,6 +76,8 @@ class FakeEngine:
     rows: list[list[int]] = field(default_factory=list)
     prompt_len: list[int] = field(default_factory=list)
     last_run_s: float = 0.0
+    config: EngineConfig = field(default_factory=EngineConfig)
+    fresh: set[int] = field(default_factory=set)  # rows started from a cached prefix, not stepped yet
 
     def check_prompt(self, prompt_ids: list[int], where: str) -> None:
         if not prompt_ids:
@@ -96,6 +98,14 @@ class FakeEngine:
     def shrink_rows(self, positions: int) -> None:
         pass
 
+    def start_rows(self, rows: list[int], prefixes: list[list[np.ndarray]]) -> None:
+        for row, blocks in zip(rows, prefixes):
+            self.rows[row] = [int(token) for block in blocks for token in block]
+            self.fresh.add(row)
+
+    def read_prefix(self, row: int, start: int, stop: int) -> np.ndarray:
+        return np.array(self.rows[row][start:stop], np.int64)  # a fake row's "KV" is its tokens
+
     def step(self, plan: StepPlan) -> np.ndarray:
         plan.check()
         self.plans.append(plan)
@@ -104,9 +114,11 @@ class FakeEngine:
         logits = np.zeros((plan.rows, 1, VOCAB), np.float32)
         for index, (tokens, position, slot) in enumerate(zip(plan.token_ids, plan.positions, plan.slots)):
             row = self.rows[plan.first_row + index]
-            if position == 0:
-                row.clear()
-                self.prompt_len[plan.first_row + index] = len(tokens)
+            if position == 0 or plan.first_row + index in self.fresh:
+                if position == 0:
+                    row.clear()
+                self.prompt_len[plan.first_row + index] = position + len(tokens)
+                self.fresh.discard(plan.first_row + index)
             assert len(row) == position, "a row's cache must hold exactly the tokens before this step"
             row.extend(tokens)
             name = names[slot] if slot else "base"

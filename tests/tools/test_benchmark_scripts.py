@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -277,3 +278,40 @@ def test_host_memory_reports_resident_bytes_per_host_ready_adapter(qwen2, tmp_pa
     assert len(figures["rss_mb"]) == 3 and figures["file_mb"] > 0 and figures["host_copy_mb"] > 0
     assert _script("host_memory").main(["--onnx-dir", str(qwen2.onnx_dir), "--adapters-dir", str(folder),
                                         "--count", "999"]) == 2
+
+
+def test_many_adapters_serves_a_large_root_on_demand_as_infer_answers(tmp_path):
+    """A small run of the 10,000-adapter benchmark: builds its own sample, both roots, every answer compared."""
+    out = tmp_path / "many.json"
+    assert _script("many_adapters").main(["--work-dir", str(tmp_path / "work"), "--count", "12", "--baseline", "2",
+                                          "--serve", "6", "--repeats", "1", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["answers_equal"] == 6 and figures["online"]["on_demand_loads"] == 6
+    assert figures["online"]["listed"] == 13 and set(figures["online"]["escape_status"].values()) == {404}
+    assert figures["startup_s"]["large"] > 0 and figures["rss_ready_mb"]["baseline"] > 0
+
+
+def test_slot_pressure_compares_many_adapters_over_few_slots_with_few(qwen2, tmp_path):
+    folder = tmp_path / "adapters"
+    for index, name in enumerate(("a1", "a2", "a3"), start=1):
+        shutil.copytree(qwen2.processed[name], folder / f"d{index}")
+    out = tmp_path / "slots.json"
+    assert _script("slot_pressure").main([
+        "--onnx-dir", str(qwen2.onnx_dir), "--adapters-dir", str(folder), "--slots", "1", "--few", "1", "--many", "3",
+        "--rate", "6", "--duration", "1.5", "--repeats", "2", "--prompt-len", "8", "--max-tokens", "4",
+        "--max-num-seqs", "2", "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert len(figures["runs"]["few"]) == len(figures["runs"]["many"]) == 2
+    assert figures["runs"]["many"][0]["distinct_adapters"] > 1 and figures["runs"]["few"][0]["distinct_adapters"] == 1
+    assert len(figures["ttft_p99_ratio_per_round"]) == 2 and figures["many_over_few"]["ttft_p99_ms"] > 0
+
+
+def test_prefix_cache_benchmark_times_first_and_second_request_and_an_open_loop(qwen2, tmp_path):
+    out = tmp_path / "prefix.json"
+    assert _script("prefix_cache").main([
+        "--onnx-dir", str(qwen2.onnx_dir), "--adapter", f"a1={qwen2.processed['a1']}", "--prefix-len", "100",
+        "--repeats", "1", "--rate", "4", "--duration", "1", "--rounds", "1", "--prompt-len", "8", "--max-tokens", "4",
+        "--threads", "1", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["answers_equal"] and set(figures["second_over_first"]) == {"on", "off"}
+    assert set(figures["open_loop"]["median"]) == {"on", "off"}

@@ -13,7 +13,7 @@ from edgelora.entrypoints.ray.hub import Families
 from edgelora.entrypoints.server.metrics import LATENCY_BUCKETS_S
 
 REPLICA_LABEL = "replica"
-INGRESS_FAMILIES = ("edgelora_requests",)  # what the ingress itself counts; the rest is the replicas'
+INGRESS_FAMILIES = ("edgelora_requests", "edgelora_adapter_on_demand_loads")  # the ingress counts these; the rest is the replicas'
 
 
 def families_of(registry: CollectorRegistry, only: tuple[str, ...] | None = None) -> Families:

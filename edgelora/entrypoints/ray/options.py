@@ -95,7 +95,7 @@ class RayOptions:
             values["lora_modules"] = {str(name): Path(path) for name, path in modules.items()}
         else:
             raise UserInputError("args: lora_modules must be a list of NAME=PATH or a mapping")
-        for name in ("max_cpu_lora_memory", "lora_cache_max_size"):
+        for name in ("max_cpu_lora_memory", "lora_cache_max_size", "prefix_cache_memory"):
             if isinstance(values.get(name), str):  # "2GiB" in a Serve config
                 values[name] = parse_size(values[name])
         options = cls(serve=ServeOptions(**values), **own)

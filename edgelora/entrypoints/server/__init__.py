@@ -56,6 +56,9 @@ class ServeOptions:
     threads: int | None = None
     shutdown_timeout_s: float = 30.0
     adapter_labels: int = ADAPTER_LABELS  # adapters with metric series of their own; later ones count as "other"
+    enable_prefix_caching: bool = SchedulerConfig.enable_prefix_caching
+    prefix_cache_memory: int = SchedulerConfig.prefix_cache_bytes  # bytes of cached prompt KV (per replica)
+    prefix_cache_share_base: bool = False  # base-model prefixes shared across tenants (else keyed by tenant)
 
     def validate(self) -> None:
         """Everything that can be refused before the model loads, all problems at once."""
@@ -96,7 +99,9 @@ class ServeOptions:
         """The scheduler's settings (``max_waiting`` overrides ``--max-waiting``: a Ray replica's bound)."""
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
                                max_num_batched_tokens=self.max_num_batched_tokens,
-                               max_waiting=self.max_waiting if max_waiting is None else max_waiting)
+                               max_waiting=self.max_waiting if max_waiting is None else max_waiting,
+                               enable_prefix_caching=self.enable_prefix_caching,
+                               prefix_cache_bytes=self.prefix_cache_memory)
 
     @property
     def name(self) -> str:
@@ -185,7 +190,8 @@ def serve(options: ServeOptions) -> None:
             state = AppState(options.name, engine, tenants, metrics, sources, ChatTokenizer(onnx_dir),
                              info.max_model_len, options.enable_lora_updates, set(info.adapters),
                              max_loras=options.max_loras, on_demand=options.lora_on_demand,
-                             cache_max_bytes=options.lora_cache_max_size)
+                             cache_max_bytes=options.lora_cache_max_size,
+                             share_base_prefixes=options.prefix_cache_share_base)
             config = uvicorn.Config(create_app(state), log_config=None, lifespan="on",
                                     timeout_graceful_shutdown=options.shutdown_timeout_s)
             server = uvicorn.Server(config)

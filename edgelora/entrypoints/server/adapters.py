@@ -11,8 +11,10 @@ adapter is refused with what to do instead.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,30 @@ class AdapterSources:
         if not resolved.is_relative_to(root):
             raise ForbiddenPath(f"{path}: outside the adapter root (--lora-root)")
         return resolved
+
+    def root_names(self, after: str | None = None) -> list[str]:
+        """Names a request may load on demand, sorted, past ``after``: one directory listing, no file read.
+
+        A folder counts when it holds a processed or a PEFT adapter's config (one ``stat`` each); its
+        weights are read, and checked against the model, by the first request that names it."""
+        if self.root is None:
+            return []
+        try:
+            with os.scandir(self.root) as entries:
+                names = sorted(entry.name for entry in entries if on_demand_name(entry.name))
+        except OSError:
+            return []
+        if after is not None:
+            names = names[bisect.bisect_right(names, after):]
+        return names
+
+    def is_adapter_folder(self, name: str) -> bool:
+        """Whether the folder ``name`` under the root looks like an adapter (config files only; no weights read)."""
+        try:
+            folder = self.inside_root(name)
+        except ForbiddenPath:  # a symlink that leaves the root
+            return False
+        return any((folder / marker).is_file() for marker in (contract.PROCESSED_ADAPTER, contract.PEFT_CONFIG))
 
     def prepare(self, path: Path) -> Path:
         """A processed folder for ``path``: itself when processed, else the processed copy of the PEFT folder."""

@@ -6,6 +6,7 @@ processing run in worker threads. Errors leave as ``{"error": {...}}`` with Open
 """
 
 import asyncio
+import heapq
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Protocol
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
@@ -65,6 +66,7 @@ from edgelora.runtime.tokenizer import ChatTokenizer
 log = logging.getLogger(__name__)
 
 UPDATES_FLAG = "--enable-lora-updates"
+MODELS_PAGE_MAX = 1000  # /v1/models?limit= at most this many cards a page
 
 
 class Backend(Protocol):
@@ -112,6 +114,29 @@ class AppState:
     cache_max_bytes: int | None = None  # processed copies of on-demand PEFT adapters kept at most (LRU)
     demand: dict[str, asyncio.Future] = field(default_factory=dict)  # on-demand loads in flight, by name
     demand_used: OrderedDict[str, Path] = field(default_factory=OrderedDict)  # on-demand name -> folder, LRU first
+    share_base_prefixes: bool = False  # --prefix-cache-share-base: base prompts' cached KV shared across tenants
+
+
+def _adapter_page(state: AppState, tenant: Tenant, loaded: list[str], after: str | None,
+                  limit: int | None) -> list[str]:
+    """Adapter names past ``after`` that ``tenant`` may use, sorted: ``loaded`` merged with the root's
+    folders (on demand); at most ``limit`` + 1, so the caller knows whether more follow. Folders are
+    checked (a stat of their config) only as far as the page reaches."""
+    from_root = state.sources.root_names(after) if state.on_demand else []
+    found: list[str] = []
+    previous = None
+    for name in heapq.merge(loaded, from_root):
+        if name == previous or name == state.served_name:
+            continue
+        previous = name
+        if not tenant.may_use(name):
+            continue
+        if name not in state.adapters and not state.sources.is_adapter_folder(name):
+            continue
+        found.append(name)
+        if limit is not None and len(found) > limit:
+            break
+    return found
 
 
 @dataclass
@@ -377,9 +402,12 @@ def create_app(state: AppState) -> FastAPI:
         return mix
 
     def generation_request(body: SamplingFields, prompt_ids: list[int], adapter: str | None,
-                           max_tokens: int | None, mix: LoraMix | None) -> GenerationRequest:
+                           max_tokens: int | None, mix: LoraMix | None, tenant: Tenant) -> GenerationRequest:
+        # prefix-cache namespace: the tenant (and the request's own cache_salt); base prompts may be shared
+        shared = state.share_base_prefixes and adapter is None and mix is None
+        salt = ("" if shared else f"tenant:{tenant.label}") + (f"\0salt:{body.cache_salt}" if body.cache_salt else "")
         return GenerationRequest(prompt_ids=prompt_ids, adapter=adapter, sampling=body.sampling_params(max_tokens),
-                                 lora_mix=mix)
+                                 lora_mix=mix, cache_salt=salt)
 
     async def accept(tenant: Tenant, request_id: str, generation: GenerationRequest, arrival_s: float) -> _Ticket:
         """Hand the request to the engine; 429 over the key's limit, 503 on a full queue, 400 on bad input."""
@@ -433,11 +461,23 @@ def create_app(state: AppState) -> FastAPI:
         return Response(body, media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
-    async def models(tenant: TenantOf) -> Response:
-        cards = [ModelCard(id=state.served_name, root=state.served_name, created=state.created)]
-        cards += [ModelCard(id=name, root=name, parent=state.served_name, created=state.created)
-                  for name in sorted(state.adapters) if tenant.may_use(name)]
-        return _json(ModelList(data=cards))
+    async def models(tenant: TenantOf, limit: Annotated[int | None, Query(ge=1, le=MODELS_PAGE_MAX)] = None,
+                     after: str | None = None) -> Response:
+        """The base model, then the adapters this key may use, sorted: those loaded and, with
+        --lora-on-demand, every adapter folder under the root (listed, not read). ``limit`` / ``after``
+        page through them as OpenAI's list endpoints do."""
+        loaded = sorted(name for name in state.adapters if after is None or name > after)
+        names = await asyncio.get_running_loop().run_in_executor(
+            adapter_pool, _adapter_page, state, tenant, loaded, after, limit)
+        base = [state.served_name] if after is None else []
+        ids = (base + names)[:limit] if limit is not None else base + names
+        cards = [ModelCard(id=name, root=name, created=state.created,
+                           parent=None if name == state.served_name and not index else state.served_name)
+                 for index, name in enumerate(ids)]
+        if limit is None:
+            return _json(ModelList(data=cards))
+        return _json(ModelList(data=cards, has_more=len(base) + len(names) > limit,
+                               first_id=ids[0] if ids else None, last_id=ids[-1] if ids else None))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, tenant: TenantOf) -> Response:
@@ -459,7 +499,7 @@ def create_app(state: AppState) -> FastAPI:
         else:
             raise ApiError(400, "the prompt is empty", "prompt")
         generation = generation_request(body, prompt_ids, adapter, body.max_tokens,
-                                        await resolve_mix(body, request, adapter, tenant))
+                                        await resolve_mix(body, request, adapter, tenant), tenant)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         ticket = await accept(tenant, request_id, generation, arrival_s)
         if body.stream:
@@ -507,7 +547,7 @@ def create_app(state: AppState) -> FastAPI:
         messages = [message.as_template_input() for message in body.messages]
         prompt_ids = await tokenize(state.tokenizer.prompt_ids, messages)
         generation = generation_request(body, prompt_ids, adapter, body.token_budget(),
-                                        await resolve_mix(body, request, adapter, tenant))
+                                        await resolve_mix(body, request, adapter, tenant), tenant)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         ticket = await accept(tenant, request_id, generation, arrival_s)
         if body.stream:

@@ -220,6 +220,7 @@ class EngineLoop:
         adapters = self._engine.adapters
         self._metrics.observe_cache(adapters.stats, len(adapters.names()),
                                     lambda: (list(adapters.slot_table().values()), adapters.host_ready()))
+        self._metrics.observe_prefix(scheduler.prefix)
         if stepped:
             self._metrics.observe_step(scheduler.last_step, time.perf_counter() - started)
         return True

@@ -19,11 +19,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from edgelora.runtime.adapter_cache import CacheStats
 from edgelora.runtime.config import ADAPTER_LABELS
+from edgelora.runtime.prefix_cache import PrefixCache, PrefixStats
 from edgelora.runtime.scheduler import StepStats
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                      7.5, 10.0, 20.0, 40.0, 80.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+# PrefixStats field -> counter: requests looked up / that hit, prompt tokens looked up / served from the cache,
+# blocks evicted (memory bound) and dropped (their adapter version was replaced or unloaded)
+PREFIX_COUNTERS = {"queries": "edgelora_prefix_cache_queries", "hits": "edgelora_prefix_cache_hits",
+                   "query_tokens": "edgelora_prefix_cache_query_tokens",
+                   "hit_tokens": "edgelora_prefix_cache_hit_tokens",
+                   "evicted_blocks": "edgelora_prefix_cache_evicted_blocks",
+                   "dropped_blocks": "edgelora_prefix_cache_dropped_blocks"}
 CACHE_COUNTERS = ("slot_hits", "slot_misses", "slot_evictions", "host_hits", "host_misses", "host_evictions")
 FIXED_LABELS = ("base", "mix", "other")
 LOCATIONS = ("slot", "host", "disk")  # edgelora_adapter_location's values 2, 1, 0
@@ -105,6 +113,12 @@ class ServerMetrics:
                                        "named their folder under --lora-root (--lora-on-demand)", registry=registry)
         self.adapters_by_location = Gauge("edgelora_adapters_by_location", "Adapters in slots, host-ready (and not "
                                           "in a slot) and on disk only", ["where"], registry=registry)
+        self.prefix = {name: Counter(metric, f"Prefix cache: {name.replace('_', ' ')}", registry=registry)
+                       for name, metric in PREFIX_COUNTERS.items()}
+        self.prefix_bytes = Gauge("edgelora_prefix_cache_bytes", "Host memory of cached prompt KV blocks",
+                                  registry=registry)
+        self.prefix_blocks = Gauge("edgelora_prefix_cache_blocks", "Cached prompt KV blocks", registry=registry)
+        self._seen_prefix = PrefixStats()
         self._seen_cache = CacheStats()
         self._seen_loads = 0
         self._seen_moved: tuple = ()
@@ -148,6 +162,18 @@ class ServerMetrics:
         if locations is not None and moved != self._seen_moved:
             self._seen_moved = moved
             self.observe_locations(registered, *locations())
+
+    def observe_prefix(self, cache: PrefixCache | None) -> None:
+        """Advance the prefix-cache counters by what changed since the last call (engine thread only)."""
+        if cache is None:
+            return
+        for name in PREFIX_COUNTERS:
+            delta = getattr(cache.stats, name) - getattr(self._seen_prefix, name)
+            if delta > 0:
+                self.prefix[name].inc(delta)
+            setattr(self._seen_prefix, name, getattr(cache.stats, name))
+        self.prefix_bytes.set(cache.bytes)
+        self.prefix_blocks.set(len(cache))
 
     def observe_locations(self, registered: int, in_slots: list[str], host_ready: list[str]) -> None:
         """Counts per location, and each labelled adapter's own (a retired version, ``name@v``, is not its name)."""

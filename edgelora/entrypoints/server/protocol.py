@@ -74,6 +74,8 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
     user: str | None = None
+    # vLLM's: the prefix cache shares KV only between requests with the same salt (within one tenant)
+    cache_salt: str | None = None
     # edgelora: several adapters with weights for this request ({"a": 0.7, "b": -0.3}; model = the base name)
     lora_mix: dict[str, Any] | None = None
 
@@ -187,6 +189,10 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelCard]
+    # OpenAI's list paging, present when the request gave ``limit``: pass ``last_id`` as ``after``
+    has_more: bool | None = Field(default=None, exclude_if=_omit_none)
+    first_id: str | None = Field(default=None, exclude_if=_omit_none)
+    last_id: str | None = Field(default=None, exclude_if=_omit_none)
 
 
 class CompletionChoice(BaseModel):
