@@ -22,6 +22,22 @@ from edgelora.runtime.lora_mix import LoraMix, check_mix, duplicate_mix_names
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_generate_length", "seed")
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "max_generate_length": 256, "seed": None}
+# Every field an input file may hold; any other is refused by name (never silently ignored). TensorRT
+# Edge-LLM's own input files carry batch_size (a batching hint: --max-batch-size decides here, the answers
+# do not change) and apply_chat_template / add_generation_prompt, accepted at their default, true.
+TOP_FIELDS = {"available_lora_weights", "requests", "batch_size", "apply_chat_template", "add_generation_prompt",
+              *SAMPLING_FIELDS}
+REQUEST_FIELDS = {"messages", "lora_name", "lora_mix", *SAMPLING_FIELDS}
+ONLY_DEFAULT = {"apply_chat_template": True, "add_generation_prompt": True}
+
+
+def _check_fields(raw: dict, allowed: set[str], where: str) -> None:
+    for name, value in raw.items():
+        if name not in allowed:
+            raise UserInputError(f"{where}: unknown field {name!r} (expected some of {', '.join(sorted(allowed))})")
+        if name in ONLY_DEFAULT and value != ONLY_DEFAULT[name]:
+            raise UserInputError(f"{where}: {name} {value!r} is not supported (prompts always go through the "
+                                 "model's chat template with the generation prompt)")
 
 
 @dataclass(kw_only=True)  # built by keyword only: a field added anywhere cannot shift the others
@@ -85,6 +101,7 @@ def read_input_file(path: Path) -> InferJob:
         raise UserInputError(f"--input-file {path}: malformed JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise UserInputError(f"--input-file {path}: expected a JSON object with 'requests'")
+    _check_fields(raw, TOP_FIELDS, f"--input-file {path}")
     adapters_raw = raw.get("available_lora_weights") or {}
     if not isinstance(adapters_raw, dict) or not all(isinstance(v, str) for v in adapters_raw.values()):
         raise UserInputError(f"--input-file {path}: 'available_lora_weights' must map names to paths")
@@ -103,6 +120,7 @@ def read_input_file(path: Path) -> InferJob:
         where = f"requests[{index}]"
         if not isinstance(request, dict):
             raise UserInputError(f"{where}: expected an object with 'messages'")
+        _check_fields(request, REQUEST_FIELDS, where)
         lora_name = request.get("lora_name") or None
         known = ", ".join(sorted(adapters)) or "none"
         if lora_name is not None and (not isinstance(lora_name, str) or lora_name not in adapters):

@@ -200,11 +200,12 @@ class Engine:
         """Copy KV row ``source`` over ``target`` (the scheduler keeps live rows packed at the front)."""
         self._rows().move_row(source, target)
 
-    def start_rows(self, rows: list[int], prefixes: list[list[np.ndarray]]) -> None:
+    def start_rows(self, rows: list[int], prefixes: list[list[np.ndarray]], positions: int = 0) -> None:
         """Rows given to new requests: each cleared, then its cached prefix blocks (prefix_cache.py) copied
-        in from position 0; a step then feeds each row from the end of its prefix on."""
+        in from position 0; a step then feeds each row from the end of its prefix on. ``positions``: room
+        the coming step needs (reserved now: growing after the copy would copy the rows again)."""
         cache = self._rows()
-        cache.reserve(max(sum(block.shape[2] for block in blocks) for blocks in prefixes))
+        cache.reserve(max([positions] + [sum(block.shape[2] for block in blocks) for blocks in prefixes]))
         cache.clear_rows(rows)
         for row, blocks in zip(rows, prefixes):
             if blocks:

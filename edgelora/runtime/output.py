@@ -35,6 +35,7 @@ class OutputState:
     emitted: int = 0  # characters of text handed out
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     text: str = ""  # the final text once finished (a stop string cut off)
+    prompt_ids: np.ndarray | None = None  # distinct prompt ids, kept only for a repetition penalty
 
 
 class OutputStage:
@@ -49,7 +50,10 @@ class OutputStage:
         """A request's state: its own seeded sampler (a fresh seed when none is given)."""
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         detokenizer = IncrementalDetokenizer(self.detokenize, prompt_ids) if self.detokenize else None
-        return OutputState(sampling, native.Sampler(seed), detokenizer)
+        state = OutputState(sampling, native.Sampler(seed), detokenizer)
+        if sampling.repetition_penalty != 1:
+            state.prompt_ids = np.unique(np.asarray(prompt_ids, np.int64))
+        return state
 
     def sample(self, states: list[OutputState], logits: np.ndarray) -> np.ndarray:
         """One token per row from logits [rows, 1, vocab]."""
@@ -58,6 +62,9 @@ class OutputStage:
             for index, state in enumerate(states):
                 if len(state.output_ids) < state.sampling.min_tokens and not state.sampling.ignore_eos:
                     rows[index, self._eos_index] = -np.inf  # vLLM's min_tokens: eos cannot be sampled yet
+        for index, state in enumerate(states):
+            if state.sampling.adjusts_logits:
+                adjust_logits(rows[index], state)
         params = [state.sampling for state in states]
         return native.sample_batch(rows, [state.sampler for state in states], [float(p.temperature) for p in params],
                                    [int(p.top_k) for p in params], [float(p.top_p) for p in params])
@@ -91,6 +98,21 @@ class OutputStage:
         piece = text[state.emitted:release]
         state.emitted = release
         return piece
+
+
+def adjust_logits(row: np.ndarray, state: OutputState) -> None:
+    """A row's logit_bias and penalties, in place (SamplingParams says what each does)."""
+    sampling = state.sampling
+    if sampling.logit_bias:
+        ids = np.fromiter(sampling.logit_bias, np.int64, len(sampling.logit_bias))
+        row[ids] += np.fromiter(sampling.logit_bias.values(), np.float32, len(ids))
+    if sampling.repetition_penalty != 1:
+        seen = np.union1d(state.prompt_ids, np.asarray(state.output_ids, np.int64))
+        values = row[seen]
+        row[seen] = np.where(values > 0, values / sampling.repetition_penalty, values * sampling.repetition_penalty)
+    if (sampling.frequency_penalty or sampling.presence_penalty) and state.output_ids:
+        ids, counts = np.unique(np.asarray(state.output_ids, np.int64), return_counts=True)
+        row[ids] -= sampling.frequency_penalty * counts + sampling.presence_penalty
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:

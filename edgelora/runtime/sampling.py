@@ -21,6 +21,13 @@ class SamplingParams:
 
     ``max_tokens=None`` generates up to the rest of the context; ``stop`` strings end the text
     (they are not part of it); ``min_tokens`` and ``ignore_eos`` are vLLM's extensions.
+
+    Logit adjustments, applied to the model's logits before temperature and the filters, in this
+    order: ``logit_bias`` (OpenAI: token id -> added to its logit, -100..100; -100 bans it),
+    ``repetition_penalty`` (vLLM / transformers: every token of the prompt and the output so far has
+    its logit divided by it when positive, multiplied when negative; 1 = off), ``frequency_penalty``
+    and ``presence_penalty`` (OpenAI, -2..2: subtract penalty x count, and penalty once, for each
+    token already generated).
     """
 
     max_tokens: int | None = 256
@@ -31,6 +38,15 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     min_tokens: int = 0
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0 \
+            or self.repetition_penalty != 1
 
     def problems(self) -> list[str]:
         """What is wrong with these values by themselves (lengths against the model are the scheduler's check)."""
@@ -53,6 +69,17 @@ class SamplingParams:
             problems.append(f"min_tokens {self.min_tokens!r} (>= 0)")
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             problems.append("stop (a list of non-empty strings)")
+        if not isinstance(self.logit_bias, dict) or not all(
+                is_int(token) and token >= 0 and isinstance(bias, (int, float)) and not isinstance(bias, bool)
+                and -100 <= bias <= 100 for token, bias in self.logit_bias.items()):
+            problems.append("logit_bias (token id -> a bias in -100..100)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not -2 <= value <= 2:
+                problems.append(f"{name} {value!r} (-2..2)")
+        if not isinstance(self.repetition_penalty, (int, float)) or isinstance(self.repetition_penalty, bool) \
+                or not 0 < self.repetition_penalty <= 10:
+            problems.append(f"repetition_penalty {self.repetition_penalty!r} (0 < penalty <= 10; 1 = off)")
         return problems
 
     def validate(self, where: str = "sampling") -> None:

@@ -197,6 +197,9 @@ class Scheduler:
                                  f"exceeds the {self.max_model_len} positions a request may use"
                                  + (" (max_model_len)" if self.max_model_len != self.engine.spec.max_position_embeddings
                                     else " (the model's positions)"))
+        vocab = self.engine.spec.vocab_size
+        if any(token >= vocab for token in sampling.logit_bias):
+            raise UserInputError(f"{where}: logit_bias names a token id outside the vocabulary (0..{vocab - 1})")
         if sampling.min_tokens > max_tokens:
             raise UserInputError(f"{where}: min_tokens {sampling.min_tokens} is above max_tokens {max_tokens}")
         mix = None
@@ -208,7 +211,8 @@ class Scheduler:
             if name not in self.engine.adapters:
                 raise UserInputError(f"{where}: unknown adapter {name!r}" + (" in lora_mix" if mix else ""))
         return GenerationRequest(list(request.prompt_ids), request.adapter,
-                                 replace(sampling, max_tokens=max_tokens, stop=list(sampling.stop)), mix,
+                                 replace(sampling, max_tokens=max_tokens, stop=list(sampling.stop),
+                                         logit_bias=dict(sampling.logit_bias)), mix,
                                  request.cache_salt)
 
     def add_request(self, request_id: str, request: GenerationRequest, where: str | None = None) -> None:
@@ -391,7 +395,8 @@ class Scheduler:
             self._running.append(seq)
         self._compact()
         if any(seq.cached for seq in admitted):  # rows start from their cached prefixes
-            self.engine.start_rows([seq.row for seq in admitted], [seq.prefix for seq in admitted])
+            self.engine.start_rows([seq.row for seq in admitted], [seq.prefix for seq in admitted],
+                                   max(len(seq.request.prompt_ids) for seq in admitted))
         fed = [seq.request.prompt_ids[seq.cached:] for seq in admitted]
         plan = self._plan(first_row, admitted, fed, [seq.cached for seq in admitted])
         logits = self.engine.step(replace(plan, started=any(seq.cached for seq in admitted)))
@@ -433,7 +438,7 @@ class Scheduler:
         prompt = seq.request.prompt_ids
         start = seq.prefilled
         if start and start == seq.cached:  # the first chunk: the row starts from its cached prefix
-            self.engine.start_rows([seq.row], [seq.prefix])
+            self.engine.start_rows([seq.row], [seq.prefix], min(len(prompt), start + self.config.step_tokens))
             self.stats.cached_prompt_tokens += seq.cached
         chunk = prompt[start:start + self.config.step_tokens]
         logits = self.engine.step(self._plan(seq.row, [seq], [chunk], [start]))

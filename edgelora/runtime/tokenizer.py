@@ -40,5 +40,14 @@ class ChatTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def info(self) -> dict:
+        """vLLM's /tokenizer_info: what a client needs to tokenize as the server does (lm-eval reads it)."""
+        tokenizer = self._tokenizer
+        return {"tokenizer_class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+                "model_max_length": tokenizer.model_max_length, "chat_template": tokenizer.chat_template,
+                "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
+                "unk_token": tokenizer.unk_token, "add_bos_token": getattr(tokenizer, "add_bos_token", None),
+                "add_eos_token": getattr(tokenizer, "add_eos_token", None)}
+
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)

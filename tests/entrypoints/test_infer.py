@@ -308,6 +308,27 @@ def test_corrupt_adapter_file_is_refused_before_work(exported, tmp_path, capsys)
     _refused(exported, tmp_path, capsys, path, "requests[0]")
 
 
+@pytest.mark.parametrize("where, field, value", [
+    ("top", "logit_bias", {"5": -100}), ("top", "apply_chat_template", False), ("request", "presence_penalty", 0.5),
+    ("request", "response_format", {"type": "json_object"}), ("request", "temprature", 0),
+])
+def test_unknown_or_unsupported_fields_are_refused_by_name(exported, tmp_path, capsys, where, field, value):
+    path = _input_file(tmp_path, exported)
+    payload = json.loads(path.read_text())
+    (payload if where == "top" else payload["requests"][1])[field] = value
+    path.write_text(json.dumps(payload))
+    _refused(exported, tmp_path, capsys, path, field)
+
+
+def test_edge_llm_fields_at_their_defaults_are_accepted(exported, tmp_path):
+    path = _input_file(tmp_path, exported, requests=[("a1", "hi")])
+    payload = json.loads(path.read_text())
+    payload.update(batch_size=4, apply_chat_template=True, add_generation_prompt=True, max_generate_length=2)
+    path.write_text(json.dumps(payload))
+    assert main(["infer", "--onnx-dir", str(exported.onnx_dir), "--input-file", str(path),
+                 "--output-file", str(tmp_path / "out.json"), "--quiet"]) == 0
+
+
 def test_bad_sampling_value_is_refused(exported, tmp_path, capsys):
     _refused(exported, tmp_path, capsys, _input_file(tmp_path, exported, top_p=1.5), "top_p")
 

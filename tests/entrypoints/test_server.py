@@ -343,21 +343,23 @@ BAD_REQUESTS = {
     "max_tokens_wrong_type": ("/completions", {"model": SERVED, "prompt": PROMPT, "max_tokens": "many"}),
     "max_tokens_zero": ("/completions", {"model": SERVED, "prompt": PROMPT, "max_tokens": 0}),
     "max_tokens_negative": ("/completions", {"model": SERVED, "prompt": PROMPT, "max_tokens": -3}),
-    "n_two": ("/completions", {"model": SERVED, "prompt": PROMPT, "n": 2}),
+    "n_above_the_rows": ("/completions", {"model": SERVED, "prompt": PROMPT, "n": 1000}),
+    "n_zero": ("/completions", {"model": SERVED, "prompt": PROMPT, "n": 0}),
     "beyond_the_positions": ("/completions", {"model": SERVED, "prompt": PROMPT, "max_tokens": 5000}),
     "temperature_wrong_type": ("/completions", {"model": SERVED, "prompt": PROMPT, "temperature": "hot"}),
     "top_p_zero": ("/completions", {"model": SERVED, "prompt": PROMPT, "top_p": 0}),
     "stop_wrong_type": ("/completions", {"model": SERVED, "prompt": PROMPT, "stop": 5}),
     "empty_prompt": ("/completions", {"model": SERVED, "prompt": ""}),
     "token_outside_the_vocabulary": ("/completions", {"model": SERVED, "prompt": [10**6]}),
-    "two_prompts": ("/completions", {"model": SERVED, "prompt": ["a", "b"]}),
+    "an_empty_prompt_of_two": ("/completions", {"model": SERVED, "prompt": [[5, 6], []]}),
     "chat_empty_messages": ("/chat/completions", {"model": SERVED, "messages": []}),
     "chat_messages_not_a_list": ("/chat/completions", {"model": SERVED, "messages": "hello"}),
     "chat_message_without_role": ("/chat/completions", {"model": SERVED, "messages": [{"content": "hi"}]}),
     "chat_beyond_the_positions": ("/chat/completions", {"model": SERVED, "messages": CHAT,
                                                          "max_completion_tokens": 5000}),
-    "chat_n_two": ("/chat/completions", {"model": SERVED, "messages": CHAT, "n": 3}),
+    "chat_n_above_the_rows": ("/chat/completions", {"model": SERVED, "messages": CHAT, "n": 1000}),
     "logprobs": ("/completions", {"model": SERVED, "prompt": PROMPT, "logprobs": 2}),
+    "echo": ("/completions", {"model": SERVED, "prompt": PROMPT, "echo": True}),
     "load_without_path": ("/load_lora_adapter", {"lora_name": "x"}),
 }
 
@@ -367,6 +369,93 @@ def test_bad_input_is_400_and_the_server_keeps_serving(server, client, case):
     route, body = BAD_REQUESTS[case]
     _assert_error_shape(_post(server, route, body), 400)
     assert client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
+
+
+UNSUPPORTED = {"response_format": {"type": "json_object"}, "tools": [{"type": "function", "function": {"name": "f"}}],
+               "tool_choice": "required", "top_logprobs": 2, "best_of": 2, "suffix": "x",
+               "min_p": 0.1, "guided_json": {"type": "object"}, "reasoning_effort": "high"}
+
+
+@pytest.mark.parametrize("field", sorted(UNSUPPORTED))
+def test_an_unimplemented_field_that_changes_the_answer_is_a_400_naming_it(server, field):
+    for route, body in (("/completions", {"model": SERVED, "prompt": PROMPT}),
+                        ("/chat/completions", {"model": SERVED, "messages": CHAT})):
+        error = _assert_error_shape(_post(server, route, {**body, field: UNSUPPORTED[field], "max_tokens": 2}), 400)
+        assert error["param"] == field and field in error["message"] and error["code"] == "unsupported_parameter"
+
+
+def test_logit_bias_removes_or_forces_tokens_and_penalties_change_a_repetitive_answer(client):
+    def ids(**extra) -> list[int]:
+        response = client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=12, temperature=0,
+                                             extra_body={"return_token_ids": True, "ignore_eos": True, **extra})
+        return response.choices[0].token_ids
+
+    greedy = ids()
+    assert ids(logit_bias={str(greedy[0]): -100})[0] != greedy[0], "-100 removes the greedy token"
+    assert ids(logit_bias={"42": 100}) == [42] * 12, "+100 forces a token"
+    assert ids(logit_bias={str(greedy[0]): 0}) == greedy
+    forced = {"logit_bias": {"42": 5.0}}  # a preference strong enough to repeat, until each penalty pushes back
+    assert ids(**forced) == [42] * 12
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 4.0}):
+        penalised = ids(**forced, **penalty)
+        assert penalised != [42] * 12 and penalised[0] == 42, penalty
+
+
+def test_n_choices_several_prompts_and_token_id_prompts(client, offline, sample):
+    def greedy_ids(prompt) -> list[int]:  # one prompt, one choice: equal to offline generate (tests above)
+        response = client.completions.create(model=SERVED, prompt=prompt, max_tokens=5, temperature=0,
+                                             extra_body={"return_token_ids": True})
+        return response.choices[0].token_ids
+
+    tokenizer = ChatTokenizer(sample.onnx_dir)
+    first, second = tokenizer.encode(PROMPT), tokenizer.encode("Write a short poem")
+    assert greedy_ids(first) == _greedy(offline, sample, PROMPT, None, 5).token_ids
+    response = client.completions.create(model=SERVED, prompt=[first, second], max_tokens=5, temperature=0, n=2,
+                                         extra_body={"return_token_ids": True})
+    assert [choice.index for choice in response.choices] == [0, 1, 2, 3]
+    assert [choice.token_ids for choice in response.choices] == [greedy_ids(first)] * 2 + [greedy_ids(second)] * 2
+    assert response.usage.prompt_tokens == len(first) + len(second) and response.usage.completion_tokens == 20
+    texts = client.completions.create(model=SERVED, prompt=[PROMPT, "Write a short poem"], max_tokens=5,
+                                      temperature=0, extra_body={"return_token_ids": True})
+    assert [choice.token_ids for choice in texts.choices] == [greedy_ids(first), greedy_ids(second)]
+    sampled = client.chat.completions.create(model=SERVED, messages=CHAT, max_tokens=8, n=3, seed=11, temperature=1.0)
+    again = client.chat.completions.create(model=SERVED, messages=CHAT, max_tokens=8, n=3, seed=11, temperature=1.0)
+    assert [c.message.content for c in sampled.choices] == [c.message.content for c in again.choices]
+    assert len({c.message.content for c in sampled.choices}) > 1, "each choice samples with a seed of its own"
+    stream = client.chat.completions.create(model=SERVED, messages=CHAT, max_tokens=8, n=3, seed=11, temperature=1.0,
+                                            stream=True)
+    joined = ["", "", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            joined[choice.index] += choice.delta.content or ""
+    assert joined == [c.message.content for c in sampled.choices], "streaming == not, choice by choice"
+
+
+def test_one_model_card_and_the_tokenizer_info(server, client):
+    assert client.models.retrieve(SERVED).id == SERVED
+    assert client.models.retrieve("a1").parent == SERVED
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    info = httpx.get(f"{server.url}/tokenizer_info", headers=server.headers(None), timeout=TIMEOUT_S).json()
+    assert info["eos_token"] and info["chat_template"] and info["vocab_size"] > 0
+
+
+def test_unknown_fields_are_400_and_harmless_or_default_ones_pass(server):
+    error = _assert_error_shape(_post(server, "/completions", {"model": SERVED, "prompt": PROMPT, "temprature": 0}), 400)
+    assert error["param"] == "temprature" and error["code"] == "unknown_parameter"
+    harmless = {"user": "u1", "metadata": {"a": "b"}, "store": False, "service_tier": "auto", "presence_penalty": 0,
+                "frequency_penalty": 0.0, "logit_bias": {}, "response_format": {"type": "text"}, "tools": None}
+    response = _post(server, "/chat/completions", {"model": SERVED, "messages": CHAT, "max_tokens": 2, **harmless})
+    assert response.status_code == 200, response.text
+    tool_turn = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}]
+    error = _assert_error_shape(_post(server, "/chat/completions", {"model": SERVED, "messages": tool_turn}), 400)
+    assert error["param"] == "messages[1].tool_calls"
+    named = [{"role": "user", "content": "hi", "name": "ann"}]
+    assert _post(server, "/chat/completions", {"model": SERVED, "messages": named, "max_tokens": 2}).status_code == 200
+    missing = _assert_error_shape(_post(server, "/completions", {"model": "nope", "prompt": PROMPT}), 404)
+    assert missing["code"] == "model_not_found"
+    bad = _assert_error_shape(_post(server, "/completions", {"model": SERVED, "prompt": PROMPT, "max_tokens": 0}), 400)
+    assert bad["code"] is None, "OpenAI's code is null or a name, never the status"
 
 
 def test_unknown_route_is_404_in_openai_shape(server):

@@ -160,3 +160,53 @@ def test_sample_batch_top_p_on_a_large_vocabulary_matches_the_reference_rule():
     for row in range(3):
         expected, _ = _reference_draws(logits[row], seeds[row], temperatures[row], top_ps[row], draws=20)
         np.testing.assert_array_equal(picked[row], expected)
+
+
+# -- logit adjustments (output.adjust_logits) ----------------------------------------------------
+
+
+def _state(prompt: list[int], output: list[int], **sampling):
+    from edgelora.runtime.output import OutputStage
+    from edgelora.runtime.sampling import SamplingParams
+
+    state = OutputStage([0]).start(SamplingParams(**sampling), prompt)
+    state.output_ids = list(output)
+    return state
+
+
+def test_repetition_penalty_equals_transformers_processor():
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from edgelora.runtime.output import adjust_logits
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(50).astype(np.float32) * 3
+    prompt, output = [3, 7, 7, 12], [7, 20, 31]
+    row = logits.copy()
+    adjust_logits(row, _state(prompt, output, repetition_penalty=1.3))
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + output]), torch.tensor(logits[None]))
+    np.testing.assert_allclose(row, expected[0].numpy(), rtol=1e-6)
+
+
+def test_openai_bias_presence_and_frequency_penalties():
+    from edgelora.runtime.output import adjust_logits
+
+    logits = np.zeros(10, np.float32)
+    adjust_logits(logits, _state([1, 2], [4, 4, 4, 5], logit_bias={9: -100, 3: 2.5}, presence_penalty=0.5,
+                                 frequency_penalty=0.25))
+    expected = np.zeros(10, np.float32)
+    expected[9], expected[3] = -100, 2.5
+    expected[4] = -(0.25 * 3 + 0.5)
+    expected[5] = -(0.25 + 0.5)
+    np.testing.assert_allclose(logits, expected)
+
+
+@pytest.mark.parametrize("bad", [dict(logit_bias={1: 101}), dict(logit_bias={-1: 1}), dict(presence_penalty=2.5),
+                                 dict(frequency_penalty=-3), dict(repetition_penalty=0)])
+def test_out_of_range_adjustments_are_refused(bad):
+    from edgelora.errors import UserInputError
+    from edgelora.runtime.sampling import SamplingParams
+
+    with pytest.raises(UserInputError):
+        SamplingParams(**bad).validate()

@@ -98,7 +98,7 @@ class FakeEngine:
     def shrink_rows(self, positions: int) -> None:
         pass
 
-    def start_rows(self, rows: list[int], prefixes: list[list[np.ndarray]]) -> None:
+    def start_rows(self, rows: list[int], prefixes: list[list[np.ndarray]], positions: int = 0) -> None:
         for row, blocks in zip(rows, prefixes):
             self.rows[row] = [int(token) for block in blocks for token in block]
             self.fresh.add(row)

@@ -37,7 +37,8 @@ class EdgeLoraIngress:
                                info["max_model_len"], options.enable_lora_updates, set(adapters),
                                render_metrics=lambda: backend.render_metrics(metrics.registry),
                                on_demand=options.lora_on_demand, cache_max_bytes=options.lora_cache_max_size,
-                               share_base_prefixes=options.prefix_cache_share_base)
+                               share_base_prefixes=options.prefix_cache_share_base,
+                               max_num_seqs=options.max_num_seqs)
 
     def __serve_build_asgi_app__(self):
         return create_app(self._state)

@@ -191,7 +191,7 @@ def serve(options: ServeOptions) -> None:
                              info.max_model_len, options.enable_lora_updates, set(info.adapters),
                              max_loras=options.max_loras, on_demand=options.lora_on_demand,
                              cache_max_bytes=options.lora_cache_max_size,
-                             share_base_prefixes=options.prefix_cache_share_base)
+                             share_base_prefixes=options.prefix_cache_share_base, max_num_seqs=options.max_num_seqs)
             config = uvicorn.Config(create_app(state), log_config=None, lifespan="on",
                                     timeout_graceful_shutdown=options.shutdown_timeout_s)
             server = uvicorn.Server(config)

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Protocol
 
@@ -54,11 +54,13 @@ from edgelora.entrypoints.server.protocol import (
     SamplingFields,
     UnloadLoraRequest,
     Usage,
+    refused_fields,
+    refused_message_fields,
     sse,
 )
 from edgelora.entrypoints.server.tenants import Tenant, Tenants
 from edgelora.errors import EdgeLoraError, UserInputError
-from edgelora.runtime.config import EngineConfig
+from edgelora.runtime.config import EngineConfig, SchedulerConfig
 from edgelora.runtime.lora_mix import MIX_LABEL, LoraMix, check_mix, duplicate_mix_names
 from edgelora.runtime.scheduler import GenerationRequest, QueueFull, SequenceUpdate
 from edgelora.runtime.tokenizer import ChatTokenizer
@@ -114,6 +116,7 @@ class AppState:
     cache_max_bytes: int | None = None  # processed copies of on-demand PEFT adapters kept at most (LRU)
     demand: dict[str, asyncio.Future] = field(default_factory=dict)  # on-demand loads in flight, by name
     demand_used: OrderedDict[str, Path] = field(default_factory=OrderedDict)  # on-demand name -> folder, LRU first
+    max_num_seqs: int = SchedulerConfig.max_num_seqs  # rows a step runs: the most choices (n) a request may ask
     share_base_prefixes: bool = False  # --prefix-cache-share-base: base prompts' cached KV shared across tenants
 
 
@@ -235,6 +238,40 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+async def _merged(tickets: list[_Ticket]) -> AsyncIterator[tuple[int, SequenceUpdate]]:
+    """Every choice's updates as they come, with the choice's index; RequestFailed if one could not finish."""
+    if len(tickets) == 1:
+        async for update in _updates(tickets[0].stream):
+            yield 0, update
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, ticket: _Ticket) -> None:
+        try:
+            async for update in _updates(ticket.stream):
+                await queue.put((index, update))
+        except RequestFailed as exc:
+            await queue.put((index, exc))
+        finally:
+            await queue.put((index, done))
+
+    tasks = [asyncio.ensure_future(pump(index, ticket)) for index, ticket in enumerate(tickets)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, RequestFailed):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 async def _updates(stream: RequestStream) -> AsyncIterator[SequenceUpdate]:
     """A request's updates until its last; RequestFailed if the engine could not finish it."""
     while True:
@@ -318,6 +355,15 @@ def create_app(state: AppState) -> FastAPI:
         if not state.enable_lora_updates:
             raise ApiError(404, f"loading and unloading adapters at run time is off; start the server with "
                                 f"{UPDATES_FLAG} (and --lora-root)", code="lora_updates_disabled")
+
+    def check_fields(body: SamplingFields) -> None:
+        """400 for a field that would change the answer and is not implemented, or that nobody documents."""
+        refused = refused_fields(body.model_extra)
+        if refused is None and isinstance(body, ChatCompletionRequest):
+            refused = refused_message_fields(body.messages)
+        if refused is not None:
+            name, message, code = refused
+            raise ApiError(400, message, name, code)
 
     async def resolve_model(name: str, tenant: Tenant) -> str | None:
         """None for the base model, else the adapter name; 404 for what this key cannot see (with
@@ -426,16 +472,29 @@ def create_app(state: AppState) -> FastAPI:
             raise
         return _Ticket(state, tenant, stream)
 
-    async def collect(ticket: _Ticket, request: Request) -> _Result | None:
-        """The whole result, or None if the client left first (the request is then aborted)."""
-        result = _Result()
+    async def accept_all(tenant: Tenant, request_id: str, generations: list[GenerationRequest],
+                         arrival_s: float) -> list[_Ticket]:
+        """Every choice is a request of its own (``ID-INDEX`` when there are several); all or none."""
+        tickets: list[_Ticket] = []
+        try:
+            for index, generation in enumerate(generations):
+                name = request_id if len(generations) == 1 else f"{request_id}-{index}"
+                tickets.append(await accept(tenant, name, generation, arrival_s))
+        except BaseException:
+            for ticket in tickets:
+                ticket.close()
+            raise
+        return tickets
 
-        async def gather() -> _Result:
+    async def collect(tickets: list[_Ticket], request: Request) -> list[_Result] | None:
+        """Every choice's whole result, or None if the client left first (every request is then aborted)."""
+        results = [_Result() for _ in tickets]
+
+        async def gather_one(ticket: _Ticket, result: _Result) -> None:
             async for update in _updates(ticket.stream):
                 result.add(update)
-            return result
 
-        gathering = asyncio.ensure_future(gather())
+        gathering = asyncio.ensure_future(asyncio.gather(*(gather_one(t, r) for t, r in zip(tickets, results))))
         disconnect = asyncio.ensure_future(_wait_disconnect(request))
         try:
             await asyncio.wait({gathering, disconnect}, return_when=asyncio.FIRST_COMPLETED)
@@ -443,8 +502,38 @@ def create_app(state: AppState) -> FastAPI:
             disconnect.cancel()
             if not gathering.done():
                 gathering.cancel()
-            ticket.close()
-        return gathering.result() if gathering.done() and not gathering.cancelled() else None
+            for ticket in tickets:
+                ticket.close()
+        if gathering.done() and not gathering.cancelled():
+            gathering.result()  # a choice the engine could not finish raises here
+            return results
+        return None
+
+    def closer(tickets: list[_Ticket]) -> Callable[[], None]:
+        def close() -> None:
+            for ticket in tickets:
+                ticket.close()
+        return close
+
+    def choices_of(body: SamplingFields, prompts: list[list[int]], adapter: str | None, max_tokens: int | None,
+                   mix: LoraMix | None, tenant: Tenant) -> list[GenerationRequest]:
+        """``n`` requests per prompt, in OpenAI's order (prompt-major); with a seed, choice j samples with seed + j."""
+        if body.n > state.max_num_seqs:
+            raise ApiError(400, f"n {body.n} is more than the {state.max_num_seqs} rows a step runs (--max-num-seqs)",
+                           "n")
+        generations = []
+        for prompt_ids in prompts:
+            for choice in range(body.n):
+                generation = generation_request(body, prompt_ids, adapter, max_tokens, mix, tenant)
+                if body.seed is not None and choice:
+                    generation.sampling = replace(generation.sampling, seed=body.seed + choice)
+                generations.append(generation)
+        return generations
+
+    def usage_of(results: list[_Result], n: int) -> Usage:
+        """Prompt tokens once per prompt (not per choice), completion tokens of every choice."""
+        return Usage.of(sum(result.prompt_tokens for result in results[::n]),
+                        sum(result.completion_tokens for result in results))
 
     # -- routes ----------------------------------------------------------------------------------
     @app.get("/health")
@@ -479,54 +568,77 @@ def create_app(state: AppState) -> FastAPI:
         return _json(ModelList(data=cards, has_more=len(base) + len(names) > limit,
                                first_id=ids[0] if ids else None, last_id=ids[-1] if ids else None))
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, tenant: TenantOf) -> Response:
+        """One model card (OpenAI's retrieve): the base, or an adapter this key may use (with --lora-on-demand,
+        a folder under the root counts before it is loaded); else 404."""
+        if model_id == state.served_name:
+            return _json(ModelCard(id=model_id, root=model_id, created=state.created))
+        known = model_id in state.adapters or (state.on_demand and on_demand_name(model_id)
+                                               and state.sources.is_adapter_folder(model_id))
+        if not (known and tenant.may_use(model_id)):
+            raise ApiError(404, f"The model `{model_id}` does not exist.", "model", "model_not_found")
+        return _json(ModelCard(id=model_id, root=model_id, parent=state.served_name, created=state.created))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(tenant: TenantOf) -> Response:
+        return JSONResponse(state.tokenizer.info())
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, tenant: TenantOf) -> Response:
         arrival_s = time.perf_counter()
+        check_fields(body)
         adapter = await resolve_model(body.model, tenant)
         if body.logprobs is not None:
             raise ApiError(400, "logprobs are not supported", "logprobs")
         if body.echo:
             raise ApiError(400, "echo is not supported", "echo")
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise ApiError(400, "one prompt per request (n = 1)", "prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            prompt_ids = await tokenize(state.tokenizer.encode, prompt)
-        elif prompt:
-            prompt_ids = list(prompt)
-        else:
-            raise ApiError(400, "the prompt is empty", "prompt")
-        generation = generation_request(body, prompt_ids, adapter, body.max_tokens,
-                                        await resolve_mix(body, request, adapter, tenant), tenant)
+        prompts = await prompts_of(body.prompt)
+        generations = choices_of(body, prompts, adapter, body.max_tokens,
+                                 await resolve_mix(body, request, adapter, tenant), tenant)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        ticket = await accept(tenant, request_id, generation, arrival_s)
+        tickets = await accept_all(tenant, request_id, generations, arrival_s)
         if body.stream:
-            return _EventStream(completion_events(ticket, body, prompt_ids), ticket.close)
-        result = await collect(ticket, request)
-        if result is None:
+            return _EventStream(completion_events(tickets, body, prompts, request_id), closer(tickets))
+        results = await collect(tickets, request)
+        if results is None:
             return Response(status_code=499)
-        choice = CompletionChoice(text="".join(result.text), finish_reason=result.finish_reason,
-                                  prompt_token_ids=prompt_ids if body.return_token_ids else None,
-                                  token_ids=result.token_ids if body.return_token_ids else None)
-        return _json(CompletionResponse(id=request_id, model=body.model, choices=[choice], usage=result.usage))
-
-    async def completion_events(ticket: _Ticket, body: CompletionRequest, prompt_ids: list[int]
-                                ) -> AsyncIterator[str]:
-        created, request_id = int(time.time()), ticket.stream.request_id
         ids = body.return_token_ids
-        result = _Result()
-        first = True
+        choices = [CompletionChoice(index=index, text="".join(result.text), finish_reason=result.finish_reason,
+                                    prompt_token_ids=prompts[index // body.n] if ids else None,
+                                    token_ids=result.token_ids if ids else None)
+                   for index, result in enumerate(results)]
+        return _json(CompletionResponse(id=request_id, model=body.model, choices=choices,
+                                        usage=usage_of(results, body.n)))
+
+    async def prompts_of(prompt) -> list[list[int]]:
+        """Text, token ids, or a list of either: one list of ids per prompt."""
+        items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+        if not items:
+            raise ApiError(400, "the prompt is empty", "prompt")
+        prompts = []
+        for index, item in enumerate(items):
+            ids = await tokenize(state.tokenizer.encode, item) if isinstance(item, str) else list(item)
+            if not ids:
+                raise ApiError(400, "the prompt is empty" if len(items) == 1 else f"prompt {index} is empty", "prompt")
+            prompts.append(ids)
+        return prompts
+
+    async def completion_events(tickets: list[_Ticket], body: CompletionRequest, prompts: list[list[int]],
+                                request_id: str) -> AsyncIterator[str]:
+        created = int(time.time())
+        ids = body.return_token_ids
+        results = [_Result() for _ in tickets]
+        first = [True] * len(tickets)
         try:
-            async for update in _updates(ticket.stream):
-                result.add(update)
+            async for index, update in _merged(tickets):
+                results[index].add(update)
                 if not (update.new_text or update.finished or (ids and update.new_token_ids)):
                     continue
-                choice = CompletionChoice(text=update.new_text, finish_reason=update.finish_reason,
-                                          prompt_token_ids=prompt_ids if ids and first else None,
+                choice = CompletionChoice(index=index, text=update.new_text, finish_reason=update.finish_reason,
+                                          prompt_token_ids=prompts[index // body.n] if ids and first[index] else None,
                                           token_ids=update.new_token_ids if ids else None)
-                first = False
+                first[index] = False
                 yield sse(CompletionChunk(id=request_id, created=created, model=body.model, choices=[choice]))
         except RequestFailed as exc:
             yield sse(_stream_error(exc).body())
@@ -534,59 +646,66 @@ def create_app(state: AppState) -> FastAPI:
             return
         if body.include_usage():
             yield sse(CompletionChunk(id=request_id, created=created, model=body.model, choices=[],
-                                      usage=result.usage))
+                                      usage=usage_of(results, body.n)))
         yield SSE_DONE
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                tenant: TenantOf) -> Response:
         arrival_s = time.perf_counter()
+        check_fields(body)
         adapter = await resolve_model(body.model, tenant)
         if body.logprobs:
             raise ApiError(400, "logprobs are not supported", "logprobs")
         messages = [message.as_template_input() for message in body.messages]
         prompt_ids = await tokenize(state.tokenizer.prompt_ids, messages)
-        generation = generation_request(body, prompt_ids, adapter, body.token_budget(),
-                                        await resolve_mix(body, request, adapter, tenant), tenant)
+        generations = choices_of(body, [prompt_ids], adapter, body.token_budget(),
+                                 await resolve_mix(body, request, adapter, tenant), tenant)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        ticket = await accept(tenant, request_id, generation, arrival_s)
+        tickets = await accept_all(tenant, request_id, generations, arrival_s)
         if body.stream:
-            return _EventStream(chat_events(ticket, body, prompt_ids), ticket.close)
-        result = await collect(ticket, request)
-        if result is None:
+            return _EventStream(chat_events(tickets, body, prompt_ids, request_id), closer(tickets))
+        results = await collect(tickets, request)
+        if results is None:
             return Response(status_code=499)
-        choice = ChatChoice(message=AssistantMessage(content="".join(result.text)),
-                            finish_reason=result.finish_reason,
-                            token_ids=result.token_ids if body.return_token_ids else None)
-        return _json(ChatCompletionResponse(id=request_id, model=body.model, choices=[choice], usage=result.usage,
+        choices = [ChatChoice(index=index, message=AssistantMessage(content="".join(result.text)),
+                              finish_reason=result.finish_reason,
+                              token_ids=result.token_ids if body.return_token_ids else None)
+                   for index, result in enumerate(results)]
+        return _json(ChatCompletionResponse(id=request_id, model=body.model, choices=choices,
+                                            usage=usage_of(results, body.n),
                                             prompt_token_ids=prompt_ids if body.return_token_ids else None))
 
-    async def chat_events(ticket: _Ticket, body: ChatCompletionRequest, prompt_ids: list[int]) -> AsyncIterator[str]:
-        created, request_id = int(time.time()), ticket.stream.request_id
+    async def chat_events(tickets: list[_Ticket], body: ChatCompletionRequest, prompt_ids: list[int],
+                          request_id: str) -> AsyncIterator[str]:
+        created = int(time.time())
         ids = body.return_token_ids
 
-        def chunk(delta: DeltaMessage, finish_reason: str | None = None, token_ids: list[int] | None = None,
-                  **extra) -> str:
-            choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason, token_ids=token_ids)
+        def chunk(index: int, delta: DeltaMessage, finish_reason: str | None = None,
+                  token_ids: list[int] | None = None, **extra) -> str:
+            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, token_ids=token_ids)
             return sse(ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[choice],
                                            **extra))
 
-        yield chunk(DeltaMessage(role="assistant", content=""), prompt_token_ids=prompt_ids if ids else None)
-        result = _Result()
+        for index in range(len(tickets)):
+            yield chunk(index, DeltaMessage(role="assistant", content=""),
+                        prompt_token_ids=prompt_ids if ids and not index else None)
+        results = [_Result() for _ in tickets]
         try:
-            async for update in _updates(ticket.stream):
-                result.add(update)
+            async for index, update in _merged(tickets):
+                results[index].add(update)
                 if update.new_text or (ids and update.new_token_ids):
-                    yield chunk(DeltaMessage(content=update.new_text), token_ids=update.new_token_ids if ids else None)
+                    yield chunk(index, DeltaMessage(content=update.new_text),
+                                token_ids=update.new_token_ids if ids else None)
                 if update.finished:
-                    yield chunk(DeltaMessage(), update.finish_reason)
+                    yield chunk(index, DeltaMessage(), update.finish_reason)
         except RequestFailed as exc:
             yield sse(_stream_error(exc).body())
             yield SSE_DONE
             return
         if body.include_usage():
             yield sse(ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[],
-                                          usage=result.usage))
+                                          usage=usage_of(results, body.n)))
         yield SSE_DONE
 
     @app.post("/v1/load_lora_adapter")

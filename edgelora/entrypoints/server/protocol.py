@@ -1,9 +1,11 @@
 """OpenAI's request and response shapes (with vLLM's extensions), as pydantic models.
 
 Requests mirror the fields OpenAI documents plus vLLM's ``top_k``, ``min_tokens``,
-``ignore_eos`` and ``return_token_ids``; unknown fields are ignored, as OpenAI's own server
-does, so clients that send more than we use still work. Errors always have OpenAI's shape:
-``{"error": {"message", "type", "param", "code"}}``.
+``ignore_eos``, ``return_token_ids`` and ``cache_salt``. Nothing is silently ignored: a field that
+would change the answer and is not implemented is a 400 naming it (``UNSUPPORTED_FIELDS``, unless
+it holds its no-op default), a field nobody documents is a 400 too, and the few that real clients
+send and that change nothing are accepted by name (``IGNORED_FIELDS``, each with why). Errors
+always have OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class ApiError(EdgeLoraError):
 
     def body(self) -> dict:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.TYPES.get(self.status, "error"),
-                                             param=self.param, code=self.code or str(self.status))).model_dump()
+                                             param=self.param, code=self.code)).model_dump()
 
 
 class ErrorInfo(BaseModel):
@@ -52,14 +54,81 @@ class ErrorResponse(BaseModel):
 
 
 # -- requests --------------------------------------------------------------------------------------
+# Sent by real clients and changing nothing in an answer: accepted, ignored, and why.
+IGNORED_FIELDS = {
+    "user": "the caller's end-user id, for its own abuse tracking",
+    "safety_identifier": "the caller's end-user id (OpenAI's newer name for user)",
+    "metadata": "tags for OpenAI's stored completions; nothing is stored",
+    "store": "OpenAI's stored completions; nothing is stored",
+    "service_tier": "OpenAI's processing tier; there is one",
+    "prompt_cache_key": "OpenAI's cache-routing hint; the prefix cache keys by tenant, adapter and cache_salt",
+    "parallel_tool_calls": "meaningful only with tools, which are refused",
+}
+
+# Would change the answer and are not implemented: a 400 naming them, unless they hold the value that
+# changes nothing (null, or the one given here).
+UNSUPPORTED_FIELDS = {
+    "response_format": ({"type": "text"}, "structured output (response_format) is not supported yet"),
+    "tools": ([], "tool calling is not supported yet"),
+    "tool_choice": ("none", "tool calling is not supported yet"),
+    "functions": ([], "function calling is not supported"),
+    "function_call": ("none", "function calling is not supported"),
+    "top_logprobs": (0, "logprobs are not supported yet"),
+    "best_of": (1, "best_of is not supported"),
+    "suffix": ("", "suffix (insertion) is not supported"),
+    "min_p": (0, "min_p is not supported"),
+    "use_beam_search": (False, "beam search is not supported"),
+    "length_penalty": (1, "length_penalty (beam search) is not supported"),
+    "audio": ({}, "audio output is not supported"),
+    "modalities": (["text"], "only text output is supported"),
+    "prediction": ({}, "predicted outputs are not supported"),
+    "reasoning_effort": ("", "reasoning_effort is not supported"),
+    "web_search_options": ({}, "web search is not supported"),
+    "guided_json": (None, "structured output is not supported yet"),
+    "guided_regex": (None, "structured output is not supported yet"),
+    "guided_choice": (None, "structured output is not supported yet"),
+    "structured_outputs": (None, "structured output is not supported yet"),
+}
+
+
+def refused_message_fields(messages: list[ChatMessage]) -> tuple[str, str, str] | None:
+    """Like ``refused_fields``, for chat messages (``param`` names the message: messages[2].tool_calls)."""
+    for index, message in enumerate(messages):
+        if message.role == "tool":
+            return f"messages[{index}].role", "tool messages: tool calling is not supported yet", "unsupported_parameter"
+        for name, value in (message.model_extra or {}).items():
+            if name in MESSAGE_IGNORED or (name in MESSAGE_UNSUPPORTED and not value):
+                continue
+            why = MESSAGE_UNSUPPORTED.get(name)
+            where = f"messages[{index}].{name}"
+            if why is not None:
+                return where, f"{where}: {why}", "unsupported_parameter"
+            return where, f"Unrecognized message field: {where}", "unknown_parameter"
+    return None
+
+
+def refused_fields(extra: dict[str, Any] | None) -> tuple[str, str, str] | None:
+    """The first extra field to refuse: (name, message, code), or None when every one may pass."""
+    for name, value in (extra or {}).items():
+        if name in IGNORED_FIELDS:
+            continue
+        if name in UNSUPPORTED_FIELDS:
+            default, why = UNSUPPORTED_FIELDS[name]
+            if value is None or value == default:
+                continue
+            return name, f"{name}: {why}", "unsupported_parameter"
+        return name, f"Unrecognized request argument supplied: {name}", "unknown_parameter"
+    return None
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
-    """Fields completions and chat share."""
+    """Fields completions and chat share (any other lands in ``model_extra``: ``refused_fields`` judges it)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str
     temperature: float | None = Field(default=None, ge=0, le=2)  # None: OpenAI's default, 1.0
@@ -67,13 +136,16 @@ class SamplingFields(BaseModel):
     top_k: int | None = None  # vLLM: 0 or -1 switch the filter off
     seed: int | None = Field(default=None, ge=0)
     stop: str | list[str] | None = None
-    n: int | None = 1
+    n: int = Field(default=1, ge=1)  # choices per prompt, each a request of its own
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
-    user: str | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI: token id (as a string) -> -100..100 added to its logit
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # vLLM's; 1 = off
     # vLLM's: the prefix cache shares KV only between requests with the same salt (within one tenant)
     cache_salt: str | None = None
     # edgelora: several adapters with weights for this request ({"a": 0.7, "b": -0.3}; model = the base name)
@@ -86,12 +158,16 @@ class SamplingFields(BaseModel):
             raise ValueError("top_k must be -1, 0 (off) or a positive number")
         return value
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _only_one_choice(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("only n = 1 is supported")
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.strip().isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias of token {token}: {bias} is outside -100..100")
         return value
+
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -106,15 +182,18 @@ class SamplingFields(BaseModel):
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else float(self.temperature),
             top_k=0 if self.top_k is None or self.top_k < 0 else self.top_k,
             top_p=1.0 if self.top_p is None else float(self.top_p), seed=self.seed, stop=self.stop_list(),
-            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos)
+            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
+            logit_bias={int(token): float(bias) for token, bias in (self.logit_bias or {}).items()},
+            presence_penalty=float(self.presence_penalty or 0), frequency_penalty=float(self.frequency_penalty or 0),
+            repetition_penalty=1.0 if self.repetition_penalty is None else float(self.repetition_penalty))
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(SamplingFields):
-    # Text, token ids, or a list holding one text (the openai client sends prompts that way too).
-    prompt: str | list[int] | list[str]
+    # Text, token ids, or a list of texts or of token-id lists: one answer (n of them) per prompt.
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=None, ge=1)  # None: the rest of the context (issue 14; vLLM does so for chat)
     logprobs: int | None = None
     echo: bool = False
@@ -127,8 +206,16 @@ class ContentPart(BaseModel):
     text: str
 
 
+# A message's fields beside role and content: accepted and ignored (why), or refused until tools land.
+MESSAGE_IGNORED = {"name": "a participant's name; the supported chat templates do not render it",
+                   "refusal": "the openai client sends an assistant turn back with it (null)",
+                   "annotations": "the openai client sends an assistant turn back with it"}
+MESSAGE_UNSUPPORTED = {"tool_calls": "tool calling is not supported yet", "tool_call_id": "tool calling is not supported "
+                       "yet", "function_call": "function calling is not supported", "audio": "audio is not supported"}
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     role: str
     content: str | list[ContentPart] | None = None
