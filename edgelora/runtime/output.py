@@ -23,6 +23,37 @@ from edgelora.runtime import native
 from edgelora.runtime.detokenizer import IncrementalDetokenizer
 from edgelora.runtime.sampling import SamplingParams
 
+LOGPROB_ROWS = 16  # prompt positions turned into log-probabilities at once
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the most likely alternatives at its position (id, logprob), best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 for the sum (the values are reported, so they should be exact)."""
+    values = np.asarray(logits, np.float64)
+    shifted = values - values.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def token_logprobs(logprobs: np.ndarray, tokens, top: int) -> list[TokenLogprob]:
+    """For each row of log-probabilities [n, vocab]: the given token's value and the ``top`` best (id, value)."""
+    found = []
+    for row, token in zip(logprobs, tokens):
+        best: tuple = ()
+        if top:
+            index = np.argpartition(-row, top - 1)[:top]
+            index = index[np.lexsort((index, -row[index]))]  # best first; ties by id
+            best = tuple((int(i), float(row[i])) for i in index)
+        found.append(TokenLogprob(int(token), float(row[int(token)]), best))
+    return found
+
 
 @dataclass
 class OutputState:
@@ -36,6 +67,8 @@ class OutputState:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     text: str = ""  # the final text once finished (a stop string cut off)
     prompt_ids: np.ndarray | None = None  # distinct prompt ids, kept only for a repetition penalty
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per sampled token, when sampling.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token (the first: None)
 
 
 class OutputStage:
@@ -58,6 +91,8 @@ class OutputStage:
     def sample(self, states: list[OutputState], logits: np.ndarray) -> np.ndarray:
         """One token per row from logits [rows, 1, vocab]."""
         rows = np.ascontiguousarray(logits[:, 0], dtype=np.float32)
+        wanted = [index for index, state in enumerate(states) if state.sampling.logprobs is not None]
+        raw = log_softmax(rows[wanted]) if wanted else None  # before min_tokens, biases and penalties
         if self._eos_index.size:
             for index, state in enumerate(states):
                 if len(state.output_ids) < state.sampling.min_tokens and not state.sampling.ignore_eos:
@@ -66,8 +101,23 @@ class OutputStage:
             if state.sampling.adjusts_logits:
                 adjust_logits(rows[index], state)
         params = [state.sampling for state in states]
-        return native.sample_batch(rows, [state.sampler for state in states], [float(p.temperature) for p in params],
-                                   [int(p.top_k) for p in params], [float(p.top_p) for p in params])
+        tokens = native.sample_batch(rows, [state.sampler for state in states], [float(p.temperature) for p in params],
+                                     [int(p.top_k) for p in params], [float(p.top_p) for p in params])
+        for position, index in enumerate(wanted):
+            state = states[index]
+            state.logprobs += token_logprobs(raw[position:position + 1], [tokens[index]], state.sampling.logprobs)
+        return tokens
+
+    def prompt_logprobs(self, state: OutputState, prompt_ids: list[int], start: int, logits: np.ndarray) -> None:
+        """Log-probabilities of prompt tokens start+1.. from the logits at positions start.. [n, vocab] (one chunk
+        of the prompt; the first prompt token has none)."""
+        if start == 0:
+            state.prompt_logprobs = [None]
+        targets = prompt_ids[start + 1:start + 1 + len(logits)]
+        for first in range(0, len(targets), LOGPROB_ROWS):  # a few rows at a time: never [chunk, vocab] in float64
+            part = targets[first:first + LOGPROB_ROWS]
+            state.prompt_logprobs += token_logprobs(log_softmax(logits[first:first + len(part)]), part,
+                                                    state.sampling.prompt_logprobs)
 
     def accept(self, state: OutputState, token: int) -> str:
         """Record a sampled token, decide whether the request ends (``finish_reason``); return the new text."""

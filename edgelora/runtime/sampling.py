@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from edgelora.errors import UserInputError
 
+MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+
 
 @dataclass
 class SamplingParams:
@@ -42,6 +44,12 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # Log-probabilities: of each sampled token with its ``logprobs`` most likely alternatives (0: the token's
+    # own only), and of every prompt token with ``prompt_logprobs`` alternatives (OpenAI's echo). None: not
+    # computed. Values are the log-softmax of the model's float logits, before logit_bias, penalties,
+    # temperature and the top-k / top-p filters. At most MAX_LOGPROBS alternatives.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def adjusts_logits(self) -> bool:
@@ -77,6 +85,10 @@ class SamplingParams:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not -2 <= value <= 2:
                 problems.append(f"{name} {value!r} (-2..2)")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                problems.append(f"{name} {value!r} (0..{MAX_LOGPROBS})")
         if not isinstance(self.repetition_penalty, (int, float)) or isinstance(self.repetition_penalty, bool) \
                 or not 0 < self.repetition_penalty <= 10:
             problems.append(f"repetition_penalty {self.repetition_penalty!r} (0 < penalty <= 10; 1 = off)")

@@ -42,10 +42,12 @@ from edgelora.runtime.adapter_cache import AdapterRef
 from edgelora.runtime.config import SchedulerConfig
 from edgelora.runtime.engine import Engine, StepPlan
 from edgelora.runtime.lora_mix import LoraMix, check_mix
-from edgelora.runtime.output import OutputStage, OutputState
+from edgelora.runtime.output import OutputStage, OutputState, TokenLogprob
 from edgelora.runtime.prefetch import Prefetcher
 from edgelora.runtime.prefix_cache import PrefixCache, chain_keys, namespace_of
 from edgelora.runtime.sampling import SamplingParams
+
+PROMPT_LOGPROBS_CHUNK = 256  # prompt positions whose logits one step keeps for prompt logprobs ([n, vocab])
 
 
 class QueueFull(EdgeLoraError):
@@ -77,6 +79,8 @@ class SequenceUpdate:
     prompt_tokens: int
     completion_tokens: int  # so far
     error: str | None = None  # finish_reason "error": why (an adapter that could not be loaded)
+    logprobs: list[TokenLogprob] | None = None  # of new_token_ids, when the request asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # every prompt token's, with the first token
 
 
 @dataclass
@@ -303,9 +307,11 @@ class Scheduler:
         for seq in list(self._waiting.values()):
             if free_rows == 0:
                 break
-            hit = self.prefix.peek(seq.prefix_keys, len(seq.request.prompt_ids)) if self.prefix is not None else 0
+            scored = seq.request.sampling.prompt_logprobs is not None  # every position's logits: alone, in chunks
+            hit = self.prefix.peek(seq.prefix_keys, len(seq.request.prompt_ids)) \
+                if self.prefix is not None and not scored else 0
             length = len(seq.request.prompt_ids) - hit  # what it prefills
-            chunked = budget is not None and tokens + length > budget
+            chunked = scored or (budget is not None and tokens + length > budget)
             if chunked and admitted:
                 break  # the next step takes it
             refs = [ref for ref, _ in seq.adapters]
@@ -332,7 +338,7 @@ class Scheduler:
                     self._fail(seq, str(exc))
                     continue
             del self._waiting[seq.request_id]
-            if self.prefix is not None:
+            if self.prefix is not None and not scored:
                 seq.prefix = self.prefix.lookup(seq.prefix_keys, len(seq.request.prompt_ids))
                 seq.cached = seq.prefilled = len(seq.prefix) * self.prefix.block_tokens
             if chunked:  # longer than the budget: prefilled in chunks into the top row
@@ -440,8 +446,13 @@ class Scheduler:
         if start and start == seq.cached:  # the first chunk: the row starts from its cached prefix
             self.engine.start_rows([seq.row], [seq.prefix], min(len(prompt), start + self.config.step_tokens))
             self.stats.cached_prompt_tokens += seq.cached
-        chunk = prompt[start:start + self.config.step_tokens]
-        logits = self.engine.step(self._plan(seq.row, [seq], [chunk], [start]))
+        scored = seq.request.sampling.prompt_logprobs is not None
+        size = self.config.step_tokens or len(prompt)
+        chunk = prompt[start:start + (min(size, PROMPT_LOGPROBS_CHUNK) if scored else size)]
+        logits = self.engine.step(replace(self._plan(seq.row, [seq], [chunk], [start]), every_position=scored))
+        if scored:  # this chunk's positions score the prompt's next tokens; the last one samples
+            self.output.prompt_logprobs(seq.out, prompt, start, logits[0])
+            logits = logits[:, -1:]
         seq.prefilled += len(chunk)
         self.last_step.run_s = self.engine.last_run_s
         self.last_step.chunk_tokens = len(chunk)
@@ -490,8 +501,13 @@ class Scheduler:
         self.stats.generated_tokens += 1
         if seq.out.finish_reason is None:
             seq.pending = token
+        sampling = seq.out.sampling
+        first = len(seq.out.output_ids) == 1
         return SequenceUpdate(seq.request_id, [token], piece, seq.out.finish_reason is not None,
-                              seq.out.finish_reason, len(seq.request.prompt_ids), len(seq.out.output_ids))
+                              seq.out.finish_reason, len(seq.request.prompt_ids), len(seq.out.output_ids),
+                              logprobs=seq.out.logprobs[-1:] if sampling.logprobs is not None else None,
+                              prompt_logprobs=seq.out.prompt_logprobs
+                              if first and sampling.prompt_logprobs is not None else None)
 
     def _take_aborts(self) -> list[SequenceUpdate]:
         updates = []

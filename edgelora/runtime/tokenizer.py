@@ -49,5 +49,12 @@ class ChatTokenizer:
                 "unk_token": tokenizer.unk_token, "add_bos_token": getattr(tokenizer, "add_bos_token", None),
                 "add_eos_token": getattr(tokenizer, "add_eos_token", None)}
 
+    def token_text(self, token: int) -> str:
+        """One token's own text (special tokens included), for logprobs; cached."""
+        cache = self.__dict__.setdefault("_token_texts", {})
+        if token not in cache:
+            cache[token] = self._tokenizer.decode([token], skip_special_tokens=False)
+        return cache[token]
+
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)

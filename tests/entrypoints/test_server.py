@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from hot_swap import HOWS, OpenStream, copy_adapter, greedy_ids, swap_during_stream
@@ -358,8 +359,9 @@ BAD_REQUESTS = {
     "chat_beyond_the_positions": ("/chat/completions", {"model": SERVED, "messages": CHAT,
                                                          "max_completion_tokens": 5000}),
     "chat_n_above_the_rows": ("/chat/completions", {"model": SERVED, "messages": CHAT, "n": 1000}),
-    "logprobs": ("/completions", {"model": SERVED, "prompt": PROMPT, "logprobs": 2}),
-    "echo": ("/completions", {"model": SERVED, "prompt": PROMPT, "echo": True}),
+    "logprobs_above_20": ("/completions", {"model": SERVED, "prompt": PROMPT, "logprobs": 21}),
+    "chat_top_logprobs_without_logprobs": ("/chat/completions", {"model": SERVED, "messages": CHAT,
+                                                                  "top_logprobs": 2}),
     "load_without_path": ("/load_lora_adapter", {"lora_name": "x"}),
 }
 
@@ -372,7 +374,7 @@ def test_bad_input_is_400_and_the_server_keeps_serving(server, client, case):
 
 
 UNSUPPORTED = {"response_format": {"type": "json_object"}, "tools": [{"type": "function", "function": {"name": "f"}}],
-               "tool_choice": "required", "top_logprobs": 2, "best_of": 2, "suffix": "x",
+               "tool_choice": "required", "best_of": 2, "suffix": "x",
                "min_p": 0.1, "guided_json": {"type": "object"}, "reasoning_effort": "high"}
 
 
@@ -429,6 +431,54 @@ def test_n_choices_several_prompts_and_token_id_prompts(client, offline, sample)
         for choice in chunk.choices:
             joined[choice.index] += choice.delta.content or ""
     assert joined == [c.message.content for c in sampled.choices], "streaming == not, choice by choice"
+
+
+@pytest.mark.parametrize("adapter", [None, "a1"])
+def test_logprobs_equal_log_softmax_of_transformers_logits(server, client, sample, reference, adapter):
+    """Completions echo + logprobs: every prompt token's logprob and top 5, then the generated tokens'; chat's
+    top_logprobs; streaming gives the same; within 1e-4 of PEFT/transformers float32."""
+    model = adapter or SERVED
+    prompt_ids = ChatTokenizer(sample.onnx_dir).encode(PROMPT)
+    body = {"model": model, "prompt": prompt_ids, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 5,
+            "return_token_ids": True}
+    choice = _post(server, "/completions", body).json()["choices"][0]
+    ids = prompt_ids + choice["token_ids"]
+    logits = reference.logits(sample.model_dir, sample.adapters[adapter] if adapter else None, np.array([ids]))[0]
+    expected = logits - logits.max(-1, keepdims=True)
+    expected = expected - np.log(np.exp(expected.astype(np.float64)).sum(-1, keepdims=True))
+    logprobs = choice["logprobs"]
+    assert logprobs["token_logprobs"][0] is None and len(logprobs["token_logprobs"]) == len(ids)
+    np.testing.assert_allclose(logprobs["token_logprobs"][1:], expected[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
+    best = np.sort(expected[:len(ids) - 1], axis=1)[:, ::-1][:, :5]
+    for top, want in zip(logprobs["top_logprobs"][1:], best):  # texts shared by two tokens keep the best one
+        got = sorted(top.values(), reverse=True)
+        assert got[0] == pytest.approx(want[0], abs=1e-4) and all(np.abs(want - value).min() < 1e-4 for value in got)
+    assert choice["text"].startswith(ChatTokenizer(sample.onnx_dir).decode(prompt_ids))
+    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    with httpx.stream("POST", server.v1 + "/completions", json={**body, "stream": True}, headers=server.headers(),
+                      timeout=TIMEOUT_S) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                for part in json.loads(line[6:])["choices"]:
+                    for key in streamed:
+                        streamed[key] += (part["logprobs"] or {}).get(key, [])
+    assert streamed == logprobs, "streaming == not"
+    echo_only = _post(server, "/completions", {**body, "max_tokens": 0}).json()
+    assert echo_only["usage"]["completion_tokens"] == 0 and len(echo_only["choices"][0]["logprobs"]["tokens"]) == len(
+        prompt_ids) and echo_only["choices"][0]["token_ids"] == []
+    chat = client.chat.completions.create(model=model, messages=CHAT, max_tokens=3, temperature=0, logprobs=True,
+                                          top_logprobs=3, extra_body={"return_token_ids": True})
+    chat_ids = chat.prompt_token_ids + chat.choices[0].token_ids
+    chat_logits = reference.logits(sample.model_dir, sample.adapters[adapter] if adapter else None,
+                                   np.array([chat_ids]))[0].astype(np.float64)
+    chat_expected = chat_logits - chat_logits.max(-1, keepdims=True)
+    chat_expected -= np.log(np.exp(chat_expected).sum(-1, keepdims=True))
+    start = len(chat.prompt_token_ids) - 1
+    for position, entry in enumerate(chat.choices[0].logprobs.content):
+        token = chat.choices[0].token_ids[position]
+        assert abs(entry.logprob - chat_expected[start + position, token]) < 1e-4
+        np.testing.assert_allclose([top.logprob for top in entry.top_logprobs],
+                                   np.sort(chat_expected[start + position])[::-1][:3], atol=1e-4)
 
 
 def test_one_model_card_and_the_tokenizer_info(server, client):

@@ -33,6 +33,7 @@ from edgelora.entrypoints.server.engine_loop import (
     RequestStream,
     UnknownAdapter,
 )
+from edgelora.entrypoints.server.logprobs import chat_logprobs, completion_logprobs
 from edgelora.entrypoints.server.metrics import CONTENT_TYPE, ServerMetrics
 from edgelora.entrypoints.server.protocol import (
     SSE_DONE,
@@ -62,6 +63,7 @@ from edgelora.entrypoints.server.tenants import Tenant, Tenants
 from edgelora.errors import EdgeLoraError, UserInputError
 from edgelora.runtime.config import EngineConfig, SchedulerConfig
 from edgelora.runtime.lora_mix import MIX_LABEL, LoraMix, check_mix, duplicate_mix_names
+from edgelora.runtime.output import TokenLogprob
 from edgelora.runtime.scheduler import GenerationRequest, QueueFull, SequenceUpdate
 from edgelora.runtime.tokenizer import ChatTokenizer
 
@@ -149,6 +151,8 @@ class _Result:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, update: SequenceUpdate) -> None:
         self.text.append(update.new_text)
@@ -156,10 +160,26 @@ class _Result:
         self.finish_reason = update.finish_reason
         self.prompt_tokens = update.prompt_tokens
         self.completion_tokens = update.completion_tokens
+        self.logprobs += update.logprobs or []
+        if update.prompt_logprobs is not None:
+            self.prompt_logprobs = update.prompt_logprobs
 
     @property
     def usage(self) -> Usage:
         return Usage.of(self.prompt_tokens, self.completion_tokens)
+
+
+@dataclass
+class _Kept:
+    """What a choice returns of its generated tokens (none with max_tokens 0: echo only)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+
+    @classmethod
+    def of(cls, result: _Result, drop: bool) -> "_Kept":
+        return cls("", [], []) if drop else cls("".join(result.text), result.token_ids, result.logprobs)
 
 
 class _Ticket:
@@ -589,27 +609,52 @@ def create_app(state: AppState) -> FastAPI:
         arrival_s = time.perf_counter()
         check_fields(body)
         adapter = await resolve_model(body.model, tenant)
-        if body.logprobs is not None:
-            raise ApiError(400, "logprobs are not supported", "logprobs")
-        if body.echo:
-            raise ApiError(400, "echo is not supported", "echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens 0 only goes with echo (the prompt's logprobs, nothing generated)",
+                           "max_tokens")
         prompts = await prompts_of(body.prompt)
-        generations = choices_of(body, prompts, adapter, body.max_tokens,
+        generations = choices_of(body, prompts, adapter, body.max_tokens or (1 if body.echo else None),
                                  await resolve_mix(body, request, adapter, tenant), tenant)
+        for generation in generations:  # max_tokens 0: one token is generated and dropped
+            generation.sampling = replace(generation.sampling, logprobs=body.logprobs,
+                                          prompt_logprobs=body.logprobs if body.echo else None)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         tickets = await accept_all(tenant, request_id, generations, arrival_s)
+        echoes = [await echo_text(body.prompt, index, prompt) for index, prompt in enumerate(prompts)] \
+            if body.echo else None
         if body.stream:
-            return _EventStream(completion_events(tickets, body, prompts, request_id), closer(tickets))
+            return _EventStream(completion_events(tickets, body, prompts, request_id, echoes), closer(tickets))
         results = await collect(tickets, request)
         if results is None:
             return Response(status_code=499)
         ids = body.return_token_ids
-        choices = [CompletionChoice(index=index, text="".join(result.text), finish_reason=result.finish_reason,
-                                    prompt_token_ids=prompts[index // body.n] if ids else None,
-                                    token_ids=result.token_ids if ids else None)
-                   for index, result in enumerate(results)]
-        return _json(CompletionResponse(id=request_id, model=body.model, choices=choices,
-                                        usage=usage_of(results, body.n)))
+        choices = []
+        for index, result in enumerate(results):
+            prompt = prompts[index // body.n]
+            kept = _Kept.of(result, body.max_tokens == 0)
+            echo = echoes[index // body.n] if echoes else ""
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(prompt, result.prompt_logprobs, text_of) if echoes else None
+                logprobs = completion_logprobs(kept.token_ids, kept.logprobs, text_of, logprobs, len(echo))
+            choices.append(CompletionChoice(index=index, text=echo + kept.text, finish_reason=result.finish_reason,
+                                            logprobs=logprobs, prompt_token_ids=prompt if ids else None,
+                                            token_ids=kept.token_ids if ids else None))
+        usage = usage_of(results, body.n)
+        if body.max_tokens == 0:
+            usage = Usage.of(usage.prompt_tokens, 0)
+        return _json(CompletionResponse(id=request_id, model=body.model, choices=choices, usage=usage))
+
+    def text_of(token: int) -> str:
+        return state.tokenizer.token_text(token)
+
+    async def echo_text(prompt, index: int, ids: list[int]) -> str:
+        """The prompt as the client gave it (a text), or its ids decoded."""
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt[0], str):
+            return prompt[index]
+        return await asyncio.get_running_loop().run_in_executor(tokenize_pool, state.tokenizer.decode, ids)
 
     async def prompts_of(prompt) -> list[list[int]]:
         """Text, token ids, or a list of either: one list of ids per prompt."""
@@ -625,19 +670,34 @@ def create_app(state: AppState) -> FastAPI:
         return prompts
 
     async def completion_events(tickets: list[_Ticket], body: CompletionRequest, prompts: list[list[int]],
-                                request_id: str) -> AsyncIterator[str]:
+                                request_id: str, echoes: list[str] | None) -> AsyncIterator[str]:
         created = int(time.time())
         ids = body.return_token_ids
         results = [_Result() for _ in tickets]
         first = [True] * len(tickets)
+        # where each choice's next generated token starts (logprobs' text_offset): the echo, then the token texts
+        offsets = [len(echoes[index // body.n]) if echoes else 0 for index in range(len(tickets))]
         try:
             async for index, update in _merged(tickets):
                 results[index].add(update)
-                if not (update.new_text or update.finished or (ids and update.new_token_ids)):
+                prompt = prompts[index // body.n]
+                text, tokens, entries = update.new_text, update.new_token_ids, update.logprobs or []
+                if body.max_tokens == 0:  # echo only: the one token generated is dropped
+                    text, tokens, entries = "", [], []
+                logprobs = None
+                if first[index] and echoes:
+                    text = echoes[index // body.n] + text
+                    if body.logprobs is not None:
+                        logprobs = completion_logprobs(prompt, update.prompt_logprobs or [], text_of)
+                if body.logprobs is not None and tokens:
+                    logprobs = completion_logprobs(tokens, entries, text_of, logprobs, offsets[index])
+                    offsets[index] += sum(len(text_of(token)) for token in tokens)
+                if not (text or update.finished or (ids and tokens) or logprobs):
                     continue
-                choice = CompletionChoice(index=index, text=update.new_text, finish_reason=update.finish_reason,
-                                          prompt_token_ids=prompts[index // body.n] if ids and first[index] else None,
-                                          token_ids=update.new_token_ids if ids else None)
+                choice = CompletionChoice(index=index, text=text, finish_reason=update.finish_reason,
+                                          logprobs=logprobs,
+                                          prompt_token_ids=prompt if ids and first[index] else None,
+                                          token_ids=tokens if ids else None)
                 first[index] = False
                 yield sse(CompletionChunk(id=request_id, created=created, model=body.model, choices=[choice]))
         except RequestFailed as exc:
@@ -645,8 +705,9 @@ def create_app(state: AppState) -> FastAPI:
             yield SSE_DONE
             return
         if body.include_usage():
+            usage = usage_of(results, body.n)
             yield sse(CompletionChunk(id=request_id, created=created, model=body.model, choices=[],
-                                      usage=usage_of(results, body.n)))
+                                      usage=Usage.of(usage.prompt_tokens, 0) if body.max_tokens == 0 else usage))
         yield SSE_DONE
 
     @app.post("/v1/chat/completions")
@@ -655,12 +716,15 @@ def create_app(state: AppState) -> FastAPI:
         arrival_s = time.perf_counter()
         check_fields(body)
         adapter = await resolve_model(body.model, tenant)
-        if body.logprobs:
-            raise ApiError(400, "logprobs are not supported", "logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         messages = [message.as_template_input() for message in body.messages]
         prompt_ids = await tokenize(state.tokenizer.prompt_ids, messages)
         generations = choices_of(body, [prompt_ids], adapter, body.token_budget(),
                                  await resolve_mix(body, request, adapter, tenant), tenant)
+        if body.logprobs:
+            for generation in generations:
+                generation.sampling = replace(generation.sampling, logprobs=body.top_logprobs or 0)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         tickets = await accept_all(tenant, request_id, generations, arrival_s)
         if body.stream:
@@ -670,6 +734,7 @@ def create_app(state: AppState) -> FastAPI:
             return Response(status_code=499)
         choices = [ChatChoice(index=index, message=AssistantMessage(content="".join(result.text)),
                               finish_reason=result.finish_reason,
+                              logprobs=chat_logprobs(result.logprobs, text_of) if body.logprobs else None,
                               token_ids=result.token_ids if body.return_token_ids else None)
                    for index, result in enumerate(results)]
         return _json(ChatCompletionResponse(id=request_id, model=body.model, choices=choices,
@@ -682,8 +747,9 @@ def create_app(state: AppState) -> FastAPI:
         ids = body.return_token_ids
 
         def chunk(index: int, delta: DeltaMessage, finish_reason: str | None = None,
-                  token_ids: list[int] | None = None, **extra) -> str:
-            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, token_ids=token_ids)
+                  token_ids: list[int] | None = None, logprobs: list[TokenLogprob] | None = None, **extra) -> str:
+            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, token_ids=token_ids,
+                                     logprobs=chat_logprobs(logprobs, text_of) if logprobs else None)
             return sse(ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[choice],
                                            **extra))
 
@@ -694,9 +760,9 @@ def create_app(state: AppState) -> FastAPI:
         try:
             async for index, update in _merged(tickets):
                 results[index].add(update)
-                if update.new_text or (ids and update.new_token_ids):
+                if update.new_text or (ids and update.new_token_ids) or update.logprobs:
                     yield chunk(index, DeltaMessage(content=update.new_text),
-                                token_ids=update.new_token_ids if ids else None)
+                                token_ids=update.new_token_ids if ids else None, logprobs=update.logprobs)
                 if update.finished:
                     yield chunk(index, DeltaMessage(), update.finish_reason)
         except RequestFailed as exc:

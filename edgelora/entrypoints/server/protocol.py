@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgelora.errors import EdgeLoraError
-from edgelora.runtime.sampling import SamplingParams
+from edgelora.runtime.sampling import MAX_LOGPROBS, SamplingParams
 
 
 def _omit_none(value: Any) -> bool:
@@ -73,7 +73,7 @@ UNSUPPORTED_FIELDS = {
     "tool_choice": ("none", "tool calling is not supported yet"),
     "functions": ([], "function calling is not supported"),
     "function_call": ("none", "function calling is not supported"),
-    "top_logprobs": (0, "logprobs are not supported yet"),
+    "top_logprobs": (0, "top_logprobs belongs to chat; completions take logprobs: N"),
     "best_of": (1, "best_of is not supported"),
     "suffix": ("", "suffix (insertion) is not supported"),
     "min_p": (0, "min_p is not supported"),
@@ -194,9 +194,10 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     # Text, token ids, or a list of texts or of token-id lists: one answer (n of them) per prompt.
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=None, ge=1)  # None: the rest of the context (issue 14; vLLM does so for chat)
-    logprobs: int | None = None
-    echo: bool = False
+    # None: the rest of the context (as vLLM does for chat); 0 only with echo (prompt logprobs, nothing generated)
+    max_tokens: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # each token's and this many alternatives
+    echo: bool = False  # the prompt comes back before the answer (with its logprobs when logprobs is given)
 
 
 class ContentPart(BaseModel):
@@ -232,6 +233,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(default=None, ge=1)  # None: the rest of the context, as vLLM
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # alternatives per token (with logprobs)
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -282,10 +284,34 @@ class ModelList(BaseModel):
     last_id: str | None = Field(default=None, exclude_if=_omit_none)
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: per token its text, logprob (null for the first prompt token), top
+    alternatives {text: logprob} and the text offset where it starts."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     # vLLM's return_token_ids; absent unless asked for
     prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_omit_none)
@@ -309,7 +335,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     token_ids: list[int] | None = Field(default=None, exclude_if=_omit_none)
 
@@ -332,7 +358,7 @@ class DeltaMessage(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     token_ids: list[int] | None = Field(default=None, exclude_if=_omit_none)
 
