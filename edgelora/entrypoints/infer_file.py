@@ -18,6 +18,7 @@ from edgelora.errors import UserInputError
 from edgelora.formats import contract
 from edgelora.formats.fileio import check_writable_file, write_text_atomic
 from edgelora.runtime.config import EngineConfig, SchedulerConfig
+from edgelora.runtime.grammar import spec_from_fields
 from edgelora.runtime.lora_mix import LoraMix, check_mix, duplicate_mix_names
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_generate_length", "seed")
@@ -27,7 +28,7 @@ DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "max_generate_length"
 # do not change) and apply_chat_template / add_generation_prompt, accepted at their default, true.
 TOP_FIELDS = {"available_lora_weights", "requests", "batch_size", "apply_chat_template", "add_generation_prompt",
               *SAMPLING_FIELDS}
-REQUEST_FIELDS = {"messages", "lora_name", "lora_mix", *SAMPLING_FIELDS}
+REQUEST_FIELDS = {"messages", "lora_name", "lora_mix", "response_format", "structured_outputs", *SAMPLING_FIELDS}
 ONLY_DEFAULT = {"apply_chat_template": True, "add_generation_prompt": True}
 
 
@@ -133,8 +134,12 @@ def read_input_file(path: Path) -> InferJob:
             unknown = [name for name, _ in mix if name not in adapters]
             if unknown:
                 raise UserInputError(f"{where}: unknown adapter {unknown[0]!r} in lora_mix (available_lora_weights: {known})")
-        requests.append(JobRequest(_messages(request.get("messages"), where), lora_name,
-                                   _sampling(request, defaults_dict, where), mix))
+        sampling = _sampling(request, defaults_dict, where)
+        try:  # structured output, as the server takes it (OpenAI's response_format, vLLM's structured_outputs)
+            sampling.grammar = spec_from_fields(request.get("response_format"), request.get("structured_outputs"))
+        except UserInputError as exc:
+            raise UserInputError(f"{where}: {exc}") from exc
+        requests.append(JobRequest(_messages(request.get("messages"), where), lora_name, sampling, mix))
     return InferJob(adapters, requests)
 
 

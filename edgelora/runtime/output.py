@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgelora.errors import UserInputError
 from edgelora.runtime import native
 from edgelora.runtime.detokenizer import IncrementalDetokenizer
+from edgelora.runtime.grammar import Grammars, mask_rows
 from edgelora.runtime.sampling import SamplingParams
 
 LOGPROB_ROWS = 16  # prompt positions turned into log-probabilities at once
@@ -69,13 +71,17 @@ class OutputState:
     prompt_ids: np.ndarray | None = None  # distinct prompt ids, kept only for a repetition penalty
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per sampled token, when sampling.logprobs is set
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token (the first: None)
+    matcher: object | None = None  # llguidance's LLMatcher when sampling.grammar is set
 
 
 class OutputStage:
     """Sampling, detokenizing and stop checks for every request of one scheduler."""
 
-    def __init__(self, eos_ids: list[int], detokenize: Callable[[list[int]], str] | None = None):
+    def __init__(self, eos_ids: list[int], detokenize: Callable[[list[int]], str] | None = None,
+                 grammars: Callable[[], Grammars] | None = None):
         self.detokenize = detokenize  # the tokenizer's decode; None: token ids only (no text, no stop strings)
+        self._make_grammars = grammars  # made on first use: structured output needs the tokenizer
+        self._grammars: Grammars | None = None
         self._eos = set(eos_ids)
         self._eos_index = np.array(eos_ids, np.int64)
 
@@ -84,6 +90,8 @@ class OutputStage:
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         detokenizer = IncrementalDetokenizer(self.detokenize, prompt_ids) if self.detokenize else None
         state = OutputState(sampling, native.Sampler(seed), detokenizer)
+        if sampling.grammar is not None:
+            state.matcher = self.grammars().matcher(sampling.grammar)
         if sampling.repetition_penalty != 1:
             state.prompt_ids = np.unique(np.asarray(prompt_ids, np.int64))
         return state
@@ -100,6 +108,11 @@ class OutputStage:
         for index, state in enumerate(states):
             if state.sampling.adjusts_logits:
                 adjust_logits(rows[index], state)
+        constrained = [index for index, state in enumerate(states) if state.matcher is not None]
+        if constrained:  # last: nothing after it may let a token back in
+            part = rows[constrained]
+            mask_rows(part, [states[index].matcher for index in constrained], self._grammars.words)
+            rows[constrained] = part
         params = [state.sampling for state in states]
         tokens = native.sample_batch(rows, [state.sampler for state in states], [float(p.temperature) for p in params],
                                      [int(p.top_k) for p in params], [float(p.top_p) for p in params])
@@ -107,6 +120,14 @@ class OutputStage:
             state = states[index]
             state.logprobs += token_logprobs(raw[position:position + 1], [tokens[index]], state.sampling.logprobs)
         return tokens
+
+    def grammars(self) -> Grammars:
+        """The structured-output compiler (made on first use); UserInputError without a tokenizer."""
+        if self._grammars is None:
+            if self._make_grammars is None:
+                raise UserInputError("structured output needs the model's tokenizer (this scheduler has none)")
+            self._grammars = self._make_grammars()
+        return self._grammars
 
     def prompt_logprobs(self, state: OutputState, prompt_ids: list[int], start: int, logits: np.ndarray) -> None:
         """Log-probabilities of prompt tokens start+1.. from the logits at positions start.. [n, vocab] (one chunk
@@ -126,6 +147,10 @@ class OutputStage:
         enough = len(state.output_ids) >= sampling.min_tokens
         if token in self._eos and not sampling.ignore_eos and enough:
             state.finish_reason = "stop"
+        if state.matcher is not None:
+            state.matcher.consume_token(token)
+            if state.matcher.is_stopped():  # the grammar is complete: nothing may follow
+                state.finish_reason = "stop"
         text = ""
         if state.detokenizer is not None:
             state.detokenizer.add(token)

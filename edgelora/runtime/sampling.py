@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from edgelora.errors import UserInputError
+from edgelora.runtime.grammar import GrammarSpec
 
 MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
@@ -50,6 +51,9 @@ class SamplingParams:
     # temperature and the top-k / top-p filters. At most MAX_LOGPROBS alternatives.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Structured output (runtime/grammar.py): the answer must match this JSON schema / JSON object / regex /
+    # choice; masked token by token. When max_tokens ends the answer first, it stops there ("length").
+    grammar: GrammarSpec | None = None
 
     @property
     def adjusts_logits(self) -> bool:

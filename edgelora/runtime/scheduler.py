@@ -41,6 +41,7 @@ from edgelora.errors import EdgeLoraError, UserInputError
 from edgelora.runtime.adapter_cache import AdapterRef
 from edgelora.runtime.config import SchedulerConfig
 from edgelora.runtime.engine import Engine, StepPlan
+from edgelora.runtime.grammar import Grammars
 from edgelora.runtime.lora_mix import LoraMix, check_mix
 from edgelora.runtime.output import OutputStage, OutputState, TokenLogprob
 from edgelora.runtime.prefetch import Prefetcher
@@ -150,7 +151,11 @@ class Scheduler:
         if positions and limit > positions:
             raise UserInputError(f"max_model_len {limit} is above the model's {positions} positions")
         self.max_model_len = limit
-        self.output = OutputStage(engine.eos_ids, tokenizer.decode if tokenizer is not None else None)
+        grammars = None
+        if tokenizer is not None and hasattr(tokenizer, "hf"):
+            def grammars() -> Grammars:
+                return Grammars(tokenizer.hf, engine.spec.vocab_size, engine.eos_ids)
+        self.output = OutputStage(engine.eos_ids, tokenizer.decode if tokenizer is not None else None, grammars)
         self._waiting: OrderedDict[str, _Sequence] = OrderedDict()
         self._running: list[_Sequence] = []  # index = row
         self._chunking: _Sequence | None = None  # a prompt coming in chunks, in the top row
@@ -201,6 +206,11 @@ class Scheduler:
                                  f"exceeds the {self.max_model_len} positions a request may use"
                                  + (" (max_model_len)" if self.max_model_len != self.engine.spec.max_position_embeddings
                                     else " (the model's positions)"))
+        if sampling.grammar is not None:
+            try:
+                self.output.grammars().compile(sampling.grammar)
+            except UserInputError as exc:
+                raise UserInputError(f"{where}: {exc}") from exc
         vocab = self.engine.spec.vocab_size
         if any(token >= vocab for token in sampling.logit_bias):
             raise UserInputError(f"{where}: logit_bias names a token id outside the vocabulary (0..{vocab - 1})")

@@ -49,6 +49,11 @@ class ChatTokenizer:
                 "unk_token": tokenizer.unk_token, "add_bos_token": getattr(tokenizer, "add_bos_token", None),
                 "add_eos_token": getattr(tokenizer, "add_eos_token", None)}
 
+    @property
+    def hf(self):
+        """The transformers tokenizer (structured output builds llguidance's view of it)."""
+        return self._tokenizer
+
     def token_text(self, token: int) -> str:
         """One token's own text (special tokens included), for logprobs; cached."""
         cache = self.__dict__.setdefault("_token_texts", {})

@@ -373,9 +373,9 @@ def test_bad_input_is_400_and_the_server_keeps_serving(server, client, case):
     assert client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
 
 
-UNSUPPORTED = {"response_format": {"type": "json_object"}, "tools": [{"type": "function", "function": {"name": "f"}}],
+UNSUPPORTED = {"tools": [{"type": "function", "function": {"name": "f"}}],
                "tool_choice": "required", "best_of": 2, "suffix": "x",
-               "min_p": 0.1, "guided_json": {"type": "object"}, "reasoning_effort": "high"}
+               "min_p": 0.1, "reasoning_effort": "high"}
 
 
 @pytest.mark.parametrize("field", sorted(UNSUPPORTED))
@@ -479,6 +479,80 @@ def test_logprobs_equal_log_softmax_of_transformers_logits(server, client, sampl
         assert abs(entry.logprob - chat_expected[start + position, token]) < 1e-4
         np.testing.assert_allclose([top.logprob for top in entry.top_logprobs],
                                    np.sort(chat_expected[start + position])[::-1][:3], atol=1e-4)
+
+
+STRUCTURED_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "score", "tag"],
+                     "properties": {"name": {"type": "string", "maxLength": 10},
+                                    "score": {"type": "integer", "minimum": 0, "maximum": 99},
+                                    "tag": {"enum": ["red", "green", "blue"]}}}
+
+
+def test_json_schema_answers_validate_for_the_base_and_every_adapter_in_one_mixed_batch(client):
+    import jsonschema
+
+    def ask(model: str) -> str:
+        response = client.chat.completions.create(
+            model=model, messages=CHAT, max_tokens=64, temperature=0.8, seed=3,
+            response_format={"type": "json_schema", "json_schema": {"name": "card", "schema": STRUCTURED_SCHEMA}})
+        assert response.choices[0].finish_reason == "stop"
+        return response.choices[0].message.content
+
+    def free(model: str) -> str:
+        return client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0).choices[0] \
+            .message.content
+
+    models = [SERVED, "a1", "a2", "a3"]
+    with ThreadPoolExecutor(6) as pool:  # four constrained rows and two free ones share the steps
+        answers = list(pool.map(ask, models))
+        frees = list(pool.map(free, [SERVED, "a1"]))
+    for answer in answers:
+        jsonschema.validate(json.loads(answer), STRUCTURED_SCHEMA)
+    assert frees == [free(SERVED), free("a1")], "rows without a grammar are untouched"
+
+
+@pytest.mark.parametrize("route", ["/completions", "/chat/completions"])
+def test_choice_regex_and_json_object_hold_streaming_or_not(server, route):
+    base = {"model": SERVED, "max_tokens": 24, "temperature": 0}
+    base.update({"prompt": PROMPT} if route == "/completions" else {"messages": CHAT})
+
+    def text(body: dict) -> str:
+        response = _post(server, route, body)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        return choice["text"] if route == "/completions" else choice["message"]["content"]
+
+    def streamed(body: dict) -> str:
+        joined = ""
+        with httpx.stream("POST", server.v1 + route, json={**body, "stream": True}, headers=server.headers(),
+                          timeout=TIMEOUT_S) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    for part in json.loads(line[6:])["choices"]:
+                        joined += part.get("text") or (part.get("delta") or {}).get("content") or ""
+        return joined
+
+    choice = {**base, "structured_outputs": {"choice": ["alpha", "beta gamma"]}}
+    assert text(choice) in ("alpha", "beta gamma") and streamed(choice) == text(choice)
+    regex = {**base, "structured_outputs": {"regex": "[0-9]{2}-[a-c]{3}"}}
+    answer = text(regex)
+    assert len(answer) == 6 and answer[:2].isdigit() and answer[2] == "-" and set(answer[3:]) <= set("abc")
+    assert streamed(regex) == answer
+    assert text({**base, "guided_choice": ["only"]}) == "only"
+    short = {**base, "max_tokens": 2, "response_format": {"type": "json_object"}}
+    response = _post(server, route, short).json()["choices"][0]
+    assert response["finish_reason"] == "length", "max_tokens ends it before the grammar completes"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}}, None),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+])
+def test_an_invalid_grammar_is_a_400_naming_the_problem(server, fields, param):
+    error = _assert_error_shape(_post(server, "/chat/completions", {"model": SERVED, "messages": CHAT, **fields}), 400)
+    assert param is None or error["param"] == param
+    assert "nonsense" in error["message"] or param in error["message"]
 
 
 def test_one_model_card_and_the_tokenizer_info(server, client):

@@ -315,3 +315,12 @@ def test_prefix_cache_benchmark_times_first_and_second_request_and_an_open_loop(
     figures = json.loads(out.read_text())
     assert figures["answers_equal"] and set(figures["second_over_first"]) == {"on", "off"}
     assert set(figures["open_loop"]["median"]) == {"on", "off"}
+
+
+def test_grammar_cost_times_steps_with_and_without_masks(qwen2, tmp_path):
+    out = tmp_path / "grammar.json"
+    assert _script("grammar_cost").main(["--onnx-dir", str(qwen2.onnx_dir), "--batch", "4", "--max-tokens", "6",
+                                         "--repeats", "2", "--threads", "1", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["constrained_rows"] == 2 and figures["mask_us_per_row"] > 0
+    assert figures["steps"]["none"] == figures["steps"]["half"] > 0

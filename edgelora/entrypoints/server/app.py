@@ -379,6 +379,11 @@ def create_app(state: AppState) -> FastAPI:
     def check_fields(body: SamplingFields) -> None:
         """400 for a field that would change the answer and is not implemented, or that nobody documents."""
         refused = refused_fields(body.model_extra)
+        try:
+            body.grammar()
+        except UserInputError as exc:
+            field_name = str(exc).split(":", 1)[0].split(" and ")[0]
+            raise ApiError(400, str(exc), field_name, "invalid_grammar") from exc
         if refused is None and isinstance(body, ChatCompletionRequest):
             refused = refused_message_fields(body.messages)
         if refused is not None:

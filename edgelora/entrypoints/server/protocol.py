@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgelora.errors import EdgeLoraError
+from edgelora.runtime.grammar import GrammarSpec, spec_from_fields
 from edgelora.runtime.sampling import MAX_LOGPROBS, SamplingParams
 
 
@@ -68,7 +69,6 @@ IGNORED_FIELDS = {
 # Would change the answer and are not implemented: a 400 naming them, unless they hold the value that
 # changes nothing (null, or the one given here).
 UNSUPPORTED_FIELDS = {
-    "response_format": ({"type": "text"}, "structured output (response_format) is not supported yet"),
     "tools": ([], "tool calling is not supported yet"),
     "tool_choice": ("none", "tool calling is not supported yet"),
     "functions": ([], "function calling is not supported"),
@@ -84,10 +84,6 @@ UNSUPPORTED_FIELDS = {
     "prediction": ({}, "predicted outputs are not supported"),
     "reasoning_effort": ("", "reasoning_effort is not supported"),
     "web_search_options": ({}, "web search is not supported"),
-    "guided_json": (None, "structured output is not supported yet"),
-    "guided_regex": (None, "structured output is not supported yet"),
-    "guided_choice": (None, "structured output is not supported yet"),
-    "structured_outputs": (None, "structured output is not supported yet"),
 }
 
 
@@ -146,6 +142,12 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # vLLM's; 1 = off
+    # structured output (runtime/grammar.py): OpenAI's response_format, vLLM's structured_outputs and guided_*
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
     # vLLM's: the prefix cache shares KV only between requests with the same salt (within one tenant)
     cache_salt: str | None = None
     # edgelora: several adapters with weights for this request ({"a": 0.7, "b": -0.3}; model = the base name)
@@ -175,6 +177,11 @@ class SamplingFields(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return [stop for stop in stops if stop]
 
+    def grammar(self) -> GrammarSpec | None:
+        """The grammar the answer must match, if any (UserInputError naming the field when malformed)."""
+        return spec_from_fields(self.response_format, self.structured_outputs, guided_json=self.guided_json,
+                                guided_regex=self.guided_regex, guided_choice=self.guided_choice)
+
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         """The request's sampling with the server's defaults: OpenAI's temperature 1.0 and top_p 1.0, vLLM's
         top_k -1 (off), ``max_tokens`` None = the rest of the context."""
@@ -185,7 +192,8 @@ class SamplingFields(BaseModel):
             min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
             logit_bias={int(token): float(bias) for token, bias in (self.logit_bias or {}).items()},
             presence_penalty=float(self.presence_penalty or 0), frequency_penalty=float(self.frequency_penalty or 0),
-            repetition_penalty=1.0 if self.repetition_penalty is None else float(self.repetition_penalty))
+            repetition_penalty=1.0 if self.repetition_penalty is None else float(self.repetition_penalty),
+            grammar=self.grammar())
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
