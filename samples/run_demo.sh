@@ -71,6 +71,27 @@ for model in ("smollm2", "shout", "smollm2:pirate"):
 stream = client.chat.completions.create(model="signoff", messages=chat, max_tokens=40, temperature=0, stream=True)
 text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
 print(f"{'signoff (stream)':15} {' '.join(text.split())}")
+# structured output: every adapter and the base in one mixed batch, each answer held to a JSON schema
+import json
+from concurrent.futures import ThreadPoolExecutor
+schema = {"type": "object", "additionalProperties": False, "required": ["city", "country", "population_millions"],
+          "properties": {"city": {"type": "string", "maxLength": 24}, "country": {"type": "string", "maxLength": 24},
+                         "population_millions": {"type": "integer", "minimum": 0, "maximum": 100}}}
+def structured(model):
+    reply = client.chat.completions.create(
+        model=model, messages=chat, max_tokens=80, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    return model, json.loads(reply.choices[0].message.content)
+with ThreadPoolExecutor(4) as pool:
+    for model, answer in pool.map(structured, ["smollm2", "shout", "pirate", "signoff"]):
+        assert set(answer) == set(schema["required"]), answer
+        print(f"{model + ' (json)':15} {json.dumps(answer)}")
+try:  # SmolLM2's chat template has no tools branch: tools are refused, not silently dropped
+    client.chat.completions.create(model="smollm2", messages=chat, max_tokens=8, tools=[
+        {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}])
+    sys.exit("tools were accepted by a template that cannot show them")
+except Exception as exc:
+    print(f"{'tools':15} refused: {getattr(exc, 'status_code', '?')} {exc.body['message'][:70]}...")
 PY
   kill -TERM $SERVER && wait $SERVER && echo "server stopped (SIGTERM, exit 0)"
   trap - EXIT

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgelora.errors import UserInputError
 
-KINDS = ("json_object", "json_schema", "regex", "choice")
+KINDS = ("json_object", "json_schema", "regex", "choice", "lark")
 CACHED_GRAMMARS = 256  # compiled grammars kept (by spec)
 
 
@@ -61,6 +61,8 @@ class GrammarSpec:
             return LLMatcher.grammar_from_json_schema(self.value, defaults=compact)
         if self.kind == "regex":
             return LLMatcher.grammar_from_regex(self.value)
+        if self.kind == "lark":  # llguidance's Lark dialect (tool calls: a fixed frame around a JSON schema)
+            return LLMatcher.grammar_from_lark(self.value)
         if self.kind == "choice":  # lark string literals: the choices JSON-quoted
             return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in json.loads(self.value)))
         raise UserInputError(f"unknown grammar kind {self.kind!r} (expected one of {', '.join(KINDS)})")

@@ -27,12 +27,16 @@ class ChatTokenizer:
         if not self._tokenizer.chat_template:
             raise UserInputError(f"{model_dir}: the tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
+    @property
+    def template(self) -> str | None:
+        return self._tokenizer.chat_template if isinstance(self._tokenizer.chat_template, str) else None
+
+    def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         from jinja2 import TemplateError
 
         try:
-            encoded = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                          return_dict=True)
+            encoded = self._tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                          tokenize=True, return_dict=True)
         except TemplateError as exc:
             raise UserInputError(f"the chat template refused these messages: {exc}") from exc
         return list(encoded["input_ids"])

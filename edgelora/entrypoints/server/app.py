@@ -60,6 +60,7 @@ from edgelora.entrypoints.server.protocol import (
     sse,
 )
 from edgelora.entrypoints.server.tenants import Tenant, Tenants
+from edgelora.entrypoints.server.tools import call_grammar, check_tools, forced_functions, parse_calls, tool_format
 from edgelora.errors import EdgeLoraError, UserInputError
 from edgelora.runtime.config import EngineConfig, SchedulerConfig
 from edgelora.runtime.lora_mix import MIX_LABEL, LoraMix, check_mix, duplicate_mix_names
@@ -723,31 +724,67 @@ def create_app(state: AppState) -> FastAPI:
         adapter = await resolve_model(body.model, tenant)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        messages = [message.as_template_input() for message in body.messages]
-        prompt_ids = await tokenize(state.tokenizer.prompt_ids, messages)
+        try:
+            messages = [message.as_template_input() for message in body.messages]
+        except UserInputError as exc:
+            raise ApiError(400, str(exc), "messages") from exc
+        tools, fmt, forced = tools_of(body)
+        prompt_ids = await tokenize(state.tokenizer.prompt_ids, messages, tools)
         generations = choices_of(body, [prompt_ids], adapter, body.token_budget(),
                                  await resolve_mix(body, request, adapter, tenant), tenant)
-        if body.logprobs:
-            for generation in generations:
+        for generation in generations:
+            if body.logprobs:
                 generation.sampling = replace(generation.sampling, logprobs=body.top_logprobs or 0)
+            if forced:  # tool_choice required or a named function: the answer is one call, its arguments valid
+                generation.sampling = replace(generation.sampling, grammar=call_grammar(forced, fmt))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         tickets = await accept_all(tenant, request_id, generations, arrival_s)
         if body.stream:
-            return _EventStream(chat_events(tickets, body, prompt_ids, request_id), closer(tickets))
+            return _EventStream(chat_events(tickets, body, prompt_ids, request_id, fmt), closer(tickets))
         results = await collect(tickets, request)
         if results is None:
             return Response(status_code=499)
-        choices = [ChatChoice(index=index, message=AssistantMessage(content="".join(result.text)),
-                              finish_reason=result.finish_reason,
-                              logprobs=chat_logprobs(result.logprobs, text_of) if body.logprobs else None,
-                              token_ids=result.token_ids if body.return_token_ids else None)
-                   for index, result in enumerate(results)]
+        choices = []
+        for index, result in enumerate(results):
+            message, finish_reason = answer_of("".join(result.text), result.finish_reason, fmt)
+            choices.append(ChatChoice(index=index, message=message, finish_reason=finish_reason,
+                                      logprobs=chat_logprobs(result.logprobs, text_of) if body.logprobs else None,
+                                      token_ids=result.token_ids if body.return_token_ids else None))
         return _json(ChatCompletionResponse(id=request_id, model=body.model, choices=choices,
                                             usage=usage_of(results, body.n),
                                             prompt_token_ids=prompt_ids if body.return_token_ids else None))
 
+    def tools_of(body: ChatCompletionRequest) -> tuple[list[dict] | None, str | None, list[dict] | None]:
+        """The tools to render, the model's call format, and the functions a call is forced to (400s for
+        tools a template cannot show, a malformed tool list or choice, or a forced call with another grammar).
+        ``tool_choice`` none: the tools are left out of the prompt altogether."""
+        if not body.tools or body.tool_choice == "none":
+            return None, None, None
+        fmt = tool_format(state.tokenizer.template)
+        if fmt is None:
+            raise ApiError(400, f"tools: the chat template of {state.served_name} has no tools branch, so the "
+                           "model would never see them; it cannot call tools", "tools", "unsupported_parameter")
+        try:
+            tools = check_tools(body.tools)
+            forced = forced_functions(tools, body.tool_choice)
+        except UserInputError as exc:
+            raise ApiError(400, str(exc), str(exc).split(":", 1)[0].split("[", 1)[0]) from exc
+        if forced and body.grammar() is not None:
+            raise ApiError(400, "tool_choice forces a call: it cannot go with response_format or structured_outputs",
+                           "tool_choice")
+        return tools, fmt, forced
+
+    def answer_of(text: str, finish_reason: str | None, fmt: str | None) -> tuple[AssistantMessage, str | None]:
+        """The assistant message: with tools, the calls parsed out of the text (finish_reason tool_calls)."""
+        if fmt is None:
+            return AssistantMessage(content=text), finish_reason
+        content, calls = parse_calls(text, fmt)
+        if not calls:
+            return AssistantMessage(content=text), finish_reason
+        return AssistantMessage(content=content, tool_calls=[call.as_openai() for call in calls]), "tool_calls"
+
     async def chat_events(tickets: list[_Ticket], body: ChatCompletionRequest, prompt_ids: list[int],
-                          request_id: str) -> AsyncIterator[str]:
+                          request_id: str, fmt: str | None = None) -> AsyncIterator[str]:
         created = int(time.time())
         ids = body.return_token_ids
 
@@ -765,6 +802,15 @@ def create_app(state: AppState) -> FastAPI:
         try:
             async for index, update in _merged(tickets):
                 results[index].add(update)
+                if fmt is not None:  # with tools the text is held until it can be told apart from calls
+                    if update.finished:
+                        message, finish_reason = answer_of("".join(results[index].text), update.finish_reason, fmt)
+                        calls = [{"index": position, **call} for position, call in enumerate(message.tool_calls or [])]
+                        yield chunk(index, DeltaMessage(content=message.content, tool_calls=calls or None),
+                                    token_ids=results[index].token_ids if ids else None,
+                                    logprobs=results[index].logprobs or None)
+                        yield chunk(index, DeltaMessage(), finish_reason)
+                    continue
                 if update.new_text or (ids and update.new_token_ids) or update.logprobs:
                     yield chunk(index, DeltaMessage(content=update.new_text),
                                 token_ids=update.new_token_ids if ids else None, logprobs=update.logprobs)

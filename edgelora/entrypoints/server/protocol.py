@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from edgelora.errors import EdgeLoraError
+from edgelora.errors import EdgeLoraError, UserInputError
 from edgelora.runtime.grammar import GrammarSpec, spec_from_fields
 from edgelora.runtime.sampling import MAX_LOGPROBS, SamplingParams
 
@@ -69,8 +69,6 @@ IGNORED_FIELDS = {
 # Would change the answer and are not implemented: a 400 naming them, unless they hold the value that
 # changes nothing (null, or the one given here).
 UNSUPPORTED_FIELDS = {
-    "tools": ([], "tool calling is not supported yet"),
-    "tool_choice": ("none", "tool calling is not supported yet"),
     "functions": ([], "function calling is not supported"),
     "function_call": ("none", "function calling is not supported"),
     "top_logprobs": (0, "top_logprobs belongs to chat; completions take logprobs: N"),
@@ -90,8 +88,6 @@ UNSUPPORTED_FIELDS = {
 def refused_message_fields(messages: list[ChatMessage]) -> tuple[str, str, str] | None:
     """Like ``refused_fields``, for chat messages (``param`` names the message: messages[2].tool_calls)."""
     for index, message in enumerate(messages):
-        if message.role == "tool":
-            return f"messages[{index}].role", "tool messages: tool calling is not supported yet", "unsupported_parameter"
         for name, value in (message.model_extra or {}).items():
             if name in MESSAGE_IGNORED or (name in MESSAGE_UNSUPPORTED and not value):
                 continue
@@ -219,8 +215,8 @@ class ContentPart(BaseModel):
 MESSAGE_IGNORED = {"name": "a participant's name; the supported chat templates do not render it",
                    "refusal": "the openai client sends an assistant turn back with it (null)",
                    "annotations": "the openai client sends an assistant turn back with it"}
-MESSAGE_UNSUPPORTED = {"tool_calls": "tool calling is not supported yet", "tool_call_id": "tool calling is not supported "
-                       "yet", "function_call": "function calling is not supported", "audio": "audio is not supported"}
+MESSAGE_UNSUPPORTED = {"function_call": "function calling is not supported (use tool_calls)",
+                       "audio": "audio is not supported"}
 
 
 class ChatMessage(BaseModel):
@@ -229,11 +225,30 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[ContentPart] | None = None
 
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: which call it answers
+
     def as_template_input(self) -> dict:
-        """What the chat template reads: role and plain-text content."""
-        if isinstance(self.content, list):
-            return {"role": self.role, "content": "".join(part.text for part in self.content)}
-        return {"role": self.role, "content": self.content or ""}
+        """What the chat template reads: role, plain-text content, and an assistant turn's calls with their
+        arguments as objects (transformers' convention; OpenAI sends them as JSON text)."""
+        content = "".join(part.text for part in self.content) if isinstance(self.content, list) else self.content
+        rendered: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                function = dict(call.get("function") or {})
+                arguments = function.get("arguments", {})
+                if isinstance(arguments, str):
+                    try:
+                        arguments = json.loads(arguments or "{}")
+                    except ValueError as exc:
+                        raise UserInputError(f"tool_calls: arguments of {function.get('name')!r} are not JSON") from exc
+                calls.append({"type": "function", "id": call.get("id"), "function": {**function,
+                                                                                     "arguments": arguments}})
+            rendered["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            rendered["tool_call_id"] = self.tool_call_id
+        return rendered
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -242,6 +257,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # alternatives per token (with logprobs)
+    tools: list[dict[str, Any]] | None = None  # rendered by the model's chat template (server/tools.py)
+    tool_choice: str | dict[str, Any] | None = None  # auto (default), none, required, or a named function
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -337,7 +354,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: str = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, exclude_if=_omit_none)
 
 
 class ChatChoice(BaseModel):
@@ -361,6 +379,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = Field(default=None, exclude_if=_omit_none)
     content: str | None = Field(default=None, exclude_if=_omit_none)
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, exclude_if=_omit_none)
 
 
 class ChatChunkChoice(BaseModel):
