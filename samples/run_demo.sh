@@ -85,6 +85,11 @@ def structured(model):
 with ThreadPoolExecutor(4) as pool:
     for model, answer in pool.map(structured, ["smollm2", "shout", "pirate", "signoff"]):
         assert set(answer) == set(schema["required"]), answer
+        try:  # the [test] extra has jsonschema; the demo does not need it
+            import jsonschema
+            jsonschema.validate(answer, schema)
+        except ImportError:
+            pass
         print(f"{model + ' (json)':15} {json.dumps(answer)}")
 try:  # SmolLM2's chat template has no tools branch: tools are refused, not silently dropped
     client.chat.completions.create(model="smollm2", messages=chat, max_tokens=8, tools=[

@@ -340,3 +340,27 @@ def test_cuda_device_matches_cpu(exported, infer_output, tmp_path):
                  "--output-file", str(output), "--device", "cuda", "--quiet"]) == 0
     written = json.loads(output.read_text())
     assert [r["output_ids"] for r in written["responses"]] == [r["output_ids"] for r in infer_output["responses"]]
+
+
+def test_request_rows_may_constrain_their_answer(exported, tmp_path):
+    """infer's rows take the server's structured-output fields; the Python API takes a GrammarSpec."""
+    from edgelora.entrypoints.api import LLM, SamplingParams
+    from edgelora.runtime.grammar import GrammarSpec
+
+    path = _input_file(tmp_path, exported, requests=[("a1", "hi"), (None, "hello"), ("a2", "bye")],
+                       max_generate_length=40)
+    payload = json.loads(path.read_text())
+    payload["requests"][0]["structured_outputs"] = {"choice": ["left", "right"]}
+    payload["requests"][2]["response_format"] = {"type": "json_schema", "json_schema": {"schema": {
+        "type": "object", "required": ["n"], "additionalProperties": False,
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}}}
+    path.write_text(json.dumps(payload))
+    output = tmp_path / "out.json"
+    assert main(["infer", "--onnx-dir", str(exported.onnx_dir), "--input-file", str(path), "--output-file",
+                 str(output), "--quiet"]) == 0
+    responses = json.loads(output.read_text())["responses"]
+    assert responses[0]["output_text"] in ("left", "right")
+    assert set(json.loads(responses[2]["output_text"])) == {"n"}
+    llm = LLM(exported.onnx_dir, num_threads=1)
+    answer = llm.generate("hi", SamplingParams(max_tokens=12, temperature=0, grammar=GrammarSpec.regex("[a-c]{4}")))
+    assert len(answer[0].text) == 4 and set(answer[0].text) <= set("abc")
