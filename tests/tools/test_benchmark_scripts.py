@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -324,3 +325,31 @@ def test_grammar_cost_times_steps_with_and_without_masks(qwen2, tmp_path):
     figures = json.loads(out.read_text())
     assert figures["constrained_rows"] == 2 and figures["mask_us_per_row"] > 0
     assert figures["steps"]["none"] == figures["steps"]["half"] > 0
+
+
+def test_gpu_check_runs_every_check_on_the_host_pool_and_skips_cleanly_without_a_gpu(tmp_path, monkeypatch):
+    script = _script("gpu_check")
+    out = tmp_path / "cpu.json"
+    assert script.main(["--device", "cpu", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["status"] == "passed" and len(report["checks"]) == 8
+    assert report["checks"]["copy_into_slot"]["gb_per_s"] > 0
+
+    def no_cupy(*_args, **_kwargs):
+        raise script.Skip("CuPy is not installed (it reads the pool's device memory)")
+
+    monkeypatch.setattr(script, "CudaReader", no_cupy)
+    skipped = tmp_path / "cuda.json"
+    assert script.main(["--json", str(skipped)]) == 0
+    assert json.loads(skipped.read_text())["status"] == "skipped"
+    assert script.main(["--json", str(skipped), "--require-gpu"]) == 2
+
+
+def test_gpu_check_fails_when_a_slot_holds_the_wrong_bytes(tmp_path, monkeypatch):
+    """The checks compare with independently made expectations: a pool that pads badly is caught."""
+    script = _script("gpu_check")
+    monkeypatch.setattr(script, "padded", lambda array, capacity: np.ones((capacity, array.shape[1]), array.dtype))
+    out = tmp_path / "bad.json"
+    assert script.main(["--device", "cpu", "--json", str(out)]) == 1
+    checks = json.loads(out.read_text())["checks"]
+    assert not checks["slots_hold_their_adapter_padded_with_zeros_after_growth"]["ok"]
