@@ -310,7 +310,7 @@ def test_corrupt_adapter_file_is_refused_before_work(exported, tmp_path, capsys)
 
 @pytest.mark.parametrize("where, field, value", [
     ("top", "logit_bias", {"5": -100}), ("top", "apply_chat_template", False), ("request", "presence_penalty", 0.5),
-    ("request", "response_format", {"type": "json_object"}), ("request", "temprature", 0),
+    ("request", "tools", [{"type": "function", "function": {"name": "f"}}]), ("request", "temprature", 0),
 ])
 def test_unknown_or_unsupported_fields_are_refused_by_name(exported, tmp_path, capsys, where, field, value):
     path = _input_file(tmp_path, exported)

@@ -373,8 +373,7 @@ def test_bad_input_is_400_and_the_server_keeps_serving(server, client, case):
     assert client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
 
 
-UNSUPPORTED = {"tools": [{"type": "function", "function": {"name": "f"}}],
-               "tool_choice": "required", "best_of": 2, "suffix": "x",
+UNSUPPORTED = {"functions": [{"name": "f"}], "function_call": "auto", "best_of": 2, "suffix": "x",
                "min_p": 0.1, "reasoning_effort": "high"}
 
 
@@ -571,9 +570,9 @@ def test_unknown_fields_are_400_and_harmless_or_default_ones_pass(server):
                 "frequency_penalty": 0.0, "logit_bias": {}, "response_format": {"type": "text"}, "tools": None}
     response = _post(server, "/chat/completions", {"model": SERVED, "messages": CHAT, "max_tokens": 2, **harmless})
     assert response.status_code == 200, response.text
-    tool_turn = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}]
-    error = _assert_error_shape(_post(server, "/chat/completions", {"model": SERVED, "messages": tool_turn}), 400)
-    assert error["param"] == "messages[1].tool_calls"
+    old_style = [*CHAT, {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}]
+    error = _assert_error_shape(_post(server, "/chat/completions", {"model": SERVED, "messages": old_style}), 400)
+    assert error["param"] == "messages[1].function_call"
     named = [{"role": "user", "content": "hi", "name": "ann"}]
     assert _post(server, "/chat/completions", {"model": SERVED, "messages": named, "max_tokens": 2}).status_code == 200
     missing = _assert_error_shape(_post(server, "/completions", {"model": "nope", "prompt": PROMPT}), 404)
