@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64, help="mean output tokens (±25%%, EOS ignored)")
     parser.add_argument("--max-num-seqs", type=int, default=16, help="the server's rows")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each set, alternating")
+    parser.add_argument("--first-seed", type=int, default=0, help="round i's schedule uses seed first-seed + i")
     parser.add_argument("--threads", type=int, default=2, help="the server's CPU threads")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
     parser.add_argument("--cache-dir", type=Path, default=Path("bench_out/slot_pressure_cache"),
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             order = list(sets) if repeat % 2 == 0 else list(sets)[::-1]
             for label in order:
-                result = run_set(url, sets[label], args, seed=repeat, vocab=vocab)
+                result = run_set(url, sets[label], args, seed=args.first_seed + repeat, vocab=vocab)
                 runs[label].append(result)
                 print(f"  round {repeat + 1} {label}: TTFT p99 {result['ttft_p99_ms']:.0f} ms, ITL p99 "
                       f"{result['itl_p99_ms']:.0f} ms, {result['completed']}/{result['offered']} done, "
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
               for key in keys}
     # each round sends the same schedule shape (seed) to both sets: its own ratio is the paired comparison
     paired = [round(many["ttft_p99_ms"] / few["ttft_p99_ms"], 3) for few, many in zip(runs["few"], runs["many"])]
-    report = {"slots": args.slots, "few": args.few, "many": args.many, "host_places": args.host_places or args.many,
+    report = {"first_seed": args.first_seed, "slots": args.slots, "few": args.few, "many": args.many, "host_places": args.host_places or args.many,
               "rate": args.rate, "duration_s": args.duration, "prompt_len": args.prompt_len,
               "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs, "threads": args.threads,
               "summary": summary, "many_over_few": ratios, "ttft_p99_ratio_per_round": paired,

@@ -624,10 +624,10 @@ def create_app(state: AppState) -> FastAPI:
         for generation in generations:  # max_tokens 0: one token is generated and dropped
             generation.sampling = replace(generation.sampling, logprobs=body.logprobs,
                                           prompt_logprobs=body.logprobs if body.echo else None)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        tickets = await accept_all(tenant, request_id, generations, arrival_s)
         echoes = [await echo_text(body.prompt, index, prompt) for index, prompt in enumerate(prompts)] \
             if body.echo else None
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        tickets = await accept_all(tenant, request_id, generations, arrival_s)  # nothing may fail after this
         if body.stream:
             return _EventStream(completion_events(tickets, body, prompts, request_id, echoes), closer(tickets))
         results = await collect(tickets, request)
