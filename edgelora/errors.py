@@ -8,9 +8,15 @@ class EdgeLoraError(Exception):
 
 
 class UserInputError(EdgeLoraError):
-    """The user's input (a folder, a file, a flag, a request) is wrong: exit code 2."""
+    """The user's input (a folder, a file, a flag, a request) is wrong: exit code 2.
+
+    ``param``: the request field at fault, when there is one (the server's 400 names it)."""
 
     exit_code = 2
+
+    def __init__(self, *args, param: str | None = None):
+        super().__init__(*args)
+        self.param = param
 
 
 class UnsupportedModelError(UserInputError):

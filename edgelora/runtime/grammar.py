@@ -131,7 +131,8 @@ def spec_from_fields(response_format=None, structured_outputs=None, **guided) ->
     if not given:
         return None
     if len(given) > 1:
-        raise UserInputError(f"{' and '.join(sorted(given))}: give one way to constrain the answer")
+        raise UserInputError(f"{' and '.join(sorted(given))}: give one way to constrain the answer",
+                             param=sorted(given)[0])
     (name, value), = given.items()
     field_name = name  # what the caller sent, for the message
     if name == "response_format":
@@ -142,20 +143,22 @@ def spec_from_fields(response_format=None, structured_outputs=None, **guided) ->
             schema = (value.get("json_schema") or {}).get("schema") if isinstance(value.get("json_schema"), dict) \
                 else None
             if not isinstance(schema, dict):
-                raise UserInputError("response_format: json_schema needs json_schema.schema, a JSON object")
+                raise UserInputError("response_format: json_schema needs json_schema.schema, a JSON object",
+                                     param=field_name)
             return GrammarSpec.json_schema(schema)
-        raise UserInputError(f"response_format: type {kind!r} is not one of text, json_object, json_schema")
+        raise UserInputError(f"response_format: type {kind!r} is not one of text, json_object, json_schema",
+                             param=field_name)
     if name == "structured_outputs":
         if not isinstance(value, dict) or len([k for k, v in value.items() if v is not None]) != 1:
-            raise UserInputError("structured_outputs: expected one of choice, regex, json")
+            raise UserInputError("structured_outputs: expected one of choice, regex, json", param=field_name)
         key, item = next((k, v) for k, v in value.items() if v is not None)
         name, value = f"guided_{key}", item
     makers = {"guided_choice": GrammarSpec.choice, "guided_regex": GrammarSpec.regex,
               "guided_json": lambda schema: GrammarSpec.json_schema(json.loads(schema) if isinstance(schema, str)
                                                                     else schema)}
     if name not in makers:
-        raise UserInputError(f"{name}: unknown form (expected choice, regex or json)")
+        raise UserInputError(f"{name}: unknown form (expected choice, regex or json)", param=field_name)
     try:
         return makers[name](value)
     except UserInputError as exc:
-        raise UserInputError(f"{field_name}: {exc}") from exc
+        raise UserInputError(f"{field_name}: {exc}", param=field_name) from exc

@@ -383,8 +383,7 @@ def create_app(state: AppState) -> FastAPI:
         try:
             body.grammar()
         except UserInputError as exc:
-            field_name = str(exc).split(":", 1)[0].split(" and ")[0]
-            raise ApiError(400, str(exc), field_name, "invalid_grammar") from exc
+            raise ApiError(400, str(exc), exc.param, "invalid_grammar") from exc
         if refused is None and isinstance(body, ChatCompletionRequest):
             refused = refused_message_fields(body.messages)
         if refused is not None:
@@ -768,7 +767,7 @@ def create_app(state: AppState) -> FastAPI:
             tools = check_tools(body.tools)
             forced = forced_functions(tools, body.tool_choice)
         except UserInputError as exc:
-            raise ApiError(400, str(exc), str(exc).split(":", 1)[0].split("[", 1)[0]) from exc
+            raise ApiError(400, str(exc), exc.param) from exc
         if forced and body.grammar() is not None:
             raise ApiError(400, "tool_choice forces a call: it cannot go with response_format or structured_outputs",
                            "tool_choice")

@@ -46,14 +46,15 @@ def tool_format(template: str | None) -> str | None:
 def check_tools(tools: list) -> list[dict]:
     """OpenAI's ``tools``: ``[{"type": "function", "function": {"name", "parameters"?, "description"?}}]``."""
     if not isinstance(tools, list) or not tools:
-        raise UserInputError("tools: expected a non-empty list")
+        raise UserInputError("tools: expected a non-empty list", param="tools")
     for index, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict) \
                 or not isinstance(function.get("name"), str) or not function["name"]:
-            raise UserInputError(f"tools[{index}]: expected {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
+            raise UserInputError(f"tools[{index}]: expected {{\"type\": \"function\", \"function\": "
+                                 "{\"name\": ...}}", param="tools")
         if not isinstance(function.get("parameters", {}), dict):
-            raise UserInputError(f"tools[{index}].function.parameters: expected a JSON schema object")
+            raise UserInputError(f"tools[{index}].function.parameters: expected a JSON schema object", param="tools")
     return tools
 
 
@@ -66,10 +67,10 @@ def forced_functions(tools: list[dict], tool_choice) -> list[dict] | None:
     name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
     if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not name:
         raise UserInputError("tool_choice: expected auto, none, required or {\"type\": \"function\", "
-                             "\"function\": {\"name\": ...}}")
+                             "\"function\": {\"name\": ...}}", param="tool_choice")
     chosen = [tool["function"] for tool in tools if tool["function"]["name"] == name]
     if not chosen:
-        raise UserInputError(f"tool_choice: no tool named {name!r} in tools")
+        raise UserInputError(f"tool_choice: no tool named {name!r} in tools", param="tool_choice")
     return chosen
 
 
