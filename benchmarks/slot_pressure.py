@@ -4,8 +4,10 @@
         --slots 8 --few 8 --many 64 --rate 1.5 --duration 60 --repeats 3 \
         --json benchmarks/results/DATE-slot-pressure.json
 
-One ``edgelora serve`` with ``--max-loras SLOTS`` and every adapter of ``--adapters-dir`` (d1..dN, PEFT or
-processed), ``--max-cpu-loras`` of ``--host-places`` (default: all of them). The same open-loop
+One ``edgelora serve`` with ``--max-loras SLOTS --max-lora-rank R`` (room for SLOTS adapters of rank R;
+lower ranks share it: at R 64, 8 places hold 32 r16 adapters; R 16 counts one r16 adapter a place) and
+every adapter of ``--adapters-dir`` (d1..dN, PEFT or processed), ``--max-cpu-loras`` of ``--host-places``
+(default: all of them). The same open-loop
 schedule shape (Poisson arrivals at ``--rate``, prompt and output lengths) is sent with its requests
 spread uniformly over the first ``--few`` adapters and then over the first ``--many``, alternating
 ``--repeats`` times (the order turns each round; every run its own seed, the same for both sets).
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx-dir", type=Path, required=True, help="the served export (int4 for the issue's figure)")
     parser.add_argument("--adapters-dir", type=Path, required=True, help="folders d1..dN (PEFT or processed)")
     parser.add_argument("--slots", type=int, default=8, help="the server's --max-loras")
+    parser.add_argument("--max-lora-rank", type=int, default=64,
+                        help="the server's --max-lora-rank: --max-loras places of this rank; lower ranks share them "
+                             "(16 with r16 adapters: one adapter a place)")
     parser.add_argument("--few", type=int, default=8, help="adapters of the reference set (all fit the slots)")
     parser.add_argument("--many", type=int, default=64, help="adapters of the pressure set")
     parser.add_argument("--host-places", type=int, default=None, help="the server's --max-cpu-loras (default: --many)")
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     folders = adapter_folders(args.adapters_dir, args.many)
     vocab = json.loads((args.onnx_dir / "config.json").read_text()).get("vocab_size", 1000)
     server_args = ["--onnx-dir", str(args.onnx_dir), "--threads", str(args.threads), "--max-loras", str(args.slots),
+                   "--max-lora-rank", str(args.max_lora_rank),
                    "--max-cpu-loras", str(args.host_places or args.many), "--max-num-seqs", str(args.max_num_seqs),
                    "--lora-cache-dir", str(args.cache_dir), "--lora-modules",
                    *[f"{name}={path}" for name, path in folders.items()]]
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
               for key in keys}
     # each round sends the same schedule shape (seed) to both sets: its own ratio is the paired comparison
     paired = [round(many["ttft_p99_ms"] / few["ttft_p99_ms"], 3) for few, many in zip(runs["few"], runs["many"])]
-    report = {"first_seed": args.first_seed, "slots": args.slots, "few": args.few, "many": args.many, "host_places": args.host_places or args.many,
+    report = {"first_seed": args.first_seed, "slots": args.slots, "max_lora_rank": args.max_lora_rank, "few": args.few, "many": args.many, "host_places": args.host_places or args.many,
               "rate": args.rate, "duration_s": args.duration, "prompt_len": args.prompt_len,
               "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs, "threads": args.threads,
               "summary": summary, "many_over_few": ratios, "ttft_p99_ratio_per_round": paired,

@@ -20,7 +20,7 @@ log = logging.getLogger("edgelora")
 BATCHED_TOKENS_HELP = (f"tokens one step may feed: a longer prompt is prefilled in chunks of this size, alternating with "
                        f"decode steps, so running streams wait one chunk, not the whole prompt; 0: no limit; "
                        f"default: max({STEP_TOKENS}, rows of the batch)")
-RANK_HELP = f"largest adapter rank accepted (1..{EngineConfig.max_lora_rank})"
+RANK_HELP = f"largest adapter rank accepted (1..{EngineConfig.max_lora_rank}); with --max-loras it sizes the slot pool"
 
 
 def _quiet_transformers() -> None:
@@ -357,7 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
           help="adapters served from the start: processed folders, or PEFT folders (processed at startup)")
     _flag(serve, "--served-model-name", default=None, help="the base model's name in the API; default: the onnx folder's name")
-    _flag(serve, "--max-loras", type=int, default=EngineConfig.max_loras, help="adapter slots a step can use at once")
+    _flag(serve, "--max-loras", type=int, default=EngineConfig.max_loras,
+          help="adapter slot room: N adapters of --max-lora-rank at once; adapters of lower rank share it (at rank "
+               "64, 8 holds 32 rank-16 adapters; --max-lora-rank 16 counts one r16 adapter a place, as vLLM); "
+               "a lora_mix names at most N")
     _flag(serve, "--max-cpu-loras", type=int, default=EngineConfig.max_cpu_loras,
           help=f"adapters kept ready in host memory (at least --max-loras); default: max({MIN_HOST_LORAS}, --max-loras)")
     _flag(serve, "--max-cpu-lora-memory", type=_size, default=EngineConfig.max_cpu_lora_bytes, metavar="SIZE",

@@ -29,8 +29,9 @@ Prompt = str | list[dict] | list[int]
 class LoraConfig:
     """Adapter capacity of an LLM: rank limit, slots for a batch, adapters kept ready in host memory.
 
-    Every adapter the LLM is given stays known by name; ``max_loras`` bounds the slots a batch
-    binds, ``max_cpu_loras`` (and ``max_cpu_lora_bytes``) the adapters held host-ready, at their
+    Every adapter the LLM is given stays known by name; ``max_loras`` sizes the slots a batch
+    binds (room for that many adapters of ``max_lora_rank``; lower ranks share it, so more of them
+    run at once), ``max_cpu_loras`` (and ``max_cpu_lora_bytes``) the adapters held host-ready, at their
     file's precision. Beyond both, an adapter is read again from its file on next use.
     """
 

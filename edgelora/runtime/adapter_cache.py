@@ -12,7 +12,10 @@ Three levels, in TensorRT-LLM's and vLLM's words:
   CPU); slot 0 means "no adapter". LRU among idle slots. A pool slot holds ``chunk_rank`` rows
   (the pool's ``max_rank``): an adapter of rank r takes ceil(r / chunk_rank) slots in a row, each
   a stack entry of its own, so a batch's LoRA work follows its adapters' own ranks, not the
-  largest one loaded. A cache keeps at most ``max_loras`` adapters in slots.
+  largest one loaded. The engine sizes the pool for ``max_loras`` adapters of ``max_lora_rank``
+  and lets adapters of lower rank share that room (S-LoRA's unified pages, in rank rows): with
+  the default ranks, ``max_loras`` 8 holds 32 rank-16 adapters at once, so more distinct adapters
+  run side by side in the same memory. ``max_loras=`` caps the count as well (vLLM's meaning).
 
 Identity is not a name (SGLang's LoRA registry, vLLM's lora_int_id): an adapter is a name plus a
 version, the digest of its files' bytes. ``add`` of a name with other bytes makes a new version
@@ -198,7 +201,7 @@ class AdapterCache:
                  dtype=np.float32, max_loras: int | None = None, max_cpu_lora_bytes: int | None = None):
         self._pool = pool
         self._chunk_rank = pool.max_rank  # rows of one pool slot
-        self._max_loras = max_loras or pool.num_slots  # adapters in slots at once
+        self._max_loras = max_loras or pool.num_slots  # adapters in slots at once (None: as many as the slots hold)
         self._spec = spec
         self._manifest = manifest
         self._max_lora_rank = max_lora_rank
@@ -344,7 +347,7 @@ class AdapterCache:
         """Activate and hold every named adapter for one batch; return target -> slot."""
         distinct = list(dict.fromkeys(targets))
         if len(distinct) > self._max_loras:
-            raise UserInputError(f"a batch uses {len(distinct)} adapters but max_loras is {self._max_loras}")
+            raise UserInputError(f"a batch uses {len(distinct)} adapters but the slots hold at most {self._max_loras}")
         slots = {}
         try:
             for target in distinct:
@@ -367,14 +370,49 @@ class AdapterCache:
 
         A step binds slots first..last as its stack and every bound slot is an entry the graph
         runs (padding for a slot no row uses), so a step whose adapters sit in slots 1 and 8 would
-        pay for eight. The listed adapters move down, in slot order, each into the first slots
-        after the one before (copies within the pool). An unlisted adapter in the way moves to
-        free slots past them if there are any, else leaves the slots (it stays registered and
-        host-ready), unless it is pinned: then compaction stops short (still correct).
+        pay for eight. Each move copies the adapter's slots within the pool (33.6 MiB per slot on
+        the bench model), so as few move as can: the listed adapters already inside 1..k stay, and
+        each one outside moves into a hole (free slots first, else the slots of the least recently
+        used unlisted adapters). An unlisted adapter in the way moves to free slots past k if there
+        are any, else leaves the slots (it stays registered and host-ready), unless it is pinned:
+        then compaction stops short (still correct). When no hole fits (ranks of several spans,
+        fragmented), the listed adapters are packed down in slot order instead.
         """
         wanted = sorted(dict.fromkeys(self._entry(target).ref for target in targets),
                         key=lambda ref: self._registered[ref].slot)
         end = 1 + sum(self._registered[ref].span for ref in wanted)
+        movers = [ref for ref in wanted if self._registered[ref].slot + self._registered[ref].span > end]
+        for ref in sorted(movers, key=lambda ref: -self._registered[ref].span):
+            hole = self._hole(ref, set(wanted), end)
+            if not hole:
+                self._pack(wanted, end)
+                return
+            if not self._clear_way(hole, self._registered[ref].span, set(wanted), end):
+                return
+            self._move(ref, hole)
+
+    def _hole(self, ref: AdapterRef, wanted: set, end: int) -> int:
+        """The first of span slots below ``end`` that no other listed adapter holds, for ``ref`` to move
+        into: free ones first, else the ones whose unlisted holders were used least recently (0: none)."""
+        span = self._registered[ref].span
+        holder: dict[int, AdapterRef] = {}
+        for slot, held in self._slots.items():
+            for chunk in range(self._registered[held].span):
+                holder[slot + chunk] = held
+        recency = {held: index for index, held in enumerate(self._slots.values())}  # least recently used first
+        best, best_cost = 0, None
+        for start in range(1, end - span + 1):
+            others = [holder.get(slot) for slot in range(start, start + span)]
+            if any(other in wanted and other != ref for other in others if other is not None):
+                continue
+            unlisted = [recency[other] for other in others if other is not None and other not in wanted]
+            cost = (bool(unlisted), max(unlisted, default=-1))
+            if best_cost is None or cost < best_cost:
+                best, best_cost = start, cost
+        return best
+
+    def _pack(self, wanted: list[AdapterRef], end: int) -> None:
+        """Move the listed adapters down, in slot order, each into the first slots after the one before."""
         position = 1
         for ref in wanted:
             entry = self._registered[ref]
@@ -417,9 +455,10 @@ class AdapterCache:
         return bool(self._entry(target).slot)
 
     @property
-    def num_slots(self) -> int:
-        """How many adapters one step may use (max_loras)."""
-        return self._max_loras
+    def max_loras(self) -> int:
+        """Adapters of the highest rank the slots hold at once: the most one request's ``lora_mix`` may name,
+        whatever its members' ranks (adapters of lower rank share the room, so more of them run at once)."""
+        return min(self._max_loras, self._pool.num_slots // self._span(self._max_lora_rank))
 
     def span(self, slot: int) -> int:
         """The pool slots the adapter starting at ``slot`` takes (its rank over the chunk rank, rounded up)."""

@@ -42,7 +42,9 @@ class EngineConfig:
     """
 
     max_lora_rank: int = contract.MAX_LORA_RANK
-    max_loras: int = 8  # adapter slots ready for a batch
+    # adapter slots ready for a batch: room for max_loras adapters of max_lora_rank; adapters of lower rank share it
+    # (at rank 64, 8 holds 32 rank-16 adapters), so more distinct adapters run at once in the same memory
+    max_loras: int = 8
     max_cpu_loras: int | None = None  # adapters kept host-ready in memory; None: max(16, max_loras)
     max_cpu_lora_bytes: int | None = None  # and at most this many bytes of them (file precision); None: no bound
     # Rows of one adapter pool slot: an adapter of rank r takes ceil(r / lora_chunk_rank) slots, so a step

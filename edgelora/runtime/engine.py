@@ -107,7 +107,7 @@ class Engine:
                                        self.config.max_loras * -(-self.config.max_lora_rank // chunk_rank),
                                        chunk_rank, self.spec.dtype, self.device.kind)
         self.adapters = AdapterCache(self.pool, self.spec, self.manifest, self.config.max_lora_rank,
-                                     self.config.host_loras, self.float_dtype, max_loras=self.config.max_loras,
+                                     self.config.host_loras, self.float_dtype,
                                      max_cpu_lora_bytes=self.config.max_cpu_lora_bytes)
         self._no_adapter = {site.a_name: np.zeros(contract.lora_a_shape(1, site.in_features, 0), self.float_dtype)
                             for site in self.manifest.sites}

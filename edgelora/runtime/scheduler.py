@@ -220,7 +220,7 @@ class Scheduler:
         if request.lora_mix is not None:
             if request.adapter is not None:
                 raise UserInputError(f"{where}: give an adapter or a lora_mix, not both")
-            mix = check_mix(request.lora_mix, where, self.engine.adapters.num_slots)
+            mix = check_mix(request.lora_mix, where, self.engine.adapters.max_loras)
         for name in [request.adapter] if request.adapter is not None else [name for name, _ in mix or ()]:
             if name not in self.engine.adapters:
                 raise UserInputError(f"{where}: unknown adapter {name!r}" + (" in lora_mix" if mix else ""))

@@ -35,7 +35,8 @@ async def _finish(stream) -> list:
 
 
 async def _lifecycle(onnx_dir, folder) -> None:
-    engine = EngineLoop(engine_settings(ServeOptions(onnx_dir=onnx_dir, max_loras=2, max_cpu_loras=2, threads=1), {}),
+    engine = EngineLoop(engine_settings(ServeOptions(onnx_dir=onnx_dir, max_loras=2, max_lora_rank=16,
+                                                        max_cpu_loras=2, threads=1), {}),
                         ServerMetrics())
     await asyncio.to_thread(engine.start)
     engine.bind_loop(asyncio.get_running_loop())

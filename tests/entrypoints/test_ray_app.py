@@ -197,7 +197,7 @@ def test_serve_ray_on_its_own_local_instance(sample, tmp_path):
     requests = chat_requests(list(adapters), 12, max_tokens=(30, 60), seed=3, tag="evict ")
     offline = offline_answers(sample, adapters, requests, tmp_path)
     with _one_replica(sample, "--threads", "1", "--api-key", "sesame", "--max-loras", "1",
-                      "--max-cpu-loras", "1") as (url, process):
+                      "--max-lora-rank", "16", "--max-cpu-loras", "1") as (url, process):
         _answers(url, "sesame")
         client = OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0, timeout=120)
         results, errors = send_all(client, requests, "tiny", stagger_s=0.05)

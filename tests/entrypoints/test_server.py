@@ -686,7 +686,7 @@ def test_files_changed_on_disk_without_a_load_keep_serving_the_registered_versio
 def one_slot_server(sample, lora_root, tmp_path_factory):
     """One adapter slot and one host-ready copy: every other adapter is read from its files again."""
     with _serving(["--onnx-dir", str(sample.onnx_dir), "--served-model-name", SERVED, "--max-loras", "1",
-                   "--max-cpu-loras", "1", "--enable-lora-updates", "--lora-root", str(lora_root),
+                   "--max-lora-rank", "16", "--max-cpu-loras", "1", "--enable-lora-updates", "--lora-root", str(lora_root),
                    "--lora-cache-dir", str(tmp_path_factory.mktemp("one_slot_cache")), "--max-model-len",
                    str(MODEL_LEN), "--threads", "1"]) as served:
         yield served
@@ -858,7 +858,8 @@ def test_metrics_need_an_admin_key(tenant_server):
     for name in ("edgelora_running_requests", "edgelora_waiting_requests", "edgelora_decode_batch_size_bucket",
                  "edgelora_time_to_first_token_seconds_bucket", "edgelora_inter_token_latency_seconds_bucket",
                  "edgelora_adapter_slot_hits_total", "edgelora_adapter_slot_misses_total",
-                 "edgelora_adapter_slot_evictions_total", "edgelora_adapter_load_seconds_bucket",
+                 "edgelora_adapter_slot_evictions_total", "edgelora_adapter_slot_moves_total",
+                 "edgelora_adapter_load_seconds_bucket",
                  "edgelora_prompt_tokens_total", "edgelora_generation_tokens_total"):
         assert name in text
 

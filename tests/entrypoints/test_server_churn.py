@@ -1,7 +1,7 @@
 """Correctness under churn: many concurrent requests over more adapters than slots equal offline infer.
 
 32 greedy requests over 8 adapters, plus base rows, arrive at staggered times at a server with
-``--max-loras 2 --max-cpu-loras 4``: rows join and leave, adapters are evicted from slots and
+``--max-loras 2 --max-lora-rank 16 --max-cpu-loras 4`` (two places for the rank-4..16 adapters): rows join and leave, adapters are evicted from slots and
 host copies, slots are compacted. Every completion (text and token ids) must equal what
 ``edgelora infer`` gives for the same request, and afterwards nothing is left running.
 """
@@ -33,7 +33,7 @@ def test_concurrent_requests_over_more_adapters_than_slots_equal_offline_infer(c
     sample, adapters, requests, offline = churn_setup
     modules = [f"{name}={path}" for name, path in adapters.items()]
     with running_server("--onnx-dir", str(sample.onnx_dir), "--served-model-name", "base", "--max-loras", "2",
-                        "--max-cpu-loras", "4", "--max-num-seqs", "8", "--threads", "1", "--quiet",
+                        "--max-lora-rank", "16", "--max-cpu-loras", "4", "--max-num-seqs", "8", "--threads", "1", "--quiet",
                         "--lora-modules", *modules) as (url, _):
         client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         # staggered arrivals: rows join while others decode
@@ -76,7 +76,7 @@ def test_shared_system_prompts_with_the_prefix_cache_equal_infer_without_it(chur
     offline = offline_answers(sample, adapters, requests, tmp_path / "offline", "--no-enable-prefix-caching")
     modules = [f"{name}={path}" for name, path in adapters.items()]
     with running_server("--onnx-dir", str(sample.onnx_dir), "--served-model-name", "base", "--max-loras", "3",
-                        "--max-cpu-loras", "4", "--max-num-seqs", "8", "--threads", "1", "--quiet",
+                        "--max-lora-rank", "16", "--max-cpu-loras", "4", "--max-num-seqs", "8", "--threads", "1", "--quiet",
                         "--lora-modules", *modules) as (url, _):
         client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         results, errors = send_all(client, requests, "base", stagger_s=0.05)

@@ -97,7 +97,7 @@ def test_acquire_never_evicts_what_the_same_batch_holds(qwen2):
     for name in ("a1", "a2", "a3"):
         cache.add(name, qwen2.processed[name])
     assert cache.acquire(["a1", "a2", "a1"]) == {"a1": 1, "a2": 2}
-    with pytest.raises(UserInputError, match="a batch uses 3 adapters but max_loras is 2"):
+    with pytest.raises(UserInputError, match="a batch uses 3 adapters but the slots hold at most 2"):
         cache.acquire(["a1", "a2", "a3"])
     assert cache.get("a1").references == 1 and cache.get("a2").references == 1, "a refused acquire holds nothing more"
 
@@ -112,9 +112,10 @@ def _chunked_cache(exported, slots: int, max_loras: int, chunk_rank: int = 4) ->
     return AdapterCache(pool, exported.spec, exported.manifest, contract.MAX_LORA_RANK, 8, max_loras=max_loras)
 
 
-def _holds_all(cache: AdapterCache, exported, name: str) -> bool:
+def _holds_all(cache: AdapterCache, exported, name: str, folder: Path | None = None) -> bool:
     """The slots of ``name`` hold all its A^T and B rows, every targeted site, chunk after chunk."""
-    tensors = load_file(str(exported.processed[name.rstrip("x")] / contract.PROCESSED_ADAPTER))
+    folder = folder or exported.processed[name.rstrip("x")]
+    tensors = load_file(str(folder / contract.PROCESSED_ADAPTER))
     first, span = cache.slot_of(name), cache.get(name).span
     for index, site in enumerate(exported.manifest.sites):
         if site.a_name not in tensors:
@@ -152,11 +153,60 @@ def test_ranks_above_the_chunk_rank_take_runs_of_slots_packed_when_fragmented(qw
     assert cache.slot_table() == {1: "a1", 3: "a2", 7: "a1x"}, "a failed activation changes nothing"
 
     cache.release(["a1"])
-    cache.compact(["a2", "a1x"])  # a1 is in the way and there is no free room past them: it leaves
-    assert cache.slot_table() == {1: "a2", 5: "a1x"}
+    moves = cache.stats.slot_moves
+    cache.compact(["a2", "a1x"])  # a2 (3..6) is inside 1..6 and stays; a1x moves into a1's hole, a1 leaves
+    assert cache.slot_table() == {1: "a1x", 3: "a2"} and cache.stats.slot_moves == moves + 1
     assert all(_holds_all(cache, qwen2, name) for name in ("a2", "a1x"))
     assert not cache._pool.a_view(0, 7, 8).any(), "slots left behind are cleared"
     assert cache.activate("a3") == 7
+
+
+def test_compaction_fills_holes_from_the_top_with_one_move_a_hole(qwen2):
+    """a1, a2, a3, a1x in slots 1..4 (one slot each); a2's rows end: a1x alone moves (into slot 2), rather than
+    a3 and a1x each down by one; a2, idle and in the way with no free slot past 3, leaves the slots."""
+    cache = _chunked_cache(qwen2, slots=4, max_loras=4, chunk_rank=16)
+    for name in ("a1", "a2", "a3"):
+        cache.add(name, qwen2.processed[name])
+    cache.add("a1x", qwen2.processed["a1"])
+    assert [cache.activate(name) for name in ("a1", "a2", "a3", "a1x")] == [1, 2, 3, 4]
+    moves = cache.stats.slot_moves
+    cache.compact(["a1", "a3", "a1x"])
+    assert cache.slot_table() == {1: "a1", 2: "a1x", 3: "a3"} and cache.stats.slot_moves == moves + 1
+    assert cache.stats.slot_evictions == 1, "a2 had nowhere past slot 3 to go: it left the slots"
+    assert all(_holds_all(cache, qwen2, name) for name in ("a1", "a3", "a1x"))
+    cache.compact(["a1", "a3", "a1x"])
+    assert cache.stats.slot_moves == moves + 1, "already packed: nothing moves"
+
+
+def test_random_loads_and_compactions_keep_every_adapter_whole_and_running_ones_packed(qwen2, tmp_path):
+    """200 random steps over six adapters (each its own bytes) of spans 2, 4 and 1 (chunk rank 4) in 12 slots:
+    after each compaction the running adapters fill slots 1..k exactly and every resident adapter holds its rows."""
+    folders = {}
+    for source in ("a1", "a2", "a3"):
+        for copy, scale in ((source, 1.0), (f"{source}_2", 2.0)):
+            folders[copy] = tmp_path / copy
+            shutil.copytree(qwen2.processed[source], folders[copy])
+            weights = folders[copy] / contract.PROCESSED_ADAPTER
+            save_file({key: value * scale for key, value in load_file(str(weights)).items()}, str(weights))
+    cache = _chunked_cache(qwen2, slots=12, max_loras=6)
+    for name, folder in folders.items():
+        cache.add(name, folder)
+    rng = np.random.default_rng(5)
+    running: set[str] = set()
+    for _ in range(200):
+        if running and rng.random() < 0.4:
+            done = str(rng.choice(sorted(running)))
+            cache.release([done])
+            running.discard(done)
+        new = str(rng.choice([name for name in folders if name not in running]))
+        if cache.is_resident(new) or cache.can_take([cache.current(new)]):
+            cache.acquire([new])
+            running.add(new)
+        cache.compact(sorted(running))
+        taken = sorted(cache.slot_of(name) + chunk for name in running for chunk in range(cache.get(name).span))
+        assert taken == list(range(1, 1 + len(taken))), cache.slot_table()
+        assert all(_holds_all(cache, qwen2, name, folders[name]) for name in cache.slot_table().values())
+    assert cache.stats.slot_moves > 0 and cache.stats.slot_evictions > 0
 
 
 def test_max_loras_bounds_adapters_in_slots_whatever_their_ranks(qwen2):
@@ -278,7 +328,7 @@ def test_generate_over_more_adapters_than_both_levels(qwen2, tmp_path):
         return [output.token_ids for output in llm.generate(prompts[: len(names)], params, requests)]
 
     roomy = LLM(qwen2.onnx_dir, LoraConfig(max_loras=4, max_cpu_loras=4))
-    tight = LLM(qwen2.onnx_dir, LoraConfig(max_loras=2, max_cpu_loras=2))
+    tight = LLM(qwen2.onnx_dir, LoraConfig(max_loras=2, max_cpu_loras=2, max_lora_rank=16))
     assert run(tight, ["a1", "a2", "a3"]) == run(roomy, ["a1", "a2", "a3"])
     assert run(tight, ["a4", "a3", "a2", "a1"]) == run(roomy, ["a4", "a3", "a2", "a1"])
     assert sorted(tight.engine.adapters.names()) == ["a1", "a2", "a3", "a4"]

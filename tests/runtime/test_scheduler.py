@@ -19,8 +19,10 @@ def qwen2(exported_samples):
     return exported_samples["qwen2"]
 
 
-def _engine(sample, max_loras: int = 3, max_cpu_loras: int = 3) -> Engine:
-    engine = Engine(sample.onnx_dir, EngineConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras, num_threads=1))
+def _engine(sample, max_loras: int = 3, max_cpu_loras: int = 3, max_lora_rank: int = 16) -> Engine:
+    """max_lora_rank 16 = the pool's slot rank and the samples' highest: each adapter takes one of max_loras slots."""
+    engine = Engine(sample.onnx_dir, EngineConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras, num_threads=1,
+                                                  max_lora_rank=max_lora_rank))
     for name, path in sample.processed.items():
         engine.adapters.add(name, path, read=True)  # host-ready: the step logs below never wait for a read
     return engine
@@ -138,6 +140,26 @@ def test_a_request_waits_for_a_slot_and_the_lru_slot_drains_for_it(qwen2):
     assert order.index("D-a2") < order.index("C-a3"), "a request whose adapter is in a slot goes ahead"
     assert order.index("C-a3") < order.index("E-a1"), "the draining a1 slot takes no new rows: C gets it first"
     assert engine.adapters.stats.slot_evictions >= 1
+
+
+def test_max_loras_counts_adapters_of_the_highest_rank_and_lower_ranks_share_their_room(qwen2):
+    """max_loras 1 at max_lora_rank 64 is four 16-row slots: a1, a2, a3 (ranks 8, 16, 4) run side by side
+    from the first step, with nothing evicted, each row equal to its adapter alone."""
+    engine = _engine(qwen2, max_loras=1, max_lora_rank=64)
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=4))
+    requests = {name: _request(seed, name, 5) for seed, name in enumerate(("a1", "a2", "a3"), start=1)}
+    for name, request in requests.items():
+        scheduler.add_request(name, request)
+    outputs = {name: [] for name in requests}
+    for update in scheduler.step():
+        outputs[update.request_id] += update.new_token_ids
+    assert {seq.request_id for seq in scheduler._running} == set(requests), "no request waited for a slot"
+    assert sorted(engine.adapters.slot_table().values()) == ["a1", "a2", "a3"]
+    while scheduler.has_unfinished_requests():
+        for update in scheduler.step():
+            outputs[update.request_id] += update.new_token_ids
+    assert outputs == {name: _alone(qwen2, request) for name, request in requests.items()}
+    assert engine.adapters.stats.slot_evictions == 0
 
 
 def test_queue_full_is_refused_and_the_queue_keeps_working(qwen2):

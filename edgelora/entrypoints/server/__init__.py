@@ -197,6 +197,10 @@ def serve(options: ServeOptions) -> None:
             server = uvicorn.Server(config)
             log.info("serving %s (%d adapters) on http://%s:%d/v1", options.name, len(info.adapters),
                      options.host, sock.getsockname()[1])
+            room = settings.engine
+            chunk = min(room.lora_chunk_rank, room.max_lora_rank)
+            log.info("adapter slots: room for %d adapters of rank %d, or %d of rank %d and below at once",
+                     room.max_loras, room.max_lora_rank, room.max_loras * -(-room.max_lora_rank // chunk), chunk)
             _run_until_signal(server, sock)
         finally:
             engine.stop()

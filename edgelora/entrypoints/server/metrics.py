@@ -32,7 +32,7 @@ PREFIX_COUNTERS = {"queries": "edgelora_prefix_cache_queries", "hits": "edgelora
                    "hit_tokens": "edgelora_prefix_cache_hit_tokens",
                    "evicted_blocks": "edgelora_prefix_cache_evicted_blocks",
                    "dropped_blocks": "edgelora_prefix_cache_dropped_blocks"}
-CACHE_COUNTERS = ("slot_hits", "slot_misses", "slot_evictions", "host_hits", "host_misses", "host_evictions")
+CACHE_COUNTERS = ("slot_hits", "slot_misses", "slot_evictions", "slot_moves", "host_hits", "host_misses", "host_evictions")
 FIXED_LABELS = ("base", "mix", "other")
 LOCATIONS = ("slot", "host", "disk")  # edgelora_adapter_location's values 2, 1, 0
 
