@@ -498,7 +498,7 @@ class AdapterCache:
     @property
     def spare_host_places(self) -> int:
         """Host-ready places beyond the slots' own copies (reads worth having in flight; at least 1)."""
-        return max(1, self._max_cpu_loras - self._max_loras)
+        return max(1, self._max_cpu_loras - self.max_loras)
 
     @property
     def host_bytes(self) -> int:

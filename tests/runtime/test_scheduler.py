@@ -160,6 +160,8 @@ def test_max_loras_counts_adapters_of_the_highest_rank_and_lower_ranks_share_the
             outputs[update.request_id] += update.new_token_ids
     assert outputs == {name: _alone(qwen2, request) for name, request in requests.items()}
     assert engine.adapters.stats.slot_evictions == 0
+    assert (engine.adapters.max_loras, engine.adapters.spare_host_places) == (1, 2), \
+        "a lora_mix and the reads in flight are counted at max_loras, not the 4 places low ranks may fill"
 
 
 def test_queue_full_is_refused_and_the_queue_keeps_working(qwen2):
